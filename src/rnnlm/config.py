@@ -1,0 +1,318 @@
+"""Typed, validated parameters: the only code that opens params.yaml.
+
+Each top-level section of params.yaml maps to one frozen dataclass below. `load_params` builds
+them all and fails with a `ConfigError` that names the key, the value and what is allowed when a
+key is unknown or missing, a value has the wrong type, or a value is out of range. A stage reads
+only the sections it needs (see dvc.yaml's `params:` lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, with the offending key and value in the message."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    """Field metadata for a numeric range check (inclusive unless `lo_open`)."""
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage reads and writes, relative to the project root."""
+
+    raw_dir: Path = Path("data/raw")
+    processed_dir: Path = Path("data/processed")
+    models_dir: Path = Path("models")
+    metrics_dir: Path = Path("metrics")
+
+
+@dataclass(frozen=True)
+class CorpusParams:
+    """Stage `download`: which NLTK corpus package and where to get it."""
+
+    name: str = "state_union"
+    # The NLTK data server's index; RNNLM_NLTK_MIRROR (a folder or URL) takes precedence.
+    index_url: str = "https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/index.xml"
+    timeout_s: float = field(default=30.0, metadata=_range(0, 3600, lo_open=True))
+    retries: int = field(default=4, metadata=_range(0, 20))
+
+
+@dataclass(frozen=True)
+class TokenizeParams:
+    """Stage `tokenize`: tokenization, vocabulary and the by-document split rule."""
+
+    lowercase: bool = True
+    # `line`: each non-empty line is a paragraph; `blank_line`: blank lines separate paragraphs.
+    paragraphs: Literal["line", "blank_line"] = "line"
+    max_size: int = field(default=10000, metadata=_range(3))
+    min_freq: int = field(default=2, metadata=_range(1))
+    # Documents sorted by file name; index i goes to test when i % split_every == test_remainder,
+    # to validation when i % split_every == val_remainder, to train otherwise.
+    split_every: int = field(default=10, metadata=_range(3))
+    val_remainder: int = field(default=8, metadata=_range(0))
+    test_remainder: int = field(default=9, metadata=_range(0))
+
+    def __post_init__(self) -> None:
+        for key in ("val_remainder", "test_remainder"):
+            value = getattr(self, key)
+            if value >= self.split_every:
+                raise ConfigError(
+                    f"tokenize.{key} = {value}: must be < tokenize.split_every ({self.split_every})"
+                )
+        if self.val_remainder == self.test_remainder:
+            raise ConfigError(
+                f"tokenize.val_remainder = tokenize.test_remainder = {self.val_remainder}: "
+                "validation and test must get different documents"
+            )
+
+
+Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Stage `train`: the network (see model.py)."""
+
+    cell: Cell = "lstm"
+    embedding_dim: int = field(default=256, metadata=_range(1, 65536))
+    hidden_dim: int = field(default=256, metadata=_range(1, 65536))
+    num_layers: int = field(default=1, metadata=_range(1, 16))
+    dropout: float = field(default=0.5, metadata=_range(0.0, 0.95))
+    embedding_dropout: float = field(default=0.1, metadata=_range(0.0, 0.95))
+    tie_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tie_weights and self.embedding_dim != self.hidden_dim:
+            raise ConfigError(
+                f"model.tie_weights = true needs model.embedding_dim == model.hidden_dim "
+                f"(got {self.embedding_dim} and {self.hidden_dim}): set them equal or "
+                "tie_weights: false"
+            )
+
+
+@dataclass(frozen=True)
+class CellOverrides:
+    """Per-cell training settings that replace the `train` values for that cell only."""
+
+    lr: float | None = field(default=None, metadata=_range(0.0, 100.0, lo_open=True))
+    grad_clip: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Stage `train`: optimisation, truncated BPTT and the Lightning Trainer."""
+
+    seed: int = field(default=1234, metadata=_range(0, 2**32 - 1))
+    batch_size: int = field(default=32, metadata=_range(1))
+    bptt: int = field(default=35, metadata=_range(1))
+    eval_batch_size: int = field(default=1, metadata=_range(1))
+    eval_bptt: int = field(default=256, metadata=_range(1))
+    max_epochs: int = field(default=10, metadata=_range(1))
+    max_time_min: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = field(default=2e-3, metadata=_range(0.0, 100.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    grad_clip: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    lr_factor: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+    lr_patience: int = field(default=0, metadata=_range(0))
+    min_lr: float = field(default=1e-5, metadata=_range(0.0))
+    early_stopping_patience: int = field(default=3, metadata=_range(1))
+    cell_overrides: dict[str, CellOverrides] = field(default_factory=dict)
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = field(default=1, metadata=_range(1))
+    precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
+    log_every_n_steps: int = field(default=50, metadata=_range(1))
+
+    def __post_init__(self) -> None:
+        for cell in self.cell_overrides:
+            if cell not in typing.get_args(Cell):
+                raise ConfigError(
+                    f"train.cell_overrides.{cell}: unknown cell "
+                    f"(allowed: {', '.join(typing.get_args(Cell))})"
+                )
+        if isinstance(self.devices, str) and self.devices != "auto":
+            raise ConfigError(f"train.devices = {self.devices!r}: expected an int >= 1 or 'auto'")
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ConfigError(f"train.devices = {self.devices}: must be >= 1 or 'auto'")
+
+    def for_cell(self, cell: str) -> TrainParams:
+        """These params with the overrides for `cell` applied."""
+        override = self.cell_overrides.get(cell)
+        if override is None:
+            return self
+        changes = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    """Where runs are tracked. MLFLOW_TRACKING_URI, when set, wins over `tracking_uri`."""
+
+    experiment_name: str = "rnnlm"
+    # null: SQLite under the project's mlruns/ (sqlite:///<root>/mlruns/mlflow.db).
+    tracking_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every section of params.yaml."""
+
+    paths: Paths = field(default_factory=Paths)
+    corpus: CorpusParams = field(default_factory=CorpusParams)
+    tokenize: TokenizeParams = field(default_factory=TokenizeParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {type(None): "null", Path: "a path"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int->float, str->Path)."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp) and type(value) is not bool:
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, Mapping):
+            return build_section(tp, value, prefix=key)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str) and value.strip():
+            return value
+    elif tp is Path:
+        if isinstance(value, str) and value.strip():
+            return Path(value)
+    elif origin is dict:
+        if isinstance(value, Mapping):
+            key_tp, value_tp = typing.get_args(tp)
+            return {
+                _coerce(f"{key}.{k}", k, key_tp): _coerce(f"{key}.{k}", v, value_tp)
+                for k, v in value.items()
+            }
+    raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+
+
+def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
+    if value is None or (lo is None and hi is None):
+        return
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and value > hi
+    if too_low or too_high:
+        bounds = [
+            f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
+            f"<= {hi}" if hi is not None else "",
+        ]
+        raise ConfigError(f"{key} = {value!r}: must be {' and '.join(b for b in bounds if b)}")
+
+
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from the mapping `raw`, validating every key under `prefix`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix} = {raw!r}: expected a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields), key=str)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (allowed: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _coerce(key, value, hints[name])
+        _check_range(key, values[name], fields[name].metadata)
+    return cls(**values)
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping; errors are prefixed with `source`."""
+    if raw is None:
+        raw = {}
+    try:
+        return build_section(Params, raw, prefix="")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {str(err).lstrip('.')}") from None
+    except TypeError as err:  # a missing required key surfaces as a dataclass TypeError
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: parameters file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, source=str(path))
+
+
+def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dataclasses into `section.key` entries (for tracking and digests)."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            flat.update(as_flat_dict(value, prefix=f"{key}."))
+        elif isinstance(value, Path):
+            flat[key] = str(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def stage_argparser(description: str) -> argparse.ArgumentParser:
+    """The argument parser every stage entry point shares: only `--params`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path(os.environ.get("RNNLM_PARAMS", DEFAULT_PARAMS)),
+        help="parameters file (default: params.yaml)",
+    )
+    return parser

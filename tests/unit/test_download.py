@@ -1,0 +1,621 @@
+"""Stage `download`: index parsing, source resolution, fetching with retries, safe extraction.
+
+Offline: every server is a loopback one started by the test; every path is under tmp_path.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+import stat
+import struct
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from rnnlm import download
+from rnnlm.config import CorpusParams, Paths
+from rnnlm.download import (
+    DownloadError,
+    PackageInfo,
+    Source,
+    package_url,
+    parse_index,
+    resolve_source,
+    safe_extract,
+    select_package,
+)
+from tests.fixtures import (
+    SHORT_BODY,
+    TINY_ID,
+    UPSTREAM,
+    build_nltk_mirror,
+    encode_docs,
+    make_package_zip,
+    serve_directory,
+    unused_port,
+)
+
+ZIP_PATH = f"/packages/corpora/{TINY_ID}.zip"
+STATE_UNION_XML = b"""<?xml version="1.0"?>
+<nltk_data>
+  <packages>
+    <package id="state_union" name="C-Span State of the Union Address Corpus"
+      webpage="http://www.c-span.org/executive/stateoftheunion.asp" copyright="public domain"
+      license="public domain" unzip="1" unzipped_size="2073917" size="808757"
+      checksum="044f2d20c592b17a26ac0102111833c9" subdir="corpora"
+      url="https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/packages/corpora/state_union.zip"
+    />
+    <package id="punkt" name="Punkt Tokenizer Models" unzip="1" size="13905355"
+      checksum="9b0f6e6ef13cc8d4a2ec2fd6a2fbb8df" subdir="tokenizers"
+      url="https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/packages/tokenizers/punkt.zip"
+    />
+  </packages>
+  <collections>
+  </collections>
+</nltk_data>
+"""
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No mirror from the developer's shell, no real NLTK data folders, near-instant backoff."""
+    import nltk.data
+
+    monkeypatch.delenv(download.MIRROR_ENV, raising=False)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no_nltk_data")])
+    monkeypatch.setattr(download, "BACKOFF_BASE_S", 0.01)
+
+
+def corpus_params(**overrides: object) -> CorpusParams:
+    """Params for `tinycorpus` whose index_url is dead, so only a mirror can succeed."""
+    values: dict[str, object] = {
+        "name": TINY_ID,
+        "index_url": f"http://127.0.0.1:{unused_port()}/index.xml",
+        "timeout_s": 5.0,
+        "retries": 0,
+    }
+    values.update(overrides)
+    return CorpusParams(**values)  # type: ignore[arg-type]
+
+
+def tmp_paths(tmp_path: Path) -> Paths:
+    return Paths(raw_dir=tmp_path / "raw")
+
+
+def listing(folder: Path) -> list[str]:
+    """Every entry below `folder`, relative, sorted; [] when it does not exist."""
+    if not folder.exists():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def read_tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def pkg_info(**overrides: object) -> PackageInfo:
+    values: dict[str, object] = {
+        "id": TINY_ID,
+        "subdir": "corpora",
+        "size": 10,
+        "checksum": "0" * 32,
+        "url": f"{UPSTREAM}packages/corpora/{TINY_ID}.zip",
+        "unzipped_size": 20,
+    }
+    values.update(overrides)
+    return PackageInfo(**values)  # type: ignore[arg-type]
+
+
+def test_parse_index_reads_real_format() -> None:
+    packages = parse_index(STATE_UNION_XML, "index.xml")
+    assert set(packages) == {"state_union", "punkt"}
+    assert packages["state_union"] == PackageInfo(
+        id="state_union",
+        subdir="corpora",
+        size=808757,
+        checksum="044f2d20c592b17a26ac0102111833c9",
+        url="https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/packages/corpora/state_union.zip",
+        unzipped_size=2073917,
+    )
+    assert packages["punkt"].unzipped_size is None
+
+
+@pytest.mark.mirror
+def test_parse_index_reads_shared_mirror(shared_mirror: Path) -> None:
+    packages = parse_index((shared_mirror / "index.xml").read_bytes(), str(shared_mirror))
+    pkg = select_package(packages, "state_union", str(shared_mirror))
+    assert (pkg.size, pkg.checksum) == (808757, "044f2d20c592b17a26ac0102111833c9")
+    assert (shared_mirror / "packages/corpora/state_union.zip").stat().st_size == pkg.size
+
+
+def test_select_missing_package_lists_sorted_corpora() -> None:
+    entries = "".join(
+        f'<package id="c{i:02d}" subdir="corpora" size="1" checksum="ab"/>'
+        for i in range(25, 0, -1)
+    )
+    entries += '<package id="punkt" subdir="tokenizers" size="1" checksum="ab"/>'
+    packages = parse_index(f"<nltk_data><packages>{entries}</packages></nltk_data>".encode(), "ix")
+    with pytest.raises(DownloadError) as err:
+        select_package(packages, "nope", "ix")
+    message = str(err.value)
+    assert "'nope'" in message
+    assert "available corpora: c01, c02, c03" in message
+    assert "c20" in message and "c21" not in message
+    assert "(and 5 more)" in message
+    assert "punkt" not in message
+
+
+def test_select_refuses_non_corpora_package() -> None:
+    packages = parse_index(STATE_UNION_XML, "ix")
+    with pytest.raises(DownloadError, match=r"'punkt' is in 'tokenizers'.*corpora only"):
+        select_package(packages, "punkt", "ix")
+
+
+@pytest.mark.parametrize(
+    ("data", "pattern"),
+    [
+        (b"<nltk_data><packages>", "not valid XML"),
+        (b"Service Unavailable", "not valid XML"),
+        (b"<html><body/></html>", "not an NLTK data index"),
+        (
+            b'<nltk_data><packages><package id="x" size="big" checksum="ab"/>'
+            b"</packages></nltk_data>",
+            "'x' has size='big'",
+        ),
+        (
+            b'<nltk_data><packages><package id="x" subdir="corpora"/></packages></nltk_data>',
+            "'x' lacks its size or checksum",
+        ),
+    ],
+)
+def test_parse_index_rejects_bad_index(data: bytes, pattern: str) -> None:
+    with pytest.raises(DownloadError, match=pattern) as err:
+        parse_index(data, "mirror/index.xml")
+    assert str(err.value).startswith("mirror/index.xml: ")
+
+
+def test_resolve_source_folder_and_file_url(tmp_path: Path) -> None:
+    expected = Source(
+        index=str(tmp_path / "index.xml"), root=str(tmp_path), mirror=True, local=True
+    )
+    assert resolve_source("https://up.example/index.xml", str(tmp_path)) == expected
+    assert resolve_source("https://up.example/index.xml", tmp_path.as_uri()) == expected
+    assert resolve_source("https://x/index.xml", str(tmp_path / "index.xml")) == expected
+
+
+@pytest.mark.parametrize(
+    "mirror",
+    [
+        "http://127.0.0.1:8000/mirror",
+        "http://127.0.0.1:8000/mirror/",
+        "http://127.0.0.1:8000/mirror/index.xml",
+    ],
+)
+def test_resolve_source_http_mirror(mirror: str) -> None:
+    source = resolve_source("https://up.example/index.xml", mirror)
+    assert source == Source(
+        index="http://127.0.0.1:8000/mirror/index.xml",
+        root="http://127.0.0.1:8000/mirror/",
+        mirror=True,
+        local=False,
+    )
+
+
+def test_resolve_source_without_mirror_uses_index_url() -> None:
+    for mirror in (None, "", "  "):
+        source = resolve_source("https://up.example/data/index.xml", mirror)
+        assert source == Source(
+            index="https://up.example/data/index.xml",
+            root="https://up.example/data/",
+            mirror=False,
+            local=False,
+        )
+
+
+def test_resolve_source_rejects_other_schemes() -> None:
+    with pytest.raises(DownloadError, match="RNNLM_NLTK_MIRROR = 'ftp://host/x'"):
+        resolve_source("https://up.example/index.xml", "ftp://host/x")
+
+
+def test_package_url_is_relative_to_mirror_root_whatever_the_index_says(tmp_path: Path) -> None:
+    pkg = pkg_info()  # its url names https://example.invalid/
+    http = resolve_source("https://up.example/index.xml", "http://127.0.0.1:9/m")
+    assert package_url(http, pkg) == f"http://127.0.0.1:9/m/packages/corpora/{TINY_ID}.zip"
+    folder = resolve_source("https://up.example/index.xml", str(tmp_path))
+    assert package_url(folder, pkg) == str(tmp_path / "packages" / "corpora" / f"{TINY_ID}.zip")
+
+
+def test_package_url_without_mirror_uses_url_attribute_or_index_folder() -> None:
+    upstream = resolve_source("https://up.example/data/index.xml", None)
+    assert package_url(upstream, pkg_info()) == pkg_info().url
+    assert (
+        package_url(upstream, pkg_info(url=None))
+        == f"https://up.example/data/packages/corpora/{TINY_ID}.zip"
+    )
+
+
+@pytest.mark.parametrize("as_uri", [False, True], ids=["folder", "file-url"])
+def test_run_from_local_mirror(
+    tmp_path: Path,
+    tiny_mirror: Path,
+    tiny_docs: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    as_uri: bool,
+) -> None:
+    monkeypatch.setenv(download.MIRROR_ENV, tiny_mirror.as_uri() if as_uri else str(tiny_mirror))
+    paths = tmp_paths(tmp_path)
+    summary = download.run(corpus_params(), paths)
+
+    expected = encode_docs(tiny_docs)
+    assert read_tree(paths.raw_dir / TINY_ID) == expected  # top folder stripped, bytes identical
+    assert listing(paths.raw_dir) == [TINY_ID, *(f"{TINY_ID}/{name}" for name in sorted(expected))]
+    zip_path = tiny_mirror / "packages" / "corpora" / f"{TINY_ID}.zip"
+    assert summary == {
+        "corpus": TINY_ID,
+        "files": len(expected),
+        "bytes": sum(len(b) for b in expected.values()),
+        "md5": download.md5_file(zip_path),
+        "source": str(zip_path),
+    }
+
+
+def test_run_from_http_mirror_fixture(
+    tmp_path: Path, http_mirror: str, tiny_docs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(download.MIRROR_ENV, http_mirror)
+    paths = tmp_paths(tmp_path)
+    summary = download.run(corpus_params(), paths)
+    assert read_tree(paths.raw_dir / TINY_ID) == encode_docs(tiny_docs)
+    assert summary["source"] == f"{http_mirror}packages/corpora/{TINY_ID}.zip"
+
+
+def test_run_over_http_requests_index_then_package_only(
+    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serve_directory(tiny_mirror) as running:
+        monkeypatch.setenv(download.MIRROR_ENV, running.url)
+        download.run(corpus_params(retries=3), tmp_paths(tmp_path))
+    assert running.requests == ["/index.xml", ZIP_PATH]
+
+
+def test_run_without_mirror_resolves_package_beside_index(
+    tmp_path: Path, tiny_docs: dict[str, str]
+) -> None:
+    root = build_nltk_mirror(tmp_path / "m", {TINY_ID: encode_docs(tiny_docs)}, url_base=None)
+    paths = tmp_paths(tmp_path)
+    with serve_directory(root) as running:
+        download.run(corpus_params(index_url=f"{running.url}index.xml"), paths)
+    assert running.requests == ["/index.xml", ZIP_PATH]
+    assert read_tree(paths.raw_dir / TINY_ID) == encode_docs(tiny_docs)
+
+
+@pytest.mark.parametrize("status", [404, 403])
+def test_client_error_fails_at_once_without_retry(
+    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    if status == 404:
+        (tiny_mirror / ZIP_PATH.lstrip("/")).unlink()
+    paths = tmp_paths(tmp_path)
+    with serve_directory(tiny_mirror) as running:
+        if status != 404:
+            running.faults[ZIP_PATH] = [status]
+        monkeypatch.setenv(download.MIRROR_ENV, running.url)
+        with pytest.raises(DownloadError, match=f"HTTP {status}") as err:
+            download.run(corpus_params(retries=3), paths)
+    assert f"{running.url}packages/corpora/{TINY_ID}.zip" in str(err.value)
+    assert running.count(ZIP_PATH) == 1
+    assert listing(paths.raw_dir) == []
+
+
+def test_local_mirror_missing_package_names_the_path(
+    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    zip_path = tiny_mirror / "packages" / "corpora" / f"{TINY_ID}.zip"
+    zip_path.unlink()
+    monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
+    with pytest.raises(DownloadError, match="file not found") as err:
+        download.run(corpus_params(), tmp_paths(tmp_path))
+    assert str(zip_path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ({"checksum": "0123456789abcdef0123456789abcdef"}, "MD5 mismatch, index says 0123456789"),
+        ({"size": "12"}, "size mismatch, index says 12 bytes, got"),
+    ],
+    ids=["checksum", "size"],
+)
+def test_verification_failure_leaves_previous_output(
+    tmp_path: Path,
+    tiny_docs: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    override: dict[str, str],
+    pattern: str,
+) -> None:
+    root = build_nltk_mirror(
+        tmp_path / "m", {TINY_ID: encode_docs(tiny_docs)}, index_overrides={TINY_ID: override}
+    )
+    paths = tmp_paths(tmp_path)
+    previous = paths.raw_dir / TINY_ID / "old.txt"
+    previous.parent.mkdir(parents=True)
+    previous.write_text("from an earlier run")
+    with serve_directory(root) as running:
+        monkeypatch.setenv(download.MIRROR_ENV, running.url)
+        with pytest.raises(DownloadError, match=pattern):
+            download.run(corpus_params(retries=2), paths)
+    assert running.count(ZIP_PATH) == 1  # a complete but wrong body is not retried
+    assert listing(paths.raw_dir) == [TINY_ID, f"{TINY_ID}/old.txt"]
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".."])
+def test_corpus_name_must_be_a_plain_id(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DownloadError, match="expected a package id"):
+        download.run(corpus_params(name=name), tmp_paths(tmp_path))
+    assert not (tmp_path / "raw").exists()
+
+
+def _flip_byte_in_member_data(data: bytes) -> bytes:
+    """Corrupt the compressed data (not a header) of the archive's largest member."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = max(archive.infolist(), key=lambda i: i.compress_size)
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    pos = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+    return data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1 :]
+
+
+@pytest.mark.parametrize("kind", ["garbage", "flipped-byte"])
+def test_corrupt_zip_is_refused(
+    tmp_path: Path, tiny_docs: dict[str, str], monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    if kind == "garbage":
+        data = b"PK\x03\x04 this is not really a zip archive" * 20
+    else:
+        data = _flip_byte_in_member_data(make_package_zip(TINY_ID, encode_docs(tiny_docs)))
+    root = build_nltk_mirror(tmp_path / "m", {TINY_ID: data})  # index matches the bad bytes
+    monkeypatch.setenv(download.MIRROR_ENV, str(root))
+    paths = tmp_paths(tmp_path)
+    with pytest.raises(DownloadError, match="corrupt zip"):
+        download.run(corpus_params(), paths)
+    assert listing(paths.raw_dir) == []
+
+
+def _zip_with(member: zipfile.ZipInfo, content: bytes = b"pwned") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(f"{TINY_ID}/ok.txt", b"fine")
+        archive.writestr(member, content)
+    return buffer.getvalue()
+
+
+def _symlink_member(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+@pytest.mark.parametrize(
+    ("make_member", "reason"),
+    [
+        (lambda tmp: zipfile.ZipInfo("../evil.txt"), "'..'"),
+        (lambda tmp: zipfile.ZipInfo(f"{TINY_ID}/../../evil.txt"), "'..'"),
+        (lambda tmp: zipfile.ZipInfo(str(tmp / "evil.txt")), "absolute path"),
+        (lambda tmp: _symlink_member(f"{TINY_ID}/link"), "symbolic link"),
+        (lambda tmp: zipfile.ZipInfo("other/evil.txt"), "outside the package's top folder"),
+    ],
+    ids=["dotdot", "nested-dotdot", "absolute", "symlink", "outside-top"],
+)
+def test_unsafe_member_is_refused_and_nothing_extracted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_member: object, reason: str
+) -> None:
+    member = make_member(tmp_path)  # type: ignore[operator]
+    root = build_nltk_mirror(tmp_path / "m", {TINY_ID: _zip_with(member, b"../../evil")})
+    monkeypatch.setenv(download.MIRROR_ENV, str(root))
+    paths = tmp_paths(tmp_path)
+    with pytest.raises(DownloadError, match=re.escape(reason)) as err:
+        download.run(corpus_params(), paths)
+    assert repr(member.filename) in str(err.value)
+    assert listing(paths.raw_dir) == []
+    assert not (tmp_path / "evil.txt").exists()
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_safe_extract_strips_top_folder(tmp_path: Path) -> None:
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(make_package_zip("pkg", {"README": b"r", "b.txt": b"bb", "a.txt": b"a"}))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    assert safe_extract(archive, dest, top="pkg") == [Path("README"), Path("a.txt"), Path("b.txt")]
+    assert read_tree(dest) == {"README": b"r", "a.txt": b"a", "b.txt": b"bb"}
+
+
+def test_server_down_fails_fast_and_suggests_mirror(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{unused_port()}/index.xml"
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        download.run(corpus_params(index_url=url, retries=1), tmp_paths(tmp_path))
+    assert time.monotonic() - start < 2.0
+    message = str(err.value)
+    assert url in message and "after 2 attempt(s)" in message and "RNNLM_NLTK_MIRROR" in message
+    assert "\n" not in message
+
+
+def test_silent_server_times_out_and_is_retried(tmp_path: Path) -> None:
+    with socket.socket() as listener:  # accepts connections (backlog) but never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/index.xml"
+        start = time.monotonic()
+        with pytest.raises(DownloadError, match=r"after 2 attempt.*timed out"):
+            download.run(
+                corpus_params(index_url=url, timeout_s=0.2, retries=1), tmp_paths(tmp_path)
+            )
+    assert time.monotonic() - start < 3.0
+
+
+@pytest.mark.parametrize("faults", [[503, 503], [429], [SHORT_BODY]], ids=["503", "429", "short"])
+def test_transient_errors_are_retried(
+    tmp_path: Path,
+    tiny_mirror: Path,
+    tiny_docs: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    faults: list[int],
+) -> None:
+    paths = tmp_paths(tmp_path)
+    with serve_directory(tiny_mirror) as running:
+        running.faults[ZIP_PATH] = list(faults)
+        running.faults["/index.xml"] = [503]
+        monkeypatch.setenv(download.MIRROR_ENV, running.url)
+        download.run(corpus_params(retries=2), paths)
+    assert running.count("/index.xml") == 2
+    assert running.count(ZIP_PATH) == len(faults) + 1
+    assert read_tree(paths.raw_dir / TINY_ID) == encode_docs(tiny_docs)
+
+
+def test_persistent_5xx_gives_up_after_retries(
+    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = tmp_paths(tmp_path)
+    with serve_directory(tiny_mirror) as running:
+        running.faults[ZIP_PATH] = [503] * 10
+        monkeypatch.setenv(download.MIRROR_ENV, running.url)
+        with pytest.raises(DownloadError, match=r"after 3 attempt.*HTTP 503"):
+            download.run(corpus_params(retries=2), paths)
+    assert running.count(ZIP_PATH) == 3
+    assert listing(paths.raw_dir) == []
+
+
+def _install(nltk_dir: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import nltk.data
+
+    installed = nltk_dir / "corpora" / f"{TINY_ID}.zip"
+    installed.parent.mkdir(parents=True)
+    installed.write_bytes(data)
+    # A missing folder first: the search must go on to the next entry.
+    monkeypatch.setattr(nltk.data, "path", [str(nltk_dir.parent / "missing"), str(nltk_dir)])
+    return installed
+
+
+def test_installed_zip_is_used_without_downloading(
+    tmp_path: Path, tiny_mirror: Path, tiny_docs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = (tiny_mirror / ZIP_PATH.lstrip("/")).read_bytes()
+    installed = _install(tmp_path / "nltk_data", good, monkeypatch)
+    paths = tmp_paths(tmp_path)
+    with serve_directory(tiny_mirror) as running:
+        monkeypatch.setenv(download.MIRROR_ENV, running.url)
+        summary = download.run(corpus_params(), paths)
+    assert running.requests == ["/index.xml"]  # the index is read; the package is not
+    assert summary["source"] == str(installed)
+    assert read_tree(paths.raw_dir / TINY_ID) == encode_docs(tiny_docs)
+
+
+def test_installed_zip_with_other_content_is_ignored(
+    tmp_path: Path, tiny_mirror: Path, tiny_docs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = (tiny_mirror / ZIP_PATH.lstrip("/")).read_bytes()
+    _install(tmp_path / "nltk_data", bytes([good[0] ^ 1]) + good[1:], monkeypatch)  # same size
+    paths = tmp_paths(tmp_path)
+    with serve_directory(tiny_mirror) as running:
+        monkeypatch.setenv(download.MIRROR_ENV, running.url)
+        download.run(corpus_params(), paths)
+    assert running.requests == ["/index.xml", ZIP_PATH]
+    assert read_tree(paths.raw_dir / TINY_ID) == encode_docs(tiny_docs)
+
+
+@pytest.mark.mirror
+def test_run_on_shared_mirror_extracts_real_corpus(
+    tmp_path: Path, shared_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(download.MIRROR_ENV, str(shared_mirror))
+    paths = tmp_paths(tmp_path)
+    summary = download.run(corpus_params(name="inaugural"), paths)
+    out = paths.raw_dir / "inaugural"
+    assert (out / "1789-Washington.txt").is_file()
+    assert (out / "README").is_file()
+    assert not (out / "inaugural").exists()
+    assert summary["md5"] == "4e01cc9505ed7f9d04a330e67fb45509"
+    assert summary["files"] == len(list(out.iterdir()))
+
+
+def _write_params(tmp_path: Path, corpus_name: str, extra: str = "") -> Path:
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"paths:\n  raw_dir: {tmp_path / 'raw'}\n"
+        f"corpus:\n  name: {corpus_name}\n  retries: 0\n{extra}"
+    )
+    return params
+
+
+def _assert_one_line_failure(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], *needles: str
+) -> None:
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    assert "\n" not in message and errors[0].exc_info is None
+    for needle in needles:
+        assert needle in message
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_main_unknown_corpus_exits_1_with_one_line_message(
+    tmp_path: Path,
+    tiny_mirror: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(["--params", str(_write_params(tmp_path, "nope"))])
+    assert exit_info.value.code == 1
+    _assert_one_line_failure(caplog, capsys, "'nope'", f"available corpora: {TINY_ID}")
+    assert listing(tmp_path / "raw") == []
+
+
+def test_main_bad_params_exits_1(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = _write_params(tmp_path, TINY_ID, extra="  retires: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(["--params", str(params)])
+    assert exit_info.value.code == 1
+    _assert_one_line_failure(caplog, capsys, "corpus.retires")
+
+
+def test_main_downloads_from_mirror(
+    tmp_path: Path, tiny_mirror: Path, tiny_docs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
+    download.main(["--params", str(_write_params(tmp_path, TINY_ID))])
+    assert read_tree(tmp_path / "raw" / TINY_ID) == encode_docs(tiny_docs)
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    terminal = _FakeTerminal()
+    bar = download._Progress("x.zip", 2_000_000, stream=terminal)
+    bar.update(1_000_000)
+    bar.update(1_500_000)  # within 0.1 s of the previous refresh: skipped
+    bar.close(2_000_000)
+    lines = terminal.getvalue().split("\r")[1:]
+    assert len(lines) == 2
+    assert " 50% 1.0/2.0 MB" in lines[0]
+    assert lines[1].endswith("100% 2.0/2.0 MB\n")
+
+    plain = io.StringIO()
+    quiet = download._Progress("x.zip", 10, stream=plain)
+    quiet.update(5)
+    quiet.close(10)
+    assert plain.getvalue() == ""
