@@ -4,15 +4,23 @@
 - `tiny_mirror`: a temporary folder laid out like the NLTK data server, holding `tinycorpus`.
 - `http_mirror`: the base URL of a loopback HTTP server serving `tiny_mirror`.
 - `shared_mirror`: the shared offline NLTK mirror beside the project (skips when absent).
+- `tiny_params`: a small `Params` for `tinycorpus`, every path and the MLflow store under tmp_path.
+- `processed_tiny`: `tiny_params` after the download and tokenize stages ran on `tiny_mirror`.
+- `project_copy`: the project's files (tracked, plus untracked but not ignored) in a fresh git
+  repository under tmp_path, for tests that run DVC.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from rnnlm import download, tokenization
+from rnnlm.config import Params, parse_params
 from tests.fixtures import (
     TINY_ID,
     build_nltk_mirror,
@@ -21,7 +29,8 @@ from tests.fixtures import (
     serve_directory,
 )
 
-SHARED_MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "nltk_data"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_MIRROR = PROJECT_ROOT.parent / "shared" / "nltk_data"
 
 
 @pytest.fixture
@@ -49,3 +58,102 @@ def shared_mirror() -> Path:
     if not (SHARED_MIRROR / "index.xml").is_file():
         pytest.skip(f"shared NLTK mirror not found at {SHARED_MIRROR}")
     return SHARED_MIRROR
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
+    """Params for `tinycorpus` with a 16-dim, 1-layer LSTM; every path under tmp_path.
+
+    MLflow logs to a SQLite store under tmp_path, whatever MLFLOW_TRACKING_URI the shell sets.
+    """
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RNNLM_PROJECT_ROOT", str(tmp_path))
+    return parse_params(
+        {
+            "paths": {
+                "raw_dir": str(tmp_path / "data" / "raw"),
+                "processed_dir": str(tmp_path / "data" / "processed"),
+                "models_dir": str(tmp_path / "models"),
+                "metrics_dir": str(tmp_path / "metrics"),
+            },
+            "corpus": {"name": TINY_ID},
+            "model": {
+                "cell": "lstm",
+                "embedding_dim": 16,
+                "hidden_dim": 16,
+                "num_layers": 1,
+                "dropout": 0.0,
+                "embedding_dropout": 0.0,
+                "tie_weights": True,
+            },
+            "train": {
+                "batch_size": 4,
+                "bptt": 8,
+                "eval_batch_size": 1,
+                "eval_bptt": 32,
+                "max_epochs": 2,
+                "lr": 0.01,
+                "accelerator": "cpu",
+                "devices": 1,
+                "log_every_n_steps": 5,
+                "seed": 7,
+            },
+            "mlflow": {
+                "experiment_name": "test",
+                "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+            },
+        },
+        source="tiny_params",
+    )
+
+
+@pytest.fixture
+def processed_tiny(
+    tiny_params: Params, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> Params:
+    """`tiny_params` with `tinycorpus` downloaded from `tiny_mirror` and tokenized."""
+    monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
+    download.run(tiny_params.corpus, tiny_params.paths)
+    tokenization.run(tiny_params.tokenize, tiny_params.paths, tiny_params.corpus.name)
+    return tiny_params
+
+
+def _git_files(root: Path, *args: str) -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z", *args], cwd=root, check=True, capture_output=True
+    ).stdout
+    return [name for name in out.decode("utf-8").split("\0") if name]
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """The project's files in tmp_path/"project", committed to a fresh git repository.
+
+    Copies what git tracks plus untracked files that are not ignored (so uncommitted work is
+    tested too); ignored paths (.venv, data, caches) stay behind. `.dvc/config` is tracked, so
+    the copy is already a DVC repository.
+    """
+    dest = tmp_path / "project"
+    names = _git_files(PROJECT_ROOT) + _git_files(PROJECT_ROOT, "--others", "--exclude-standard")
+    for name in sorted(set(names)):
+        src = PROJECT_ROOT / name
+        if not src.is_file():  # tracked but deleted in the working tree
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    git = [
+        "git",
+        "-c",
+        "user.name=rnnlm tests",
+        "-c",
+        "user.email=tests@rnnlm.invalid",
+        "-c",
+        "commit.gpgsign=false",
+        "-c",
+        "core.hooksPath=/dev/null",
+    ]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "project copy"], cwd=dest, check=True)
+    return dest

@@ -172,6 +172,21 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    """Stage `export`: checkpoint -> ONNX, parity check, optional int8 model, model registry."""
+
+    # torchscript: the only exporter that keeps the time axis dynamic for every cell with
+    # torch 2.13 (dynamo freezes it for nn.RNN); the parity check refuses a model that is wrong.
+    exporter: Literal["torchscript", "dynamo"] = "torchscript"
+    opset: int = field(default=17, metadata=_range(14, 21))
+    atol: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
+    quantize: bool = True  # also write models/model.int8.onnx (dynamic int8 weights)
+    latency_tokens: int = field(default=300, metadata=_range(1, 100000))
+    latency_threads: int = field(default=1, metadata=_range(1, 256))
+    registered_model_name: str | None = "rnnlm"  # null: log to MLflow without registering
+
+
+@dataclass(frozen=True)
 class Params:
     """Every section of params.yaml."""
 
@@ -181,6 +196,7 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 def _type_name(tp: Any) -> str:
@@ -207,8 +223,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
     elif dataclasses.is_dataclass(tp):
+        if value is None:  # a section whose keys are all commented out: its defaults
+            return tp()
         if isinstance(value, Mapping):
             return build_section(tp, value, prefix=key)
+        raise ConfigError(f"{key} = {value!r}: expected a mapping of keys to values")
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -251,7 +270,8 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
 def build_section(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from the mapping `raw`, validating every key under `prefix`."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix} = {raw!r}: expected a mapping of keys to values")
+        where = f"{prefix} = " if prefix else "top level = "
+        raise ConfigError(f"{where}{raw!r}: expected a mapping of keys to values")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
@@ -299,6 +319,13 @@ def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             flat.update(as_flat_dict(value, prefix=f"{key}."))
+        elif (
+            value
+            and isinstance(value, Mapping)
+            and all(map(dataclasses.is_dataclass, value.values()))
+        ):
+            for name, section in value.items():
+                flat.update(as_flat_dict(section, prefix=f"{key}.{name}."))
         elif isinstance(value, Path):
             flat[key] = str(value)
         else:

@@ -68,6 +68,7 @@ def list_documents(corpus_dir: Path) -> list[Path]:
 def assign_splits(names: Sequence[str], p: TokenizeParams) -> dict[str, list[str]]:
     """By-document split over names in sorted order: i % every == test/val remainder."""
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    remainders = (p.val_remainder, p.test_remainder)
     for i, name in enumerate(sorted(names)):
         r = i % p.split_every
         split = (
@@ -76,10 +77,12 @@ def assign_splits(names: Sequence[str], p: TokenizeParams) -> dict[str, list[str
         splits[split].append(name)
     empty = [s for s in SPLITS if not splits[s]]
     if empty:
+        # Every split is non-empty once the corpus reaches the last of the three first indices.
+        first_train = min(r for r in range(p.split_every) if r not in remainders)
         raise TokenizeError(
             f"{len(names)} documents leave the {', '.join(empty)} split(s) empty with "
             f"tokenize.split_every = {p.split_every}: the corpus needs at least "
-            f"{max(p.val_remainder, p.test_remainder) + 1} documents"
+            f"{max(*remainders, first_train) + 1} documents"
         )
     return splits
 

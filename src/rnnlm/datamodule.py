@@ -1,0 +1,139 @@
+"""LightningDataModule over the `tokenize` outputs (it never downloads or tokenizes).
+
+Each split is one token stream. For language modelling it becomes (input, target) pairs where
+the target is the stream itself and the input is the stream shifted right by one, starting from
+`<eos>` (the stream starts at a sentence start), so every token of the split is predicted.
+
+Training cuts the stream into `batch_size` parallel streams (rows) and walks them in windows of
+`bptt` tokens, in order: window k+1 continues where window k stopped, which is what lets the
+model carry its hidden state across windows (truncated BPTT). Evaluation does the same with
+`eval_batch_size` rows (1 = the whole split as one stream, state carried from start to end).
+Under DDP each process takes its own rows, so the processes together cover the whole split.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rnnlm.files import read_json
+from rnnlm.text import EOS_ID
+
+log = logging.getLogger(__name__)
+
+
+def lm_pairs(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs (`<eos>` then the stream minus its last token) and targets (the stream)."""
+    inputs = np.concatenate([[EOS_ID], stream[:-1]]).astype(np.int64)
+    return inputs, stream.astype(np.int64)
+
+
+def batchify(array: np.ndarray, n_rows: int) -> np.ndarray:
+    """(n,) -> (n_rows, n // n_rows): contiguous pieces of the stream, one a row.
+
+    The last n % n_rows tokens are dropped so that the rows have equal length.
+    """
+    length = len(array) // n_rows
+    if length < 1:
+        raise ValueError(f"a stream of {len(array)} tokens cannot feed {n_rows} parallel rows")
+    return array[: n_rows * length].reshape(n_rows, length)
+
+
+def shard_rows(n_rows: int, rank: int, world_size: int) -> slice:
+    """The rows a process owns under DDP: contiguous, as even as possible."""
+    per_rank, extra = divmod(n_rows, world_size)
+    start = rank * per_rank + min(rank, extra)
+    return slice(start, start + per_rank + (1 if rank < extra else 0))
+
+
+class StreamWindows(Dataset):
+    """Consecutive (input, target) windows of shape (rows, <= bptt) over batchified streams."""
+
+    def __init__(
+        self, stream: np.ndarray, n_rows: int, bptt: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if n_rows < world_size:
+            raise ValueError(f"{n_rows} parallel rows cannot be shared by {world_size} processes")
+        inputs, targets = lm_pairs(stream)
+        rows = shard_rows(n_rows, rank, world_size)
+        self.inputs = torch.from_numpy(batchify(inputs, n_rows)[rows].copy())
+        self.targets = torch.from_numpy(batchify(targets, n_rows)[rows].copy())
+        self.bptt = bptt
+
+    @property
+    def n_tokens(self) -> int:
+        return self.targets.numel()
+
+    def __len__(self) -> int:
+        return -(-self.inputs.shape[1] // self.bptt)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        window = slice(index * self.bptt, (index + 1) * self.bptt)
+        return self.inputs[:, window], self.targets[:, window]
+
+
+def load_split(processed_dir: Path, split: str) -> np.ndarray:
+    path = Path(processed_dir) / f"{split}.npy"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (run the tokenize stage first)")
+    return np.load(path, allow_pickle=False)
+
+
+def load_vocab(processed_dir: Path) -> list[str]:
+    return list(read_json(Path(processed_dir) / "vocab.json")["tokens"])
+
+
+class CorpusDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        processed_dir: Path,
+        batch_size: int,
+        bptt: int,
+        eval_batch_size: int = 1,
+        eval_bptt: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.processed_dir = Path(processed_dir)
+        self.batch_size = batch_size
+        self.bptt = bptt
+        self.eval_batch_size = eval_batch_size
+        self.eval_bptt = eval_bptt or bptt
+        self.vocab = load_vocab(self.processed_dir)
+        self.datasets: dict[str, StreamWindows] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        )
+        for split, rows, bptt in (
+            ("train", self.batch_size, self.bptt),
+            ("validation", self.eval_batch_size, self.eval_bptt),
+            ("test", self.eval_batch_size, self.eval_bptt),
+        ):
+            if split not in self.datasets:
+                stream = load_split(self.processed_dir, split)
+                self.datasets[split] = StreamWindows(stream, rows, bptt, rank, world)
+
+    def _loader(self, split: str) -> DataLoader:
+        # batch_size=None: every item already is a (rows, bptt) batch, and order matters.
+        return DataLoader(self.datasets[split], batch_size=None, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

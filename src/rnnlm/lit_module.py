@@ -1,0 +1,128 @@
+"""LightningModule around `RNNLM`: loss, truncated BPTT, evaluation, optimizer and schedule.
+
+Logged keys: `train/loss` and `train/lr` per step; `val/loss`, `val/ppl` per epoch; `test/loss`,
+`test/ppl` after training (epoch time and throughput come from train.EpochSummary).
+Evaluation perplexity is exp(total NLL / total tokens) over the whole split (summed across
+processes under DDP), not a mean of per-window perplexities. It never touches MLflow or paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rnnlm.model import RNNLM, RNNLMConfig, State, detach_state
+
+
+class LitRNNLM(pl.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: str = "adamw",
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        lr_factor: float = 0.5,
+        lr_patience: int = 0,
+        min_lr: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        # Plain dicts and numbers only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(logger=False)
+        self.net = RNNLM(RNNLMConfig(**model))
+        self._state: dict[str, State | None] = {"train": None, "val": None, "test": None}
+        self._nll_sum: dict[str, Tensor] = {}
+        self._token_count: dict[str, Tensor] = {}
+
+    @property
+    def config(self) -> RNNLMConfig:
+        return self.net.config
+
+    def forward(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+        return self.net(ids, state)
+
+    def _step(self, split: str, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        """Run one window, carrying the state of `split` from the previous window."""
+        inputs, targets = batch
+        state = self._state[split]
+        if state is None:
+            state = self.net.init_state(inputs.shape[0], inputs.device)
+        logits, state = self.net(inputs, state)
+        # Truncated BPTT: keep the state's values for the next window but cut the graph, so
+        # gradients flow back at most one window while the context keeps growing.
+        self._state[split] = detach_state(state)
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
+        return nll, targets.numel()
+
+    def on_train_epoch_start(self) -> None:
+        self._state["train"] = None  # each epoch starts from a zero state
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        nll, n_tokens = self._step("train", batch)
+        loss = nll / n_tokens
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The learning rate is logged only on the steps the logger writes, to keep steps cheap.
+        if (self.global_step % self.trainer.log_every_n_steps) == 0:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.log("train/lr", lr, on_step=True, on_epoch=False)
+
+    def _start_eval(self, split: str) -> None:
+        self._state[split] = None  # each evaluation pass starts from a zero state
+        self._nll_sum[split] = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._token_count[split] = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def _eval_step(self, split: str, batch: tuple[Tensor, Tensor]) -> None:
+        nll, n_tokens = self._step(split, batch)
+        self._nll_sum[split] += nll.double()
+        self._token_count[split] += n_tokens
+
+    def _end_eval(self, split: str) -> None:
+        nll = self.trainer.strategy.reduce(self._nll_sum[split], reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._token_count[split], reduce_op="sum")
+        loss = (nll / count).float()
+        # Values are already reduced over processes, so no sync_dist here.
+        self.log(f"{split}/loss", loss, prog_bar=split == "val")
+        self.log(f"{split}/ppl", torch.exp(loss), prog_bar=split == "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = self.parameters()
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=hp.lr_factor, patience=hp.lr_patience, min_lr=hp.min_lr
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"},
+        }

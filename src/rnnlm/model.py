@@ -1,0 +1,112 @@
+"""The recurrent language model as a plain `nn.Module`: no Lightning, no file I/O.
+
+    ids (batch, time) -> embedding -> dropout -> RNN/GRU/LSTM layers -> dropout -> linear -> logits
+
+The vanilla `rnn_tanh` cell is h_t = tanh(W h_{t-1} + U x_t + b) and the output distribution
+o_t = softmax(V h_t + c); `rnn_relu`, `gru` and `lstm` swap the recurrence. The recurrent state
+goes in and out of `forward` explicitly, as a tuple of tensors of shape
+(num_layers, batch, hidden_dim) — one for RNN/GRU, two (h, c) for LSTM — so that training,
+evaluation, ONNX export and incremental generation share this one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
+State = tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class RNNLMConfig:
+    vocab_size: int
+    cell: Cell = "lstm"
+    embedding_dim: int = 256
+    hidden_dim: int = 256
+    num_layers: int = 1
+    dropout: float = 0.5  # on the recurrent layers' outputs (and between layers)
+    embedding_dropout: float = 0.1  # on the embeddings fed to the first layer
+    tie_weights: bool = True
+
+
+def state_names(cell: Cell) -> tuple[str, ...]:
+    """Names of the recurrent state tensors, as the ONNX model's inputs/outputs use them."""
+    return ("h", "c") if cell == "lstm" else ("h",)
+
+
+class RNNLM(nn.Module):
+    def __init__(self, config: RNNLMConfig) -> None:
+        super().__init__()
+        if config.tie_weights and config.embedding_dim != config.hidden_dim:
+            raise ValueError(
+                f"tie_weights needs embedding_dim == hidden_dim "
+                f"(got {config.embedding_dim} and {config.hidden_dim})"
+            )
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        rnn_kwargs = {
+            "input_size": config.embedding_dim,
+            "hidden_size": config.hidden_dim,
+            "num_layers": config.num_layers,
+            "dropout": config.dropout if config.num_layers > 1 else 0.0,
+            "batch_first": True,
+        }
+        if config.cell == "lstm":
+            self.rnn: nn.RNNBase = nn.LSTM(**rnn_kwargs)
+        elif config.cell == "gru":
+            self.rnn = nn.GRU(**rnn_kwargs)
+        else:
+            self.rnn = nn.RNN(nonlinearity=config.cell.removeprefix("rnn_"), **rnn_kwargs)
+        self.output_dropout = nn.Dropout(config.dropout)
+        self.decoder = nn.Linear(config.hidden_dim, config.vocab_size)
+        if config.tie_weights:
+            # Sharing input and output embeddings halves the parameters and regularises: the
+            # standard recipe for small corpora (Press & Wolf 2017; Inan et al. 2017).
+            self.decoder.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        if not self.config.tie_weights:
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        for name, param in self.rnn.named_parameters():
+            if name.startswith("weight_hh"):
+                # Orthogonal recurrent weights keep the vanilla RNN's gradients from exploding
+                # or vanishing early in training.
+                for gate in param.data.chunk(param.shape[0] // self.config.hidden_dim):
+                    nn.init.orthogonal_(gate)
+            elif name.startswith("weight_ih"):
+                nn.init.xavier_uniform_(param)
+            else:
+                nn.init.zeros_(param)
+        if self.config.cell == "lstm":
+            # Forget-gate bias 1: remember by default at the start of training.
+            for name, param in self.rnn.named_parameters():
+                if name.startswith("bias_ih"):
+                    param.data[self.config.hidden_dim : 2 * self.config.hidden_dim] = 1.0
+
+    def init_state(self, batch_size: int, device: torch.device | None = None) -> State:
+        """A zero state for `batch_size` streams."""
+        shape = (self.config.num_layers, batch_size, self.config.hidden_dim)
+        device = device or self.embedding.weight.device
+        return tuple(torch.zeros(shape, device=device) for _ in state_names(self.config.cell))
+
+    def forward(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+        """ids (batch, time) int64, state -> logits (batch, time, vocab), next state."""
+        x = self.embedding_dropout(self.embedding(ids))  # (batch, time, embedding_dim)
+        rnn_state = state if self.config.cell == "lstm" else state[0]
+        out, next_state = self.rnn(x, rnn_state)  # out: (batch, time, hidden_dim)
+        logits = self.decoder(self.output_dropout(out))
+        if not isinstance(next_state, tuple):
+            next_state = (next_state,)
+        return logits, next_state
+
+
+def detach_state(state: State) -> State:
+    return tuple(s.detach() for s in state)

@@ -1,0 +1,218 @@
+"""MLflow in one place: the only module of the pipeline that imports mlflow.
+
+Tracking URI: MLFLOW_TRACKING_URI when set, else `mlflow.tracking_uri` from params.yaml, else a
+SQLite store under the PROJECT's `mlruns/` (`sqlite:///<root>/mlruns/mlflow.db`, artifacts in
+`<root>/mlruns/artifacts`). The project root is resolved so that DVC experiments that run in a
+copy of the repository under `.dvc/tmp/exps/` still log to the project's own store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rnnlm.config import MlflowParams
+
+log = logging.getLogger(__name__)
+
+# DVC runs queued and --temp experiments in <root>/.dvc/tmp/exps/<name>/ (DVC >= 2.x).
+_DVC_EXP_COPY = re.compile(r"^(?P<root>.*?)/\.dvc/tmp/exps/")
+SERVER_CHECK_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or used."""
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The project's root: RNNLM_PROJECT_ROOT, else cwd unless cwd is a DVC experiment copy."""
+    if env := os.environ.get("RNNLM_PROJECT_ROOT"):
+        return Path(env).resolve()
+    cwd = (cwd or Path.cwd()).resolve()
+    match = _DVC_EXP_COPY.match(cwd.as_posix() + "/")
+    return Path(match["root"]) if match else cwd
+
+
+def resolve_tracking_uri(ml: MlflowParams, root: Path | None = None) -> str:
+    if env := os.environ.get("MLFLOW_TRACKING_URI"):
+        return env
+    if ml.tracking_uri:
+        return ml.tracking_uri
+    return f"sqlite:///{(root or project_root()) / 'mlruns' / 'mlflow.db'}"
+
+
+def default_artifact_location(uri: str, root: Path | None = None) -> str | None:
+    """Artifacts beside a local SQLite store; a server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
+
+
+def check_tracking_uri(uri: str, timeout: float = SERVER_CHECK_TIMEOUT_S) -> None:
+    """Fail within seconds, with a clear message, when an HTTP tracking server is unreachable."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                response.read(64)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}). Start it "
+                "(make mlflow-server), fix MLFLOW_TRACKING_URI, or unset it to use the "
+                "local SQLite store under mlruns/."
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(
+                f"cannot create the MLflow store folder {db.parent}: {err}"
+            ) from None
+    elif uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(
+            f"tracking URI {uri!r}: MLflow's file store is no longer supported; use "
+            "sqlite:///path/to/mlflow.db or an http(s) tracking server"
+        )
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a SQLite store: concurrent creators race on its schema."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    with FileLock(str(db) + ".lock", timeout=120):
+        yield
+
+
+def _client(uri: str):  # -> mlflow.MlflowClient
+    import mlflow
+
+    # Fail fast instead of MLflow's default minutes of retries against a dead server.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def git_info(root: Path) -> dict[str, str]:
+    """Commit and dirty flag of the code, when it is a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment name and baseline, when run by `dvc exp run`."""
+    names = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev"}
+    return {tag: os.environ[env] for env, tag in names.items() if os.environ.get(env)}
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class TrackedRun:
+    """A run in the tracking store; the handle stages log through."""
+
+    uri: str
+    run_id: str
+    experiment_id: str
+
+    @property
+    def client(self):  # -> mlflow.MlflowClient
+        return _client(self.uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's per-request limit
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def lightning_logger(self):  # -> MLFlowLogger
+        """Lightning's MLflow logger bound to this run (per-step and per-epoch metrics)."""
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        return MLFlowLogger(tracking_uri=self.uri, run_id=self.run_id, log_model=False)
+
+
+def start_run(ml: MlflowParams, run_name: str, tags: Mapping[str, str]) -> TrackedRun:
+    """Create a run in the experiment (created if missing) and return its handle."""
+    root = project_root()
+    uri = resolve_tracking_uri(ml, root)
+    check_tracking_uri(uri)
+    try:
+        with _store_lock(uri):
+            client = _client(uri)
+            experiment = client.get_experiment_by_name(ml.experiment_name)
+            if experiment is None:
+                experiment_id = client.create_experiment(
+                    ml.experiment_name, artifact_location=default_artifact_location(uri, root)
+                )
+            else:
+                experiment_id = experiment.experiment_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    except Exception as err:  # MLflow raises many types; all mean "the store is unusable"
+        if isinstance(err, TrackingError):
+            raise
+        raise TrackingError(f"MLflow tracking store {uri}: {err}") from err
+    log.info("MLflow run %s in experiment %r at %s", run.info.run_id, ml.experiment_name, uri)
+    return TrackedRun(uri=uri, run_id=run.info.run_id, experiment_id=experiment_id)
+
+
+def attach_run(ml: MlflowParams, run_id: str) -> TrackedRun:
+    """The run a previous stage created (its id read from that stage's metrics file)."""
+    uri = resolve_tracking_uri(ml)
+    check_tracking_uri(uri)
+    try:
+        run = _client(uri).get_run(run_id)
+    except Exception as err:
+        raise TrackingError(f"MLflow run {run_id} not found at {uri}: {err}") from err
+    return TrackedRun(uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)

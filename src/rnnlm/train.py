@@ -1,0 +1,406 @@
+"""Stage `train`: data/processed/ -> models/model.ckpt, metrics/train.json, one MLflow run.
+
+Trains the recurrent LM with truncated BPTT on whatever accelerator Lightning finds (or the one
+`train.accelerator` names), keeps the best checkpoint by validation loss, evaluates it on the
+whole test stream and records everything in one MLflow run:
+
+    models/model.ckpt          best checkpoint (Lightning format, loads with weights_only=True)
+    metrics/train.json         final metrics + the MLflow run id (export/evaluate log to it)
+    metrics/train_curve.csv    per-epoch curve (dvc plots)
+
+Run via `dvc repro train`, or directly: `python -m rnnlm.train [--params params.yaml]`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+
+from rnnlm import tracking
+from rnnlm.config import (
+    ConfigError,
+    MlflowParams,
+    ModelParams,
+    Params,
+    Paths,
+    TrainParams,
+    as_flat_dict,
+    load_params,
+    stage_argparser,
+)
+from rnnlm.datamodule import CorpusDataModule
+from rnnlm.files import configure_logging, staged_files, write_json_atomic, write_text_atomic
+from rnnlm.lit_module import LitRNNLM
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "model.ckpt"
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_time_s", "tokens_per_s")
+PROCESSED_FILES = ("vocab.json", "tokenizer.json", "train.npy", "validation.npy", "test.npy")
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or its outputs cannot be written."""
+
+
+class EpochSummary(pl.Callback):
+    """Per-epoch training time, throughput and mean loss; the curve rows; a one-line log.
+
+    Training time stops when validation starts, so throughput is training alone. Logs
+    `train/epoch_time_s`, `train/tokens_per_s` and `train/epoch_loss` once per epoch.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self._start = 0.0
+        self._seconds: float | None = None
+        self._tokens = 0
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._epoch: dict[str, float] = {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._start, self._seconds, self._tokens, self._loss_sum = time.perf_counter(), None, 0, 0.0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        n = batch[1].numel()
+        self._tokens += n
+        # Kept as a tensor: calling .item() here would force a device sync every step.
+        self._loss_sum = self._loss_sum + outputs["loss"].detach() * n
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self._seconds is None:
+            self._seconds = time.perf_counter() - self._start
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Logged here, not at train-epoch end, so they go out in the same logger call as the
+        # validation metrics: one write per epoch and no key logged twice at one step.
+        if trainer.state.fn != TrainerFn.FITTING or self._seconds is None or not self._tokens:
+            return
+        self._epoch = {
+            "train_loss": float(self._loss_sum) / self._tokens,
+            "epoch_time_s": self._seconds,
+            "tokens_per_s": self._tokens * trainer.world_size / max(self._seconds, 1e-9),
+        }
+        module.log("train/epoch_loss", self._epoch["train_loss"])
+        module.log("train/epoch_time_s", self._epoch["epoch_time_s"])
+        module.log("train/tokens_per_s", self._epoch["tokens_per_s"])
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Validation has run by now, so its metrics are in callback_metrics.
+        metrics = trainer.callback_metrics
+        if not self._epoch or "val/loss" not in metrics:
+            return
+        row = {
+            "epoch": trainer.current_epoch,
+            **self._epoch,
+            "val_loss": float(metrics["val/loss"]),
+            "val_ppl": float(metrics["val/ppl"]),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        self.rows.append(row)
+        self._epoch = {}
+        log.info(
+            "epoch %d: train loss %.3f, val ppl %.2f, lr %.2g, %.0fs, %.0f tokens/s",
+            row["epoch"],
+            row["train_loss"],
+            row["val_ppl"],
+            row["lr"],
+            row["epoch_time_s"],
+            row["tokens_per_s"],
+        )
+
+
+def curve_csv(rows: list[dict[str, float]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(
+        out, fieldnames=CURVE_COLUMNS, extrasaction="ignore", lineterminator="\n"
+    )
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def plot_curve(rows: list[dict[str, float]], path: Path) -> None:
+    """The training curve as a PNG (MLflow artifact)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r.get("train_loss", math.nan) for r in rows], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss (nats/token)", title="Loss")
+    ax_loss.legend()
+    ax_ppl.plot(epochs, [r["val_ppl"] for r in rows], "o-", color="tab:orange")
+    ax_ppl.set(xlabel="epoch", ylabel="perplexity", title="Validation perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def is_global_zero() -> bool:
+    """True in the launching process; Lightning's DDP children carry RANK/LOCAL_RANK > 0."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def check_inputs(processed_dir: Path) -> None:
+    missing = [name for name in PROCESSED_FILES if not (processed_dir / name).exists()]
+    if missing:
+        raise TrainError(
+            f"{processed_dir}: missing {', '.join(missing)} (run the tokenize stage first)"
+        )
+
+
+def run_tags(model_p: ModelParams, corpus_name: str, paths: Paths) -> dict[str, str]:
+    root = tracking.project_root()
+    tags = {
+        "corpus": corpus_name,
+        "cell": model_p.cell,
+        "stage": "train",
+        **tracking.git_info(root),
+        **tracking.dvc_experiment_tags(),
+    }
+    for name in PROCESSED_FILES:
+        tags[f"data.md5.{name}"] = tracking.file_md5(paths.processed_dir / name)
+    return tags
+
+
+def build_trainer(
+    t: TrainParams,
+    checkpoint_dir: Path,
+    logger: Any,
+    summary: EpochSummary,
+) -> tuple[pl.Trainer, ModelCheckpoint]:
+    interactive = sys.stderr.isatty() and not os.environ.get("CI")
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir,  # explicit: Lightning cannot derive one from a SQLite logger
+        filename="best",
+        monitor="val/loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    callbacks: list[pl.Callback] = [
+        checkpoint,
+        EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience),
+        summary,
+    ]
+    trainer = pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        max_epochs=t.max_epochs,
+        max_time={"minutes": t.max_time_min} if t.max_time_min else None,
+        gradient_clip_val=t.grad_clip,
+        gradient_clip_algorithm="norm",
+        logger=logger,
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=interactive,
+        enable_model_summary=interactive,
+        num_sanity_val_steps=0,
+        deterministic="warn",
+        # Windows must reach each process in order (the state is carried across them): the
+        # datamodule shards rows per process itself instead of a shuffling DistributedSampler.
+        use_distributed_sampler=False,
+    )
+    return trainer, checkpoint
+
+
+def quiet_lightning(interactive: bool) -> None:
+    """Keep CI logs to our own lines: Lightning's banners and tips only on a terminal."""
+    if not interactive:
+        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def run(
+    model_p: ModelParams,
+    train_p: TrainParams,
+    ml: MlflowParams,
+    paths: Paths,
+    corpus_name: str,
+    params_file: Path | None = None,
+    extra_params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train, test the best checkpoint, write outputs, track the run; return the final metrics."""
+    check_inputs(paths.processed_dir)
+    t = train_p.for_cell(model_p.cell)
+    quiet_lightning(sys.stderr.isatty() and not os.environ.get("CI"))
+    pl.seed_everything(t.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+    datamodule = CorpusDataModule(
+        paths.processed_dir, t.batch_size, t.bptt, t.eval_batch_size, t.eval_bptt
+    )
+    model_config = {"vocab_size": datamodule.vocab_size, **as_flat_dict(model_p)}
+    module = LitRNNLM(
+        model=model_config,
+        optimizer=t.optimizer,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        lr_factor=t.lr_factor,
+        lr_patience=t.lr_patience,
+        min_lr=t.min_lr,
+    )
+
+    # The run is created before any file is written: an unreachable store fails fast here.
+    tracked = None
+    if is_global_zero():
+        run_name = (
+            os.environ.get("DVC_EXP_NAME")
+            or f"{model_p.cell}-{model_p.hidden_dim}x{model_p.num_layers}"
+        )
+        tracked = tracking.start_run(ml, run_name, run_tags(model_p, corpus_name, paths))
+        tracked.log_params(
+            {
+                **{f"model.{k}": v for k, v in as_flat_dict(model_p).items()},
+                **{f"train.{k}": v for k, v in as_flat_dict(t).items() if k != "cell_overrides"},
+                "data.vocab_size": datamodule.vocab_size,
+                **(extra_params or {}),
+            }
+        )
+    logger = tracked.lightning_logger() if tracked else False
+
+    summary = EpochSummary()
+    checkpoint_dir = paths.models_dir / "checkpoints"
+    trainer, checkpoint = build_trainer(t, checkpoint_dir, logger, summary)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_time = time.perf_counter() - start
+    best_path = checkpoint.best_model_path
+    if not best_path:
+        raise TrainError("training finished without a checkpoint (no validation epoch ran)")
+    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[
+        0
+    ]
+
+    if not trainer.is_global_zero:
+        return {}
+    assert tracked is not None
+    best_row = min(summary.rows, key=lambda r: r["val_loss"])
+    metrics = {
+        "run_id": tracked.run_id,
+        "epochs": len(summary.rows),
+        "best_epoch": best_row["epoch"],
+        "val_loss": round(best_row["val_loss"], 6),
+        "val_ppl": round(best_row["val_ppl"], 4),
+        "test_loss": round(float(test_metrics["test/loss"]), 6),
+        "test_ppl": round(float(test_metrics["test/ppl"]), 4),
+        "train_time_s": round(train_time, 1),
+        "tokens_per_s": round(
+            sum(r.get("tokens_per_s", 0.0) for r in summary.rows) / len(summary.rows), 1
+        ),
+        "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+        "devices": trainer.num_devices * trainer.num_nodes,
+    }
+    write_outputs(paths, Path(best_path), metrics, summary.rows)
+    log_run(tracked, paths, metrics, summary.rows, params_file)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info(
+        "best epoch %d: val ppl %.2f, test ppl %.2f; %d epochs in %.0fs; run %s",
+        metrics["best_epoch"],
+        metrics["val_ppl"],
+        metrics["test_ppl"],
+        metrics["epochs"],
+        train_time,
+        tracked.run_id,
+    )
+    return metrics
+
+
+def write_outputs(
+    paths: Paths, best_checkpoint: Path, metrics: dict[str, Any], rows: list[dict[str, float]]
+) -> None:
+    with staged_files(paths.models_dir) as staged:
+        shutil.copyfile(best_checkpoint, staged / CHECKPOINT)
+    with staged_files(paths.metrics_dir) as staged:
+        write_text_atomic(staged / "train_curve.csv", curve_csv(rows))
+        write_json_atomic(staged / "train.json", metrics)
+
+
+def log_run(
+    tracked: tracking.TrackedRun,
+    paths: Paths,
+    metrics: dict[str, Any],
+    rows: list[dict[str, float]],
+    params_file: Path | None,
+) -> None:
+    """Final metrics, tags and artifacts (per-step/epoch metrics came from Lightning's logger)."""
+    tracked.set_tags({"accelerator": metrics["accelerator"], "devices": str(metrics["devices"])})
+    tracked.log_metrics(
+        {
+            "best/val_loss": metrics["val_loss"],
+            "best/val_ppl": metrics["val_ppl"],
+            "best/epoch": metrics["best_epoch"],
+            "train/time_s": metrics["train_time_s"],
+            "train/mean_tokens_per_s": metrics["tokens_per_s"],
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = Path(tmp) / "training_curve.png"
+        plot_curve(rows, plot)
+        tracked.log_artifact(plot, "training")
+    tracked.log_artifact(paths.metrics_dir / "train_curve.csv", "training")
+    tracked.log_artifact(paths.metrics_dir / "train.json", "training")
+    tracked.log_artifact(paths.processed_dir / "vocab.json", "data")
+    tracked.log_artifact(paths.processed_dir / "tokenizer.json", "data")
+    tracked.log_artifact(paths.models_dir / CHECKPOINT, "checkpoint")
+    if params_file is not None and params_file.exists():
+        tracked.log_artifact(params_file, "config")
+
+
+def run_from_params(params: Params, params_file: Path | None = None) -> dict[str, Any]:
+    extra = {
+        **{f"tokenize.{k}": v for k, v in as_flat_dict(params.tokenize).items()},
+        "corpus.name": params.corpus.name,
+    }
+    return run(
+        params.model,
+        params.train,
+        params.mlflow,
+        params.paths,
+        params.corpus.name,
+        params_file=params_file,
+        extra_params=extra,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_argparser(__doc__.splitlines()[0]).parse_args(argv)
+    configure_logging()
+    try:
+        run_from_params(load_params(args.params), params_file=args.params)
+    except (ConfigError, TrainError, tracking.TrackingError, FileNotFoundError) as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""config.py: the real params.yaml loads, dvc.yaml's params exist, every bad value is refused.
+
+Each refusal must be a `ConfigError` whose message names the offending key and value, so a typo
+in params.yaml (or in `dvc exp run -S`) is found from the message alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rnnlm.config import (
+    CellOverrides,
+    ConfigError,
+    CorpusParams,
+    ModelParams,
+    Params,
+    Paths,
+    TokenizeParams,
+    TrainParams,
+    as_flat_dict,
+    load_params,
+    parse_params,
+    stage_argparser,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS_YAML = ROOT / "params.yaml"
+DVC_YAML = ROOT / "dvc.yaml"
+
+
+def refused(raw: Any) -> str:
+    """The message of the ConfigError that parsing `raw` raises."""
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert message.startswith("params.yaml: ")
+    assert "\n" not in message
+    return message
+
+
+def test_real_params_yaml_loads_every_value() -> None:
+    params = load_params(PARAMS_YAML)
+    raw = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
+    flat = as_flat_dict(params)
+    for section, values in raw.items():
+        assert isinstance(getattr(params, section), type(getattr(Params(), section)))
+        for key, value in values.items():
+            expected = value if not isinstance(value, dict) else flat[f"{section}.{key}"]
+            assert flat[f"{section}.{key}"] == expected, f"{section}.{key}"
+    assert isinstance(params.paths.raw_dir, Path)
+
+
+def test_real_params_yaml_sets_every_field() -> None:
+    """Every knob is visible in params.yaml, so no stage runs on a hidden default."""
+    raw = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
+    written = {f"{s}.{k}" for s, values in raw.items() for k in values}
+    assert written == set(as_flat_dict(Params()))
+
+
+def _dvc_params_entries() -> list[str]:
+    stages = yaml.safe_load(DVC_YAML.read_text(encoding="utf-8"))["stages"]
+    entries: list[str] = []
+    for stage in stages.values():
+        for entry in stage.get("params", []):
+            if isinstance(entry, dict):  # {other_file.yaml: [keys]}
+                for keys in entry.values():
+                    entries.extend(keys)
+            else:
+                entries.append(entry)
+    return entries
+
+
+@pytest.mark.parametrize("entry", _dvc_params_entries())
+def test_dvc_yaml_params_entry_exists_in_params(entry: str) -> None:
+    obj: Any = load_params(PARAMS_YAML)
+    for part in entry.split("."):
+        assert hasattr(obj, part), f"dvc.yaml lists params {entry!r}, Params has no {part!r}"
+        obj = getattr(obj, part)
+    if "." not in entry:  # a whole section
+        assert dataclasses.is_dataclass(obj)
+
+
+def test_dvc_yaml_params_cover_sections_and_templates_resolve() -> None:
+    text = DVC_YAML.read_text(encoding="utf-8")
+    entries = _dvc_params_entries()
+    assert {"corpus", "tokenize", "model", "train"} <= {e.split(".")[0] for e in entries}
+    flat = as_flat_dict(load_params(PARAMS_YAML))
+    templates = re.findall(r"\$\{([^}]+)\}", text)
+    assert templates, "dvc.yaml should take its paths from params.yaml"
+    for ref in templates:
+        assert ref.strip() in flat, f"dvc.yaml uses ${{{ref}}}, which Params lacks"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=re.escape(f"{missing}: parameters file not found")):
+        load_params(missing)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: [0.1, 0.2\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: not valid YAML")):
+        load_params(path)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n"], ids=["empty", "comment"])
+def test_empty_file_gives_defaults(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert load_params(path) == Params()
+
+
+def test_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  cel: gru\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: model.cel: unknown key")):
+        load_params(path)
+
+
+def test_unknown_top_level_section() -> None:
+    message = refused({"modle": {"cell": "gru"}})
+    assert "modle: unknown key" in message
+    assert "allowed: paths, corpus, tokenize, model, train, mlflow" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("train", "lr_rate"), ("corpus", "url"), ("paths", "data_dir"), ("mlflow", "uri")],
+)
+def test_unknown_key_in_section(section: str, key: str) -> None:
+    message = refused({section: {key: 1}})
+    assert f"{section}.{key}: unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "batch_size", "32", "'32': expected int"),
+        ("train", "batch_size", 32.0, "32.0: expected int"),
+        ("train", "batch_size", True, "True: expected int"),
+        ("train", "batch_size", None, "None: expected int"),
+        ("train", "lr", "fast", "'fast': expected float"),
+        ("train", "lr", True, "True: expected float"),
+        ("train", "max_time_min", "1h", "'1h': expected float or null"),
+        ("tokenize", "lowercase", "yes", "'yes': expected bool"),
+        ("tokenize", "lowercase", 1, "1: expected bool"),
+        ("corpus", "name", 42, "42: expected str"),
+        ("corpus", "name", "  ", "'  ': expected str"),
+        ("paths", "raw_dir", "", "'': expected a path"),
+        ("paths", "raw_dir", ["data"], "['data']: expected a path"),
+        ("mlflow", "tracking_uri", 3, "3: expected str or null"),
+        ("train", "cell_overrides", ["gru"], "['gru']: expected dict"),
+    ],
+)
+def test_wrong_type_names_key_and_value(
+    section: str, key: str, value: object, expected: str
+) -> None:
+    message = refused({section: {key: value}})
+    assert f"{section}.{key} = {expected}" in message
+
+
+def test_int_becomes_float_and_str_becomes_path() -> None:
+    params = parse_params({"corpus": {"timeout_s": 5}, "paths": {"raw_dir": "elsewhere/raw"}})
+    assert params.corpus.timeout_s == 5.0 and isinstance(params.corpus.timeout_s, float)
+    assert params.paths.raw_dir == Path("elsewhere/raw")
+
+
+@pytest.mark.parametrize("section", ["train", "model"])
+def test_section_must_be_a_mapping(section: str) -> None:
+    assert f"{section} = 5: expected " in refused({section: 5})
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    assert "[1, 2]: expected a mapping" in refused([1, 2])
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "batch_size", 0, "train.batch_size = 0: must be >= 1"),
+        ("train", "lr", 0.0, "train.lr = 0.0: must be > 0.0 and <= 100.0"),
+        ("train", "lr", 101, "train.lr = 101.0: must be > 0.0 and <= 100.0"),
+        ("train", "seed", -1, "train.seed = -1: must be >= 0 and <= 4294967295"),
+        ("train", "lr_factor", 1.5, "train.lr_factor = 1.5: must be > 0.0 and <= 1.0"),
+        ("train", "max_time_min", 0, "train.max_time_min = 0.0: must be > 0.0"),
+        ("model", "dropout", 0.99, "model.dropout = 0.99: must be >= 0.0 and <= 0.95"),
+        ("model", "num_layers", 0, "model.num_layers = 0: must be >= 1 and <= 16"),
+        ("corpus", "timeout_s", 0, "corpus.timeout_s = 0.0: must be > 0 and <= 3600"),
+        ("corpus", "retries", 21, "corpus.retries = 21: must be >= 0 and <= 20"),
+        ("tokenize", "max_size", 2, "tokenize.max_size = 2: must be >= 3"),
+        ("tokenize", "min_freq", 0, "tokenize.min_freq = 0: must be >= 1"),
+        ("tokenize", "split_every", 2, "tokenize.split_every = 2: must be >= 3"),
+    ],
+)
+def test_out_of_range(section: str, key: str, value: object, expected: str) -> None:
+    assert expected in refused({section: {key: value}})
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("model", "cell", "transformer"),
+        ("model", "cell", "LSTM"),
+        ("train", "optimizer", "rmsprop"),
+        ("train", "precision", "16"),
+        ("tokenize", "paragraphs", "sentence"),
+    ],
+)
+def test_literal_not_allowed(section: str, key: str, value: str) -> None:
+    message = refused({section: {key: value}})
+    assert f"{section}.{key} = {value!r}: expected one of " in message
+
+
+def test_literal_lists_the_allowed_values() -> None:
+    message = refused({"model": {"cell": "transformer"}})
+    assert "'rnn_tanh', 'rnn_relu', 'gru', 'lstm'" in message
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"val_remainder": 10}, "tokenize.val_remainder = 10: must be < tokenize.split_every (10)"),
+        ({"test_remainder": 12}, "tokenize.test_remainder = 12: must be < tokenize.split_every"),
+        (
+            {"split_every": 5, "val_remainder": 8, "test_remainder": 4},
+            "tokenize.val_remainder = 8: must be < tokenize.split_every (5)",
+        ),
+        (
+            {"val_remainder": 3, "test_remainder": 3},
+            "tokenize.val_remainder = tokenize.test_remainder = 3",
+        ),
+    ],
+    ids=["val-equal", "test-above", "smaller-every", "same-remainder"],
+)
+def test_tokenize_remainders(values: dict[str, int], expected: str) -> None:
+    assert expected in refused({"tokenize": values})
+
+
+def test_tokenize_valid_remainders() -> None:
+    p = parse_params({"tokenize": {"split_every": 5, "val_remainder": 0, "test_remainder": 4}})
+    assert (p.tokenize.split_every, p.tokenize.val_remainder, p.tokenize.test_remainder) == (
+        5,
+        0,
+        4,
+    )
+
+
+def test_tie_weights_needs_equal_dims() -> None:
+    message = refused({"model": {"embedding_dim": 128, "hidden_dim": 256}})
+    assert "model.tie_weights = true" in message and "128 and 256" in message
+    untied = parse_params(
+        {"model": {"embedding_dim": 128, "hidden_dim": 256, "tie_weights": False}}
+    )
+    assert untied.model.embedding_dim != untied.model.hidden_dim
+
+
+def test_cell_overrides_unknown_cell() -> None:
+    message = refused({"train": {"cell_overrides": {"transformer": {"lr": 0.1}}}})
+    assert "train.cell_overrides.transformer: unknown cell" in message
+    assert "rnn_tanh, rnn_relu, gru, lstm" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"lr_rate": 0.1}, "train.cell_overrides.gru.lr_rate: unknown key"),
+        ({"lr": -1}, "train.cell_overrides.gru.lr = -1.0: must be > 0.0"),
+        ({"grad_clip": "big"}, "train.cell_overrides.gru.grad_clip = 'big': expected float"),
+    ],
+)
+def test_cell_overrides_values_are_checked(override: dict[str, object], expected: str) -> None:
+    assert expected in refused({"train": {"cell_overrides": {"gru": override}}})
+
+
+def test_cell_overrides_parse_into_dataclasses() -> None:
+    p = parse_params({"train": {"cell_overrides": {"gru": {"lr": 1}, "rnn_tanh": {}}}})
+    assert p.train.cell_overrides == {"gru": CellOverrides(lr=1.0), "rnn_tanh": CellOverrides()}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("gpu", "train.devices = 'gpu': expected an int >= 1 or 'auto'"),
+        (0, "train.devices = 0: must be >= 1 or 'auto'"),
+        (-2, "train.devices = -2: must be >= 1 or 'auto'"),
+        (True, "train.devices = True: expected int or str"),
+        (1.5, "train.devices = 1.5: expected int or str"),
+    ],
+)
+def test_devices_bad(value: object, expected: str) -> None:
+    assert expected in refused({"train": {"devices": value}})
+
+
+@pytest.mark.parametrize("value", [1, 4, "auto"])
+def test_devices_good(value: int | str) -> None:
+    assert parse_params({"train": {"devices": value}}).train.devices == value
+
+
+def test_params_are_frozen() -> None:
+    params = Params()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_as_flat_dict() -> None:
+    flat = as_flat_dict(
+        Params(
+            paths=Paths(raw_dir=Path("r")),
+            corpus=CorpusParams(name="inaugural"),
+            model=ModelParams(cell="gru"),
+        )
+    )
+    assert flat["paths.raw_dir"] == "r" and isinstance(flat["paths.raw_dir"], str)
+    assert flat["paths.processed_dir"] == "data/processed"
+    assert flat["corpus.name"] == "inaugural"
+    assert flat["model.cell"] == "gru"
+    assert flat["tokenize.min_freq"] == TokenizeParams().min_freq
+    assert flat["mlflow.tracking_uri"] is None
+    expected_keys = {
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Params)
+        for f in dataclasses.fields(section.default_factory())  # type: ignore[misc]
+    }
+    assert set(flat) == expected_keys
+    assert as_flat_dict(TrainParams(lr=0.5), prefix="train.")["train.lr"] == 0.5
+
+
+def test_for_cell_applies_only_that_cells_overrides() -> None:
+    train = TrainParams(
+        lr=1e-3,
+        grad_clip=0.5,
+        cell_overrides={"rnn_tanh": CellOverrides(lr=1e-4), "gru": CellOverrides(grad_clip=1.0)},
+    )
+    assert train.for_cell("lstm") is train
+    tanh = train.for_cell("rnn_tanh")
+    assert (tanh.lr, tanh.grad_clip) == (1e-4, 0.5)
+    gru = train.for_cell("gru")
+    assert (gru.lr, gru.grad_clip) == (1e-3, 1.0)
+    assert dataclasses.replace(tanh, lr=train.lr) == train  # nothing else changed
+    assert train.lr == 1e-3  # the original is untouched
+
+
+def test_stage_argparser_accepts_only_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RNNLM_PARAMS", raising=False)
+    parser = stage_argparser("test")
+    assert parser.parse_args([]).params == Path("params.yaml")
+    assert parser.parse_args(["--params", "x.yaml"]).params == Path("x.yaml")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lr", "0.1"])
+    monkeypatch.setenv("RNNLM_PARAMS", "exp/params.yaml")
+    assert stage_argparser("test").parse_args([]).params == Path("exp/params.yaml")

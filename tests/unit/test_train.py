@@ -1,0 +1,162 @@
+"""Stage `train` on the tiny corpus: outputs, the MLflow run, determinism, failures."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from rnnlm import tracking, train
+from rnnlm.config import CellOverrides, MlflowParams, Params
+from tests.fixtures import unused_port
+
+
+def _client(params: Params) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(params.mlflow.tracking_uri)
+
+
+def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.fixture
+def trained(processed_tiny: Params, tmp_path: Path) -> tuple[Params, dict]:
+    """A tiny two-epoch training run with its params file logged."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("model:\n  cell: lstm\n")
+    return processed_tiny, train.run_from_params(processed_tiny, params_file=params_file)
+
+
+def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
+    trained: tuple[Params, dict],
+) -> None:
+    params, metrics = trained
+    paths = params.paths
+    assert (paths.models_dir / "model.ckpt").is_file()
+    assert not (paths.models_dir / "checkpoints").exists()
+    on_disk = json.loads((paths.metrics_dir / "train.json").read_text())
+    assert on_disk == metrics
+    assert metrics["epochs"] == params.train.max_epochs
+    # Two epochs on a 177-word vocabulary: well below uniform guessing.
+    assert 1.0 < metrics["test_ppl"] < 60 and 1.0 < metrics["val_ppl"] < 60
+    rows = list(csv.DictReader((paths.metrics_dir / "train_curve.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert float(rows[1]["val_ppl"]) < float(rows[0]["val_ppl"])
+    assert min(float(r["val_ppl"]) for r in rows) == pytest.approx(metrics["val_ppl"], rel=1e-4)
+
+    # The checkpoint loads without unpickling arbitrary objects.
+    checkpoint = torch.load(paths.models_dir / "model.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["model"]["cell"] == "lstm"
+    assert checkpoint["hyper_parameters"]["model"]["vocab_size"] > 10
+    assert any(k.startswith("net.") for k in checkpoint["state_dict"])
+
+    client = _client(params)
+    run = client.get_run(metrics["run_id"])
+    assert run.info.status == "FINISHED"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == params.mlflow.experiment_name
+
+    assert run.data.params["model.cell"] == "lstm"
+    assert run.data.params["train.batch_size"] == str(params.train.batch_size)
+    assert run.data.params["tokenize.min_freq"] == str(params.tokenize.min_freq)
+    assert run.data.params["corpus.name"] == "tinycorpus"
+    assert "model/cell" not in run.data.params  # Lightning's hparams are not logged twice
+
+    for key in ("val/loss", "val/ppl", "test/ppl", "train/loss", "train/lr", "epoch"):
+        assert key in run.data.metrics, key
+    for key in ("train/epoch_time_s", "train/tokens_per_s"):
+        assert run.data.metrics[key] > 0
+    assert run.data.metrics["test/ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-4)
+    assert len(client.get_metric_history(run.info.run_id, "val/ppl")) == metrics["epochs"]
+    for key in run.data.metrics:
+        steps = collections.Counter(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert max(steps.values()) == 1, f"{key} logged twice at one step"
+
+    tags = run.data.tags
+    assert tags["corpus"] == "tinycorpus"
+    assert tags["accelerator"] == "cpu"
+    assert tags["git.commit"]
+    assert tags["data.md5.train.npy"] == tracking.file_md5(paths.processed_dir / "train.npy")
+
+    artifacts = _artifacts(client, run.info.run_id)
+    assert {
+        "checkpoint/model.ckpt",
+        "config/params.yaml",
+        "data/vocab.json",
+        "data/tokenizer.json",
+        "training/training_curve.png",
+        "training/train_curve.csv",
+    } <= artifacts
+
+
+def test_same_seed_same_perplexity(trained: tuple[Params, dict]) -> None:
+    params, first = trained
+    again = train.run_from_params(params)
+    assert again["run_id"] != first["run_id"]
+    assert f"{again['val_ppl']:.4g}" == f"{first['val_ppl']:.4g}"
+    assert f"{again['test_ppl']:.4g}" == f"{first['test_ppl']:.4g}"
+
+
+def test_dvc_experiment_tags_and_cell_overrides(
+    processed_tiny: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    p = processed_tiny
+    t = dataclasses.replace(
+        p.train, max_epochs=1, cell_overrides={"rnn_tanh": CellOverrides(lr=0.0042)}
+    )
+    m = dataclasses.replace(p.model, cell="rnn_tanh")
+    metrics = train.run(m, t, p.mlflow, p.paths, p.corpus.name)
+    run = _client(p).get_run(metrics["run_id"])
+    assert run.data.tags["dvc.exp_name"] == "brisk-lynx"
+    assert run.data.tags["dvc.exp_baseline_rev"] == "abc123"
+    assert run.info.run_name == "brisk-lynx"
+    assert run.data.params["train.lr"] == "0.0042"
+
+
+def test_unreachable_tracking_server_fails_fast_and_writes_nothing(
+    processed_tiny: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = processed_tiny
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{unused_port()}")
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match="unreachable"):
+        train.run(p.model, p.train, p.mlflow, p.paths, p.corpus.name)
+    assert time.monotonic() - start < 10
+    assert not p.paths.models_dir.exists() or not any(p.paths.models_dir.iterdir())
+
+
+def test_missing_inputs_give_a_clear_error(tiny_params: Params) -> None:
+    p = tiny_params
+    with pytest.raises(train.TrainError, match="run the tokenize stage"):
+        train.run(p.model, p.train, p.mlflow, p.paths, p.corpus.name)
+
+
+def test_project_root_of_a_dvc_experiment_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RNNLM_PROJECT_ROOT", raising=False)
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12" / "sub"
+    assert tracking.project_root(copy) == tmp_path / "proj"
+    assert tracking.project_root(tmp_path / "proj") == tmp_path / "proj"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.resolve_tracking_uri(MlflowParams(), root=tmp_path / "proj")
+    assert uri == f"sqlite:///{tmp_path}/proj/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    assert tracking.resolve_tracking_uri(MlflowParams()) == "http://example.invalid:5000"
+
+
+def test_file_store_uri_is_refused() -> None:
+    with pytest.raises(tracking.TrackingError, match="file store"):
+        tracking.check_tracking_uri("./mlruns")
