@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rnnlm-installed
+# dvc.yaml's commands say `python -m rnnlm...`: the venv's python must come first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install repro test test-fast e2e lint format bench clean-venv mlflow-ui
 

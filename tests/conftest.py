@@ -12,12 +12,18 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Tiny test models run fastest on one thread, and a suite that spawns DVC stages must not
+# oversubscribe the cores. Set before torch is imported (the stages' subprocesses inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from rnnlm import download, tokenization
 from rnnlm.config import Params, parse_params
@@ -31,6 +37,15 @@ from tests.fixtures import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MIRROR = PROJECT_ROOT.parent / "shared" / "nltk_data"
+
+
+@pytest.fixture(autouse=True)
+def _restore_rnnlm_logger() -> Iterator[None]:
+    """`rnnlm.cli.main` configures the `rnnlm` logger for a process; undo it between tests."""
+    logger = logging.getLogger("rnnlm")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture

@@ -216,15 +216,6 @@ def package_url(source: Source, pkg: PackageInfo) -> str:
     return urllib.parse.urljoin(source.index, pkg.url)
 
 
-def md5_file(path: Path) -> str:
-    """Hex MD5 digest of a file, read in chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify(data_path: Path, pkg: PackageInfo, md5: str | None = None) -> str:
     """Check a downloaded archive's size and MD5 against the index; return the MD5.
 
@@ -236,7 +227,7 @@ def verify(data_path: Path, pkg: PackageInfo, md5: str | None = None) -> str:
             f"{pkg.id}.zip: size mismatch, index says {pkg.size} bytes, got {size} "
             "(truncated download or stale index)"
         )
-    actual = md5 or md5_file(data_path)
+    actual = md5 or files.md5_file(data_path)
     if actual != pkg.checksum:
         raise DownloadError(
             f"{pkg.id}.zip: MD5 mismatch, index says {pkg.checksum}, got {actual} "
@@ -369,7 +360,7 @@ def find_installed(pkg: PackageInfo) -> Path | None:
         candidate = Path(entry) / pkg.subdir / f"{pkg.id}.zip"
         try:
             if candidate.is_file() and candidate.stat().st_size == pkg.size:
-                if md5_file(candidate) == pkg.checksum:
+                if files.md5_file(candidate) == pkg.checksum:
                     return candidate
                 log.info("%s: MD5 differs from the index; ignoring it", candidate)
         except OSError:

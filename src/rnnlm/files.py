@@ -8,6 +8,7 @@ within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -91,6 +92,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, tmp.open("wb") as fh:
         np.save(fh, array, allow_pickle=False)
+
+
+def md5_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex MD5 of a file, read in chunks (DVC and the NLTK index both identify files by it)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: Path) -> Any:

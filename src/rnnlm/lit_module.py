@@ -27,6 +27,7 @@ class LitRNNLM(pl.LightningModule):
         weight_decay: float = 0.0,
         lr_factor: float = 0.5,
         lr_patience: int = 0,
+        lr_threshold: float = 1e-4,
         min_lr: float = 1e-5,
     ) -> None:
         super().__init__()
@@ -120,7 +121,13 @@ class LitRNNLM(pl.LightningModule):
         else:
             optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=hp.lr_factor, patience=hp.lr_patience, min_lr=hp.min_lr
+            optimizer,
+            mode="min",
+            factor=hp.lr_factor,
+            patience=hp.lr_patience,
+            threshold=hp.lr_threshold,
+            threshold_mode="rel",
+            min_lr=hp.min_lr,
         )
         return {
             "optimizer": optimizer,

@@ -38,6 +38,25 @@ def state_names(cell: Cell) -> tuple[str, ...]:
     return ("h", "c") if cell == "lstm" else ("h",)
 
 
+class LockedDropout(nn.Module):
+    """Variational dropout: one mask per sequence, shared by every time step.
+
+    Dropping the same units at every step regularises recurrent models better than a fresh
+    mask per step (Gal & Ghahramani 2016; Merity et al. 2018). Identity in eval mode, so the
+    exported graph has no dropout at all.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (batch, time, features)
+        if not self.training or self.p == 0.0:
+            return x
+        mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1.0 - self.p) / (1.0 - self.p)
+        return x * mask
+
+
 class RNNLM(nn.Module):
     def __init__(self, config: RNNLMConfig) -> None:
         super().__init__()
@@ -48,7 +67,7 @@ class RNNLM(nn.Module):
             )
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
-        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.embedding_dropout = LockedDropout(config.embedding_dropout)
         rnn_kwargs = {
             "input_size": config.embedding_dim,
             "hidden_size": config.hidden_dim,
@@ -62,7 +81,7 @@ class RNNLM(nn.Module):
             self.rnn = nn.GRU(**rnn_kwargs)
         else:
             self.rnn = nn.RNN(nonlinearity=config.cell.removeprefix("rnn_"), **rnn_kwargs)
-        self.output_dropout = nn.Dropout(config.dropout)
+        self.output_dropout = LockedDropout(config.dropout)
         self.decoder = nn.Linear(config.hidden_dim, config.vocab_size)
         if config.tie_weights:
             # Sharing input and output embeddings halves the parameters and regularises: the

@@ -9,14 +9,13 @@ copy of the repository under `.dvc/tmp/exps/` still log to the project's own sto
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,14 +131,6 @@ def dvc_experiment_tags() -> dict[str, str]:
     return {tag: os.environ[env] for env, tag in names.items() if os.environ.get(env)}
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class TrackedRun:
     """A run in the tracking store; the handle stages log through."""
@@ -216,3 +207,105 @@ def attach_run(ml: MlflowParams, run_id: str) -> TrackedRun:
     except Exception as err:
         raise TrackingError(f"MLflow run {run_id} not found at {uri}: {err}") from err
     return TrackedRun(uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)
+
+
+def log_onnx_model(
+    tracked: TrackedRun,
+    model_path: Path,
+    *,
+    name: str,
+    registered_model_name: str | None,
+    input_example: Mapping[str, Any],
+    inputs: Sequence[tuple[str, str, tuple[int, ...]]],
+    outputs: Sequence[tuple[str, str, tuple[int, ...]]],
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> dict[str, str]:
+    """Log an ONNX file to `tracked`'s run with MLflow's ONNX flavor; register it by name.
+
+    The model becomes a LoggedModel linked to the run (source run = the training run), with a
+    tensor signature (`inputs`/`outputs`: name, dtype, shape; -1 = dynamic) and an input
+    example. `metrics` go to the run and to the logged model. With `registered_model_name` a
+    new version of that registered model is created from it.
+
+    Returns:
+        {"model_uri": ..., "model_id": ..., "registered_version": ... (when registered)}.
+    """
+    try:
+        import mlflow
+        import mlflow.onnx
+        import numpy as np
+        import onnx
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        def schema(specs: Sequence[tuple[str, str, tuple[int, ...]]]) -> Schema:
+            return Schema([TensorSpec(np.dtype(t), tuple(shape), n) for n, t, shape in specs])
+
+        _client(tracked.uri)  # sets the tracking URI mlflow's fluent API uses
+        model = onnx.load(str(model_path))
+        with mlflow.start_run(run_id=tracked.run_id):
+            info = mlflow.onnx.log_model(
+                model,
+                name=name,
+                signature=ModelSignature(inputs=schema(inputs), outputs=schema(outputs)),
+                input_example=dict(input_example),
+                save_as_external_data=False,  # one self-contained .onnx file, as exported
+                params={k: str(v) for k, v in (params or {}).items()} or None,
+                onnx_execution_providers=["CPUExecutionProvider"],
+            )
+            if metrics:
+                mlflow.log_metrics(dict(metrics), model_id=info.model_id)
+        result = {"model_uri": info.model_uri, "model_id": info.model_id}
+        if registered_model_name:
+            version = mlflow.register_model(
+                info.model_uri,
+                registered_model_name,
+                tags={"mlflow_run_id": tracked.run_id},
+            )
+            result["registered_model"] = registered_model_name
+            result["registered_version"] = str(version.version)
+    except Exception as err:  # MLflow raises many types; all mean "could not log"
+        raise TrackingError(f"MLflow: logging {model_path.name} failed: {err}") from err
+    log.info(
+        "logged %s to run %s as %s%s",
+        model_path.name,
+        tracked.run_id,
+        info.model_uri,
+        f", registered {registered_model_name} v{result['registered_version']}"
+        if registered_model_name
+        else "",
+    )
+    return result
+
+
+def search_runs(ml: MlflowParams, max_results: int = 1000) -> list[dict[str, Any]]:
+    """The experiment's runs, newest first, as plain dicts (for `rnnlm runs`)."""
+    uri = resolve_tracking_uri(ml)
+    check_tracking_uri(uri)
+    try:
+        client = _client(uri)
+        experiment = client.get_experiment_by_name(ml.experiment_name)
+        if experiment is None:
+            raise TrackingError(f"no MLflow experiment named {ml.experiment_name!r} at {uri}")
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            order_by=["attributes.start_time DESC"],
+            max_results=max_results,
+        )
+    except TrackingError:
+        raise
+    except Exception as err:
+        raise TrackingError(f"MLflow tracking store {uri}: {err}") from err
+    return [
+        {
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "status": run.info.status,
+            "start_time": run.info.start_time,
+            "params": dict(run.data.params),
+            "metrics": dict(run.data.metrics),
+            "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+        }
+        for run in runs
+    ]

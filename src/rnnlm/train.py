@@ -44,7 +44,13 @@ from rnnlm.config import (
     stage_argparser,
 )
 from rnnlm.datamodule import CorpusDataModule
-from rnnlm.files import configure_logging, staged_files, write_json_atomic, write_text_atomic
+from rnnlm.files import (
+    configure_logging,
+    md5_file,
+    staged_files,
+    write_json_atomic,
+    write_text_atomic,
+)
 from rnnlm.lit_module import LitRNNLM
 
 log = logging.getLogger(__name__)
@@ -181,7 +187,7 @@ def run_tags(model_p: ModelParams, corpus_name: str, paths: Paths) -> dict[str, 
         **tracking.dvc_experiment_tags(),
     }
     for name in PROCESSED_FILES:
-        tags[f"data.md5.{name}"] = tracking.file_md5(paths.processed_dir / name)
+        tags[f"data.md5.{name}"] = md5_file(paths.processed_dir / name)
     return tags
 
 
@@ -267,6 +273,7 @@ def run(
         weight_decay=t.weight_decay,
         lr_factor=t.lr_factor,
         lr_patience=t.lr_patience,
+        lr_threshold=t.lr_threshold,
         min_lr=t.min_lr,
     )
 

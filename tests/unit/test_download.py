@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rnnlm import download
+from rnnlm import download, files
 from rnnlm.config import CorpusParams, Paths
 from rnnlm.download import (
     DownloadError,
@@ -258,7 +258,7 @@ def test_run_from_local_mirror(
         "corpus": TINY_ID,
         "files": len(expected),
         "bytes": sum(len(b) for b in expected.values()),
-        "md5": download.md5_file(zip_path),
+        "md5": files.md5_file(zip_path),
         "source": str(zip_path),
     }
 

@@ -116,7 +116,7 @@ def test_batchify_and_windows_keep_each_row_contiguous() -> None:
     rows = [torch.cat([windows[i][1][r] for i in range(len(windows))]) for r in range(2)]
     assert rows[0].tolist() == list(range(2, 13))
     assert rows[1].tolist() == list(range(13, 24))
-    x, y = windows[1]
+    x, _ = windows[1]
     assert x[:, 0].tolist() == windows[0][1][:, -1].tolist()  # inputs are targets shifted
     with pytest.raises(IndexError):
         windows[3]

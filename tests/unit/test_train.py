@@ -15,6 +15,7 @@ import torch
 
 from rnnlm import tracking, train
 from rnnlm.config import CellOverrides, MlflowParams, Params
+from rnnlm.files import md5_file
 from tests.fixtures import unused_port
 
 
@@ -86,7 +87,7 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
     assert tags["corpus"] == "tinycorpus"
     assert tags["accelerator"] == "cpu"
     assert tags["git.commit"]
-    assert tags["data.md5.train.npy"] == tracking.file_md5(paths.processed_dir / "train.npy")
+    assert tags["data.md5.train.npy"] == md5_file(paths.processed_dir / "train.npy")
 
     artifacts = _artifacts(client, run.info.run_id)
     assert {
