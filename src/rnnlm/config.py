@@ -131,6 +131,8 @@ class TrainParams:
     grad_clip: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
     lr_factor: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     lr_patience: int = field(default=0, metadata=_range(0))
+    # Relative val-loss improvement below which an epoch counts as a plateau.
+    lr_threshold: float = field(default=1e-4, metadata=_range(0.0, 1.0))
     min_lr: float = field(default=1e-5, metadata=_range(0.0))
     early_stopping_patience: int = field(default=3, metadata=_range(1))
     cell_overrides: dict[str, CellOverrides] = field(default_factory=dict)
@@ -178,12 +180,31 @@ class ExportParams:
     # torchscript: the only exporter that keeps the time axis dynamic for every cell with
     # torch 2.13 (dynamo freezes it for nn.RNN); the parity check refuses a model that is wrong.
     exporter: Literal["torchscript", "dynamo"] = "torchscript"
-    opset: int = field(default=17, metadata=_range(14, 21))
+    opset: int = field(default=17, metadata=_range(13, 22))
     atol: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     quantize: bool = True  # also write models/model.int8.onnx (dynamic int8 weights)
     latency_tokens: int = field(default=300, metadata=_range(1, 100000))
     latency_threads: int = field(default=1, metadata=_range(1, 256))
     registered_model_name: str | None = "rnnlm"  # null: log to MLflow without registering
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Stage `evaluate`: test perplexity of the ONNX model, count-based baselines, samples."""
+
+    # Largest allowed |ONNX - PyTorch| / PyTorch test perplexity; beyond it the stage fails.
+    tolerance: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
+    kn_order: int = field(default=3, metadata=_range(1, 10))
+    # modified: discounts D1, D2, D3+ per order (Chen & Goodman); single: one D per order.
+    kn_discount: Literal["modified", "single"] = "modified"
+    # Samples: name -> prompt, each continued `samples_per_prompt` times from one seed.
+    sample_prompts: dict[str, str] = field(
+        default_factory=lambda: {"nation": "The state of the union", "economy": "Our economy"}
+    )
+    sample_tokens: int = field(default=40, metadata=_range(1, 10000))
+    samples_per_prompt: int = field(default=2, metadata=_range(1, 100))
+    sample_temperature: float = field(default=1.0, metadata=_range(0.0))
+    sample_seed: int = field(default=1234, metadata=_range(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
@@ -197,6 +218,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     export: ExportParams = field(default_factory=ExportParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 def _type_name(tp: Any) -> str:

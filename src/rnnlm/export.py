@@ -1,0 +1,599 @@
+"""Stage `export`: models/model.ckpt -> models/model.onnx (+ model.int8.onnx), metrics/export.json.
+
+    models/model.ckpt + data/processed/{vocab,tokenizer}.json + metrics/train.json (run id)
+      -> models/model.onnx        tokens (batch, time) int64, h0[, c0] -> logits, h1[, c1]
+      -> models/model.int8.onnx   only when export.quantize (dynamic int8 weights)
+      -> metrics/export.json      parity error, sizes, per-token latency, validation perplexity
+      -> MLflow                   ONNX flavor logged to the training run, registered by name
+
+The network is rebuilt from the checkpoint (loaded with weights_only=True) and exported with the
+exporter `export.exporter` names. With torch 2.13 only the TorchScript exporter keeps the time
+axis dynamic for every cell: the dynamo exporter unrolls `nn.RNN` over the example's length and
+records a fixed time size in GRU/LSTM output shapes. Whichever is used, `verify_parity` runs on
+every export and the stage fails unless onnxruntime matches PyTorch within `export.atol` at batch
+sizes and lengths other than the example's, from a non-zero state, and one token per call with
+the state fed back matches the whole sequence at once.
+
+The model is self-contained: vocabulary, tokenizer and provenance travel in its metadata (the
+schema is in rnnlm.inference). Everything is written to a staging folder first and moved into
+models/ only when every check passed, so a failed export leaves models/ as it was.
+
+The int8 model is not a DVC out (DVC outs cannot be optional): it is written when
+`export.quantize` is true and removed when it is false, so no stale copy survives; its size,
+speed-up and perplexity change are in metrics/export.json, and it is logged to the MLflow run.
+
+Run via `dvc repro export`, or directly: `python -m rnnlm.export [--params params.yaml]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from rnnlm import tracking
+from rnnlm.config import (
+    ConfigError,
+    ExportParams,
+    MlflowParams,
+    Params,
+    Paths,
+    as_flat_dict,
+    load_params,
+    stage_argparser,
+)
+from rnnlm.files import configure_logging, read_json, staged_files, write_json_atomic
+from rnnlm.inference import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    IO_KEY,
+    LOGITS_OUTPUT,
+    MODEL_KEY,
+    PRECISION_KEY,
+    PROVENANCE_KEY,
+    TOKENIZER_KEY,
+    TOKENS_INPUT,
+    VOCAB_KEY,
+    LanguageModel,
+    io_metadata,
+    state_io_names,
+)
+from rnnlm.model import RNNLM, RNNLMConfig, state_names
+from rnnlm.text import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "model.ckpt"
+ONNX_NAME = "model.onnx"
+INT8_NAME = "model.int8.onnx"
+METRICS_NAME = "export.json"
+MLFLOW_MODEL_NAME = "onnx"  # the logged model's name in the run
+
+# (batch, time) of the example the exporter traces. The parity check runs at shapes that differ
+# from it in both dimensions, so an axis the exporter fixed to the example's size is caught.
+EXPORT_SHAPE = (2, 5)
+PARITY_SHAPES = ((3, 11), (1, 1), (4, 2))
+STEP_SHAPE = (3, 9)  # batch, tokens fed one per call
+STATE_SCALE = 0.5  # std of the random non-zero initial states of the parity check
+
+# Op types quantize_dynamic turns into int8 kernels. MatMul (the vocabulary projection, most of
+# the work per token) and LSTM (DynamicQuantizeLSTM) carry the speed-up; Gather stores the
+# embedding table in int8 (dequantized after the lookup), a smaller file at no cost in speed.
+# onnxruntime has no int8 RNN or GRU kernel: those layers stay float32.
+QUANTIZED_OPS = {
+    "lstm": ("MatMul", "LSTM", "Gather"),
+    "gru": ("MatMul", "Gather"),
+    "rnn_tanh": ("MatMul", "Gather"),
+    "rnn_relu": ("MatMul", "Gather"),
+}
+
+
+class ExportError(RuntimeError):
+    """The export cannot run, or produced a model that must not be used."""
+
+
+class ParityError(ExportError):
+    """onnxruntime's outputs differ from PyTorch's: the exported graph is wrong."""
+
+
+def load_checkpoint(path: Path) -> RNNLM:
+    """Rebuild the trained `RNNLM` from a Lightning checkpoint, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: checkpoint not found (run the train stage first)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ExportError(f"{path}: not a loadable checkpoint ({err})") from None
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if not isinstance(hparams.get("model"), Mapping) or "state_dict" not in checkpoint:
+        raise ExportError(
+            f"{path}: not an rnnlm checkpoint (needs state_dict and hyper_parameters['model'])"
+        )
+    try:
+        net = RNNLM(RNNLMConfig(**hparams["model"]))
+        weights = {
+            key.removeprefix("net."): value
+            for key, value in checkpoint["state_dict"].items()
+            if key.startswith("net.")
+        }
+        net.load_state_dict(weights)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ExportError(f"{path}: checkpoint does not match the model code ({err})") from None
+    return net.eval()
+
+
+class _SingleStateGraph(nn.Module):
+    """The exported signature for rnn_tanh/rnn_relu/gru: (tokens, h0) -> (logits, h1)."""
+
+    def __init__(self, net: RNNLM) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, tokens: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, state = self.net(tokens, (h0,))
+        return (logits, *state)
+
+
+class _LSTMGraph(_SingleStateGraph):
+    """The exported signature for lstm: (tokens, h0, c0) -> (logits, h1, c1)."""
+
+    def forward(  # type: ignore[override]
+        self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        logits, state = self.net(tokens, (h0, c0))
+        return (logits, *state)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the exporters' progress lines and deprecation notices out of the stage's log."""
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export_onnx(net: RNNLM, path: Path, exporter: str, opset: int) -> None:
+    """Write `net` as ONNX: tokens, h0[, c0] -> logits, h1[, c1]; batch and time dynamic."""
+    config = net.config
+    names = state_names(config.cell)
+    state_in, state_out = state_io_names(names)
+    batch, length = EXPORT_SHAPE
+    tokens = torch.randint(0, config.vocab_size, (batch, length), generator=_generator(0))
+    state = tuple(
+        torch.zeros(config.num_layers, batch, config.hidden_dim) for _ in state_in
+    )  # (layers, batch, hidden)
+    graph = (_LSTMGraph if config.cell == "lstm" else _SingleStateGraph)(net).eval()
+    common: dict[str, Any] = {
+        "input_names": [TOKENS_INPUT, *state_in],
+        "output_names": [LOGITS_OUTPUT, *state_out],
+        "opset_version": opset,
+    }
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            if exporter == "dynamo":
+                batch_dim, time_dim = torch.export.Dim("batch"), torch.export.Dim("time")
+                torch.onnx.export(
+                    graph,
+                    (tokens, *state),
+                    str(path),
+                    dynamo=True,
+                    external_data=False,
+                    dynamic_shapes={
+                        TOKENS_INPUT: {0: batch_dim, 1: time_dim},
+                        **{name: {1: batch_dim} for name in state_in},
+                    },
+                    **common,
+                )
+            elif exporter == "torchscript":
+                axes = {
+                    TOKENS_INPUT: {0: "batch", 1: "time"},
+                    LOGITS_OUTPUT: {0: "batch", 1: "time"},
+                }
+                axes.update({name: {1: "batch"} for name in [*state_in, *state_out]})
+                torch.onnx.export(
+                    graph, (tokens, *state), str(path), dynamo=False, dynamic_axes=axes, **common
+                )
+            else:
+                raise ExportError(f"unknown exporter {exporter!r} (torchscript or dynamo)")
+    except ExportError:
+        raise
+    except Exception as err:
+        raise ExportError(f"the {exporter} exporter failed: {err}") from err
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    """Max |a - b|; inf when shapes differ or a value is not finite (never passes a check)."""
+    if a.shape != b.shape:
+        return math.inf
+    diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+    return diff if math.isfinite(diff) else math.inf
+
+
+def fixed_dimensions(session: ort.InferenceSession) -> list[str]:
+    """Batch/time dimensions the graph declares with a fixed size, e.g. ['logits[1] = 5']."""
+    problems = []
+    for arg in [*session.get_inputs(), *session.get_outputs()]:
+        dynamic = (0, 1) if arg.name in (TOKENS_INPUT, LOGITS_OUTPUT) else (1,)
+        for dim in dynamic:
+            size = arg.shape[dim] if dim < len(arg.shape) else None
+            if isinstance(size, int):
+                problems.append(f"{arg.name}[{dim}] = {size}")
+    return problems
+
+
+def verify_parity(
+    net: RNNLM,
+    model_path: Path,
+    atol: float,
+    *,
+    shapes: Sequence[tuple[int, int]] = PARITY_SHAPES,
+    step_shape: tuple[int, int] = STEP_SHAPE,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Compare the ONNX model at `model_path` with `net`; raise ParityError beyond `atol`.
+
+    For each (batch, time) in `shapes`: random tokens and a random non-zero initial state;
+    logits and final states must match PyTorch's. Then `step_shape`: tokens fed one per call
+    with the state fed back must match the whole sequence run at once (and PyTorch). Last,
+    the graph must not declare a fixed batch or time size (`fixed_dimensions`).
+
+    Returns:
+        The max absolute difference of each check, e.g. {"b3_t11/logits": 2e-7, ...,
+        "step/logits": ..., "max": ...}.
+    """
+    config = net.config
+    names = state_names(config.cell)
+    state_in, state_out = state_io_names(names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    outputs = [LOGITS_OUTPUT, *state_out]
+    rng = _generator(seed)
+
+    def sample(batch: int, length: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        tokens = torch.randint(0, config.vocab_size, (batch, length), generator=rng)
+        shape = (config.num_layers, batch, config.hidden_dim)
+        return tokens, tuple(torch.randn(shape, generator=rng) * STATE_SCALE for _ in names)
+
+    def run_onnx(tokens: np.ndarray, state: Sequence[np.ndarray]) -> list[np.ndarray]:
+        feeds = {TOKENS_INPUT: tokens, **dict(zip(state_in, state, strict=True))}
+        try:
+            return session.run(outputs, feeds)
+        except Exception as err:
+            raise ParityError(
+                f"onnxruntime cannot run the exported model on tokens of shape "
+                f"{tuple(tokens.shape)}: {' '.join(str(err).split())}. The exporter probably "
+                "fixed a dimension that must stay dynamic (try export.exporter: torchscript)."
+            ) from None
+
+    errors: dict[str, float] = {}
+    for batch, length in shapes:
+        tokens, state = sample(batch, length)
+        with torch.no_grad():
+            logits, next_state = net(tokens, state)
+        expected = [logits.numpy(), *(s.numpy() for s in next_state)]
+        got = run_onnx(tokens.numpy(), [s.numpy() for s in state])
+        for name, e, g in zip(["logits", *names], expected, got, strict=True):
+            errors[f"b{batch}_t{length}/{name}"] = _max_abs(e, g)
+    # One token per call with the state fed back vs the whole sequence at once (and PyTorch).
+    tokens, state = sample(*step_shape)
+    with torch.no_grad():
+        logits, next_state = net(tokens, state)
+    full = run_onnx(tokens.numpy(), [s.numpy() for s in state])
+    steps: list[np.ndarray] = []
+    onnx_state = [s.numpy() for s in state]
+    for t in range(step_shape[1]):
+        step_logits, *onnx_state = run_onnx(tokens[:, t : t + 1].numpy(), onnx_state)
+        steps.append(step_logits)
+    stepped = [np.concatenate(steps, axis=1), *onnx_state]
+    expected = [logits.numpy(), *(s.numpy() for s in next_state)]
+    for name, e, f, g in zip(["logits", *names], expected, full, stepped, strict=True):
+        errors[f"step/{name}"] = max(_max_abs(f, g), _max_abs(e, g))
+    fixed = fixed_dimensions(session)
+    if fixed:
+        raise ParityError(
+            "the exported ONNX model declares fixed sizes for dimensions that must stay "
+            f"dynamic ({', '.join(fixed)}; the exporter recorded the example's shape; values "
+            f"match within {max(errors.values()):.2g}): try export.exporter: torchscript"
+        )
+    worst = max(errors, key=lambda key: errors[key])
+    errors["max"] = errors[worst]
+    if not errors[worst] <= atol:
+        raise ParityError(
+            f"the exported ONNX model does not match PyTorch: max |difference| "
+            f"{errors[worst]:.3g} > export.atol = {atol:g} at {worst} "
+            f"({config.cell}, checks: {', '.join(f'{k}={v:.2g}' for k, v in errors.items())})"
+        )
+    return errors
+
+
+def params_digest(flat: Mapping[str, Any]) -> str:
+    """sha256 of a flattened parameter dict, independent of key order."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.asdict(value)
+        return str(value)
+
+    text = json.dumps(dict(flat), sort_keys=True, default=plain, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def build_metadata(
+    config: RNNLMConfig,
+    vocab: Sequence[str],
+    tokenizer: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    precision: str = "fp32",
+) -> dict[str, str]:
+    """The rnnlm metadata_props (JSON strings) that make the .onnx file self-contained."""
+    if len(vocab) != config.vocab_size:
+        raise ExportError(
+            f"the vocabulary has {len(vocab)} tokens but the model {config.vocab_size}: "
+            "vocab.json and model.ckpt come from different runs of the pipeline"
+        )
+    TextTokenizer.from_dict(tokenizer)  # fails here, not at inference time, when malformed
+
+    def dump(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+    return {
+        FORMAT_KEY: dump(FORMAT_VERSION),
+        MODEL_KEY: dump(dataclasses.asdict(config)),
+        IO_KEY: dump(io_metadata(state_names(config.cell))),
+        VOCAB_KEY: dump(list(vocab)),
+        TOKENIZER_KEY: dump(dict(tokenizer)),
+        PROVENANCE_KEY: dump(dict(provenance)),
+        PRECISION_KEY: precision,
+    }
+
+
+def attach_metadata(path: Path, metadata: Mapping[str, str], doc: str) -> None:
+    """Set the rnnlm metadata on the ONNX file at `path` (in place) and run onnx.checker."""
+    model = onnx.load(str(path))
+    kept = {p.key: p.value for p in model.metadata_props if p.key not in metadata}
+    onnx.helper.set_model_props(model, {**kept, **metadata})
+    model.doc_string = doc
+    model.producer_name = "rnnlm"
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"{path.name}: onnx.checker refused the model: {err}") from None
+    onnx.save(model, str(path))
+
+
+def quantize_model(src: Path, dst: Path, cell: str) -> None:
+    """Dynamic int8 quantization of the weights of `src` (an fp32 rnnlm model) into `dst`.
+
+    Activations are quantized on the fly per call, so no calibration data is needed. The
+    exported graph needs no pre-processing: opset >= 10 has DynamicQuantizeLinear and the
+    quantized ops need no shape information beyond what the exporter recorded.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantizer logs advice through the root logger ("consider pre-processing", tensors
+    # without quantization parameters: the activations, quantized dynamically on purpose).
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with _quiet_exporter():
+            quantize_dynamic(
+                str(src),
+                str(dst),
+                op_types_to_quantize=list(QUANTIZED_OPS[cell]),
+                # Per-tensor weight scales: onnxruntime's fused DynamicQuantizeMatMul is ~25%
+                # faster with them than per-channel, at no measurable cost in perplexity.
+                per_channel=False,
+                weight_type=QuantType.QInt8,
+            )
+    finally:
+        logging.disable(disabled)
+
+
+def measure_latency(
+    path: Path, n_tokens: int, threads: int, warmup: int = 20, rounds: int = 3
+) -> float:
+    """Milliseconds per token of single-stream sampling through `LanguageModel.generate`.
+
+    The best of `rounds` runs of `n_tokens`: the least disturbed by other processes.
+    """
+    model = LanguageModel(path, threads=threads)
+    model.generate("", max_tokens=warmup, seed=0)
+    best = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        model.generate("", max_tokens=n_tokens, seed=0)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3 / n_tokens
+
+
+def model_metrics(
+    path: Path, prefix: str, validation: np.ndarray, p: ExportParams
+) -> dict[str, float]:
+    """Size, per-token generation latency and validation perplexity of an exported file."""
+    return {
+        f"{prefix}/size_mb": round(path.stat().st_size / 1e6, 3),
+        f"{prefix}/ms_per_token": round(
+            measure_latency(path, p.latency_tokens, p.latency_threads), 4
+        ),
+        f"{prefix}/val_ppl": round(LanguageModel(path).score_ids(validation).ppl, 4),
+    }
+
+
+def read_run_id(metrics_dir: Path) -> str:
+    """The training run's MLflow id, from metrics/train.json."""
+    try:
+        train = read_json(metrics_dir / "train.json")
+    except (FileNotFoundError, ValueError) as err:
+        raise ExportError(str(err)) from None
+    run_id = train.get("run_id") if isinstance(train, dict) else None
+    if not run_id:
+        raise ExportError(f"{metrics_dir / 'train.json'}: no run_id (run the train stage first)")
+    return str(run_id)
+
+
+def load_processed(processed_dir: Path) -> tuple[list[str], dict[str, Any], np.ndarray]:
+    """Vocabulary, tokenizer dict and validation stream written by the tokenize stage."""
+    try:
+        vocab = list(read_json(processed_dir / "vocab.json")["tokens"])
+        tokenizer = read_json(processed_dir / "tokenizer.json")
+        validation = np.load(processed_dir / "validation.npy", allow_pickle=False)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise ExportError(f"{processed_dir}: {err} (run the tokenize stage first)") from None
+    return vocab, tokenizer, validation.astype(np.int64)
+
+
+def signature_specs(config: RNNLMConfig) -> tuple[list[tuple], list[tuple]]:
+    """(name, dtype, shape) of the inputs and outputs, -1 for dynamic dimensions."""
+    state_in, state_out = state_io_names(state_names(config.cell))
+    state_shape = (config.num_layers, -1, config.hidden_dim)
+    inputs = [(TOKENS_INPUT, "int64", (-1, -1))] + [(n, "float32", state_shape) for n in state_in]
+    outputs = [(LOGITS_OUTPUT, "float32", (-1, -1, config.vocab_size))] + [
+        (n, "float32", state_shape) for n in state_out
+    ]
+    return inputs, outputs
+
+
+def input_example(config: RNNLMConfig, length: int = 4) -> dict[str, np.ndarray]:
+    """A small feed for MLflow: one stream starting at a sentence start, zero state."""
+    state_in, _ = state_io_names(state_names(config.cell))
+    tokens = (np.arange(length, dtype=np.int64) + 1) % config.vocab_size
+    zeros = np.zeros((config.num_layers, 1, config.hidden_dim), dtype=np.float32)
+    return {TOKENS_INPUT: tokens[None, :], **{name: zeros for name in state_in}}
+
+
+def run(
+    p: ExportParams,
+    paths: Paths,
+    ml: MlflowParams,
+    digest: str | None = None,
+) -> dict[str, Any]:
+    """Export, verify, quantize, measure, log to MLflow, then move the files into models/.
+
+    Args:
+        digest: sha256 of the flattened model/train params (main computes it); when None,
+            that of the model configuration stored in the checkpoint.
+
+    Returns:
+        The metrics written to metrics/export.json.
+    """
+    net = load_checkpoint(paths.models_dir / CHECKPOINT)
+    config = net.config
+    vocab, tokenizer, validation = load_processed(paths.processed_dir)
+    run_id = read_run_id(paths.metrics_dir)
+    tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before any work
+    if digest is None:
+        digest = params_digest(dataclasses.asdict(config))
+    git = tracking.git_info(tracking.project_root())
+    provenance = {
+        "mlflow_run_id": run_id,
+        "git_commit": git.get("git.commit", "unknown"),
+        "git_dirty": git.get("git.dirty", "unknown"),
+        "params_digest": digest,
+        "exporter": p.exporter,
+        "opset": p.opset,
+        "torch": torch.__version__,
+    }
+    doc = f"rnnlm {config.cell} {config.hidden_dim}x{config.num_layers}, vocab {len(vocab)}"
+
+    with staged_files(paths.models_dir) as staged:
+        fp32 = staged / ONNX_NAME
+        export_onnx(net, fp32, p.exporter, p.opset)
+        metadata = build_metadata(config, vocab, tokenizer, provenance)
+        attach_metadata(fp32, metadata, doc)
+        parity = verify_parity(net, fp32, p.atol)
+        log.info("parity with PyTorch: max |difference| %.2g (atol %g)", parity["max"], p.atol)
+        metrics: dict[str, Any] = {
+            "exporter": p.exporter,
+            "opset": p.opset,
+            "parity/max_abs_err": parity["max"],
+            "parity/step_max_abs_err": max(v for k, v in parity.items() if k.startswith("step/")),
+            **model_metrics(fp32, "onnx", validation, p),
+        }
+        if p.quantize:
+            int8 = staged / INT8_NAME
+            quantize_model(fp32, int8, config.cell)
+            attach_metadata(int8, {**metadata, PRECISION_KEY: "int8"}, doc + ", int8 weights")
+            metrics.update(model_metrics(int8, "int8", validation, p))
+            metrics["int8/speedup"] = round(
+                metrics["onnx/ms_per_token"] / metrics["int8/ms_per_token"], 3
+            )
+            metrics["int8/val_ppl_change_pct"] = round(
+                100 * (metrics["int8/val_ppl"] / metrics["onnx/val_ppl"] - 1), 4
+            )
+        inputs, outputs = signature_specs(config)
+        logged = tracking.log_onnx_model(
+            tracked,
+            fp32,
+            name=MLFLOW_MODEL_NAME,
+            registered_model_name=p.registered_model_name,
+            input_example=input_example(config),
+            inputs=inputs,
+            outputs=outputs,
+            params={f"export.{k}": v for k, v in as_flat_dict(p).items()},
+            metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        )
+        if p.quantize:
+            tracked.log_artifact(staged / INT8_NAME, "onnx_int8")
+        metrics.update(logged)
+    if not p.quantize:
+        (paths.models_dir / INT8_NAME).unlink(missing_ok=True)  # no stale int8 model
+    write_json_atomic(paths.metrics_dir / METRICS_NAME, metrics)
+    log.info(
+        "exported %s: %.1f MB, %.3f ms/token, val ppl %.2f%s",
+        paths.models_dir / ONNX_NAME,
+        metrics["onnx/size_mb"],
+        metrics["onnx/ms_per_token"],
+        metrics["onnx/val_ppl"],
+        (
+            f"; int8 {metrics['int8/size_mb']:.1f} MB, {metrics['int8/speedup']:.2f}x faster, "
+            f"val ppl {metrics['int8/val_ppl_change_pct']:+.2f}%"
+            if p.quantize
+            else ""
+        ),
+    )
+    return metrics
+
+
+def run_from_params(params: Params) -> dict[str, Any]:
+    digest = params_digest(
+        {**as_flat_dict(params.model, "model."), **as_flat_dict(params.train, "train.")}
+    )
+    return run(params.export, params.paths, params.mlflow, digest=digest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_argparser(__doc__.splitlines()[0]).parse_args(argv)
+    configure_logging()
+    try:
+        run_from_params(load_params(args.params))
+    except (ConfigError, ExportError, tracking.TrackingError, FileNotFoundError) as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

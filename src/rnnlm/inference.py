@@ -1,0 +1,549 @@
+"""Inference on CPU with onnxruntime: score text, predict the next word, generate text.
+
+    LanguageModel("models/model.onnx")   -> .score(text), .score_ids(ids), .next_words(prompt, k),
+                                            .generate(prompt, ...), .step(ids, state)
+
+The `.onnx` file written by the `export` stage is self-contained: besides the network it holds,
+as JSON strings in its metadata (`metadata_props`), the vocabulary, the tokenizer settings
+(lowercase flag, paragraph rule, Punkt sentence-splitter parameters), the model configuration,
+the names of the recurrent-state inputs/outputs and the provenance (MLflow run, git commit,
+params digest). This module defines that metadata schema and is the only reader of it.
+
+The network's signature is `tokens (batch, time) int64, h0[, c0] (layers, batch, hidden)
+float32 -> logits (batch, time, vocab), h1[, c1]`. Generation feeds one token per call and
+carries the state (the prefix is never re-run); scoring walks a stream in windows with the state
+carried across them, with the `<eos>`-start convention of `datamodule.lm_pairs`.
+
+Imports numpy, onnxruntime and `rnnlm.text` only: never torch, lightning or mlflow, so that the
+CLI starts fast and runs where only onnxruntime is installed. Used by `rnnlm.cli` (the `rnnlm`
+command), the `export` stage (latency and perplexity of the exported files) and bench/.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+import json
+import logging
+import math
+import numbers
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from rnnlm.text import EOS, EOS_ID, UNK, UNK_ID, TextTokenizer, detokenize
+
+log = logging.getLogger(__name__)
+
+# The metadata schema (keys of the ONNX model's metadata_props; values are JSON strings).
+FORMAT_KEY = "rnnlm.format"
+FORMAT_VERSION = 1
+MODEL_KEY = "rnnlm.model"  # the RNNLMConfig fields: vocab_size, cell, dims, layers, ...
+IO_KEY = "rnnlm.io"  # input/output names: tokens, logits, state_in, state_out
+VOCAB_KEY = "rnnlm.vocab"  # the token list in id order
+TOKENIZER_KEY = "rnnlm.tokenizer"  # TextTokenizer.to_dict()
+PROVENANCE_KEY = "rnnlm.provenance"  # run id, git commit, params digest, exporter, opset
+PRECISION_KEY = "rnnlm.precision"  # "fp32" or "int8"
+REQUIRED_KEYS = (FORMAT_KEY, MODEL_KEY, IO_KEY, VOCAB_KEY, TOKENIZER_KEY)
+_JSON_KEYS = (*REQUIRED_KEYS, PROVENANCE_KEY)
+
+TOKENS_INPUT = "tokens"
+LOGITS_OUTPUT = "logits"
+# Tokens per call when feeding a prompt or scoring a stream: bounds memory (window x vocab
+# logits) whatever the text's length; the state carries the context across windows.
+WINDOW = 256
+# Rows of at most this many entries are sampled with one cumulative sum; longer ones in two
+# levels (block sums, then one block), which avoids a full-length cumsum per generated token.
+_FLAT_CDF_MAX = 256
+
+State = tuple[np.ndarray, ...]
+
+
+class ModelLoadError(RuntimeError):
+    """The model file is missing, not ONNX, or not an rnnlm model."""
+
+
+def state_io_names(state_names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """ONNX input and output names of the recurrent state: (['h0', 'c0'], ['h1', 'c1'])."""
+    return [f"{n}0" for n in state_names], [f"{n}1" for n in state_names]
+
+
+def io_metadata(state_names: Sequence[str]) -> dict[str, Any]:
+    """The `rnnlm.io` entry for a model whose state tensors are `state_names`."""
+    state_in, state_out = state_io_names(state_names)
+    return {
+        "tokens": TOKENS_INPUT,
+        "logits": LOGITS_OUTPUT,
+        "state": list(state_names),
+        "state_in": state_in,
+        "state_out": state_out,
+    }
+
+
+@dataclass(frozen=True)
+class SentenceScore:
+    """One sentence of a scored text: its words, token count (with `<eos>`) and NLL in nats."""
+
+    text: str
+    tokens: int
+    nll: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Total negative log-likelihood (nats) of `tokens` predicted tokens, and its perplexity."""
+
+    nll: float
+    tokens: int
+    unknown: int = 0  # tokens that were `<unk>` (out of vocabulary)
+    sentences: list[SentenceScore] = field(default_factory=list)
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean_nll)
+
+    def to_dict(self, per_sentence: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ppl": self.ppl,
+            "nll": self.nll,
+            "mean_nll": self.mean_nll,
+            "tokens": self.tokens,
+            "unknown": self.unknown,
+        }
+        if per_sentence:
+            out["sentences"] = [{**asdict(s), "ppl": s.ppl} for s in self.sentences]
+        return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_sampling(
+    temperature: float, top_k: int, top_p: float, max_tokens: int = 0, num_samples: int = 1
+) -> None:
+    """Raise ValueError, naming the argument, for values `generate` cannot honour."""
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)):
+        raise ValueError(f"temperature = {temperature!r}: must be a finite number >= 0")
+    if temperature < 0:
+        raise ValueError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k = {top_k!r}: must be an integer >= 0 (0 = no limit)")
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p = {top_p!r}: must be in (0, 1] (1 = no limit)")
+    if not _is_int(max_tokens) or max_tokens < 0:
+        raise ValueError(f"max_tokens = {max_tokens!r}: must be an integer >= 0")
+    if not _is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples = {num_samples!r}: must be an integer >= 1")
+
+
+def _draw(cdf: list[float], target: float, p: np.ndarray) -> int:
+    """The index i with cdf[i-1] <= target < cdf[i]: an entry of p > 0 by construction.
+
+    Rounding can put `target` at or past the total; the last entry > 0 is then the answer.
+    """
+    i = bisect.bisect_right(cdf, target)
+    return i if i < len(cdf) else int(np.flatnonzero(p)[-1])
+
+
+@functools.lru_cache(maxsize=16)
+def _blocks(n: int) -> tuple[int, np.ndarray]:
+    """Block size (ceil(sqrt(n))) and block start indices for two-level sampling of n entries."""
+    block = math.isqrt(n - 1) + 1
+    return block, np.arange(0, n, block)
+
+
+def _draw_row(p: np.ndarray, u: float) -> int:
+    """Sample an index of the unnormalised probabilities `p` (1-D) with the uniform `u`.
+
+    Cumulative sums are taken over at most ~sqrt(n) Python floats (float64), which for a
+    vocabulary of 10k costs less than numpy's per-call overhead would.
+    """
+    n = len(p)
+    if n <= _FLAT_CDF_MAX:
+        cdf = list(itertools.accumulate(p.tolist()))
+        return _draw(cdf, u * cdf[-1], p)
+    # Two levels: the mass of each block of sqrt(n) entries, a block, then an entry in it.
+    block, starts = _blocks(n)
+    mass = np.add.reduceat(p, starts)  # sums of about sqrt(n) terms: p's own precision
+    cdf = list(itertools.accumulate(mass.tolist()))
+    target = u * cdf[-1]
+    chosen = _draw(cdf, target, mass)
+    rest = target - (cdf[chosen - 1] if chosen else 0.0)
+    inner = p[chosen * block : (chosen + 1) * block]
+    return chosen * block + _draw(list(itertools.accumulate(inner.tolist())), rest, inner)
+
+
+def inverse_cdf(p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Sample one index per row of unnormalised probabilities `p` (rows, n) from uniforms `u`.
+
+    Rows longer than `_FLAT_CDF_MAX` are sampled in two levels (sqrt(n) blocks of sqrt(n)
+    entries): a block by its mass, then an entry inside it. Same distribution as one
+    cumulative sum over the row, at a fraction of the cost for a 10k-word vocabulary. An entry
+    whose probability is 0 is never drawn.
+    """
+    return np.array([_draw_row(row, u_row) for row, u_row in zip(p, u.tolist(), strict=True)])
+
+
+def sample_next(
+    logits: np.ndarray,
+    rng: np.random.Generator,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> np.ndarray:
+    """One token id per row of `logits` (rows, vocab): greedy, temperature, top-k, nucleus.
+
+    temperature 0 is argmax. Probabilities are exp((logit - max) / temperature): shifted in log
+    space, so the row's best token gets exactly 1 and every other one a value in [0, 1] and no
+    temperature (1e-300 or 1e300) can overflow or produce NaN. They are float32 at temperature
+    1 (relative error 1e-7, irrelevant to sampling; the fast path of plain sampling) and
+    float64 otherwise; the cumulative sums that pick the token are float64 (`inverse_cdf`).
+    top_k > 0 keeps the k best tokens, top_p < 1 the smallest set of best tokens whose
+    probability reaches top_p (applied after top_k).
+    """
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    vocab = logits.shape[-1]
+    candidates = None
+    if 0 < top_k < vocab:
+        candidates = np.argpartition(logits, vocab - top_k, axis=-1)[:, vocab - top_k :]
+        logits = np.take_along_axis(logits, candidates, axis=-1)  # (rows, top_k)
+    x = logits - logits.max(axis=-1, keepdims=True)  # <= 0, and exactly 0 for the best token
+    if temperature != 1:
+        x = x / np.float64(temperature)  # float64: no temperature turns into 0 or inf here
+    p = np.exp(x, out=x)  # in [0, 1]: nothing overflows, no NaN
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        ranked = np.take_along_axis(p, order, axis=-1)
+        mass_before = np.cumsum(ranked, axis=-1, dtype=np.float64) - ranked
+        # Drop a token when the better ones already reach top_p; the best one always stays.
+        total = ranked.sum(axis=-1, keepdims=True, dtype=np.float64)
+        ranked[mass_before >= top_p * total] = 0.0
+        np.put_along_axis(p, order, ranked, axis=-1)
+    choice = inverse_cdf(p, rng.random(p.shape[0]))
+    if candidates is not None:
+        choice = np.take_along_axis(candidates, choice[:, None], axis=-1)[:, 0]
+    return choice
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per position, float64; logits (n, vocab), targets (n,)."""
+    x = logits.astype(np.float64)
+    top = x.max(axis=-1)
+    log_norm = top + np.log(np.exp(x - top[:, None]).sum(axis=-1))
+    return log_norm - x[np.arange(len(targets)), targets]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities along the last axis, float64, computed stably."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Options for small recurrent models: all graph optimisations, sequential execution."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1  # one chain of ops: inter-op parallelism cannot help
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads = {threads}: must be >= 1 (None: onnxruntime decides)")
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+def read_metadata(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """Parse and check the rnnlm entries of an ONNX model's metadata."""
+    if FORMAT_KEY not in metadata:
+        raise ModelLoadError(
+            f"{path}: an ONNX model, but not an rnnlm model (no '{FORMAT_KEY}' metadata); "
+            "export one with `dvc repro export` (or python -m rnnlm.export)"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise ModelLoadError(f"{path}: rnnlm metadata incomplete, missing {', '.join(missing)}")
+    try:
+        parsed = {key: json.loads(value) for key, value in metadata.items() if key in _JSON_KEYS}
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path}: rnnlm metadata is not valid JSON ({err})") from None
+    if parsed[FORMAT_KEY] != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{path}: rnnlm model format {parsed[FORMAT_KEY]!r}, this version reads "
+            f"format {FORMAT_VERSION}; re-export the model or upgrade rnnlm"
+        )
+    parsed[PRECISION_KEY] = metadata.get(PRECISION_KEY, "fp32")
+    return parsed
+
+
+class LanguageModel:
+    """An exported rnnlm model on onnxruntime's CPU provider.
+
+    Args:
+        path: the `.onnx` file written by the export stage.
+        threads: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
+    """
+
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelLoadError(f"{self.path}: model file not found")
+        if not self.path.is_file():
+            raise ModelLoadError(f"{self.path}: not a file")
+        try:
+            self._session = ort.InferenceSession(
+                str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime raises its own pybind types for a bad file
+            message = " ".join(str(err).split())
+            if "INVALID_PROTOBUF" in message or "Protobuf parsing failed" in message:
+                raise ModelLoadError(f"{self.path}: not an ONNX model (cannot parse it)") from None
+            raise ModelLoadError(f"{self.path}: cannot load the ONNX model ({message})") from None
+        meta = read_metadata(self.path, dict(self._session.get_modelmeta().custom_metadata_map))
+        try:
+            self._apply_metadata(meta)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ModelLoadError(f"{self.path}: malformed rnnlm metadata ({err!r})") from None
+
+    def _apply_metadata(self, meta: dict[str, Any]) -> None:
+        """Read the configuration, vocabulary, tokenizer and I/O names; check them."""
+        self.config: dict[str, Any] = dict(meta[MODEL_KEY])
+        self.provenance: dict[str, Any] = dict(meta.get(PROVENANCE_KEY, {}))
+        self.precision: str = meta[PRECISION_KEY]
+        self.vocab: list[str] = [str(token) for token in meta[VOCAB_KEY]]
+        self.stoi = {token: i for i, token in enumerate(self.vocab)}
+        self.tokenizer = TextTokenizer.from_dict(meta[TOKENIZER_KEY])
+        io = meta[IO_KEY]
+        self.state_names: list[str] = list(io["state"])
+        self._tokens_name: str = io["tokens"]
+        self._state_in: list[str] = list(io["state_in"])
+        self._outputs: list[str] = [io["logits"], *io["state_out"]]
+        inputs = sorted(i.name for i in self._session.get_inputs())
+        outputs = sorted(o.name for o in self._session.get_outputs())
+        if inputs != sorted([self._tokens_name, *self._state_in]) or outputs != sorted(
+            self._outputs
+        ):
+            raise ModelLoadError(
+                f"{self.path}: inputs {inputs} / outputs {outputs} do not match the rnnlm "
+                f"metadata ({[self._tokens_name, *self._state_in]} / {self._outputs})"
+            )
+        self.num_layers = int(self.config["num_layers"])
+        self.hidden_dim = int(self.config["hidden_dim"])
+        if len(self.vocab) != int(self.config["vocab_size"]) or self.vocab[:2] != [UNK, EOS]:
+            raise ModelLoadError(f"{self.path}: vocabulary metadata does not match the model")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def cell(self) -> str:
+        return str(self.config["cell"])
+
+    def initial_state(self, batch: int = 1) -> State:
+        """The zero state for `batch` streams: one (layers, batch, hidden) array per tensor."""
+        shape = (self.num_layers, batch, self.hidden_dim)
+        return tuple(np.zeros(shape, dtype=np.float32) for _ in self._state_in)
+
+    def _run(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """One session call, no checks: ids (batch, time) int64 -> logits (batch, time, vocab)."""
+        feeds = {self._tokens_name: ids}
+        feeds.update(zip(self._state_in, state, strict=True))
+        logits, *next_state = self._session.run(self._outputs, feeds)
+        # The returned arrays are fed back as they are on the next call: no copies.
+        return logits, tuple(next_state)
+
+    def step(self, ids: np.ndarray, state: State | None = None) -> tuple[np.ndarray, State]:
+        """Run `ids` (batch, time) from `state` (zero when None); return logits and next state."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise ValueError(f"ids must have shape (batch, time >= 1), got {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(
+                f"ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}"
+            )
+        if state is None:
+            state = self.initial_state(ids.shape[0])
+        expected = (self.num_layers, ids.shape[0], self.hidden_dim)
+        if len(state) != len(self._state_in) or any(s.shape != expected for s in state):
+            raise ValueError(
+                f"state must be {len(self._state_in)} array(s) of shape {expected}, got "
+                f"{[s.shape for s in state]}"
+            )
+        state = tuple(np.ascontiguousarray(s, dtype=np.float32) for s in state)
+        return self._run(ids, state)
+
+    def _feed(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Feed a 1-D token sequence to one stream in windows; return the last logits (1, V)."""
+        logits = None
+        for start in range(0, len(ids), WINDOW):
+            window = ids[None, start : start + WINDOW]
+            logits, state = self._run(window, state)
+        assert logits is not None, "nothing to feed"
+        return logits[:, -1, :], state
+
+    def encode_words(self, words: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """Word tokens -> int64 ids, and the words that were out of vocabulary (as `<unk>`)."""
+        get = self.stoi.get
+        ids = np.fromiter((get(w, UNK_ID) for w in words), dtype=np.int64, count=len(words))
+        unknown = [w for w, i in zip(words, ids, strict=True) if i == UNK_ID and w != UNK]
+        return ids, unknown
+
+    def prompt_tokens(self, prompt: str) -> list[str]:
+        """The prompt as the model reads it: its sentences' words, `<eos>` between sentences.
+
+        The stream starts at a sentence start (after an implicit `<eos>`), so an empty prompt
+        means "generate a sentence from its beginning".
+        """
+        sentences = list(self.tokenizer.sentences(prompt))
+        tokens: list[str] = []
+        for i, words in enumerate(sentences):
+            if i:
+                tokens.append(EOS)
+            tokens.extend(words)
+        return tokens
+
+    def _prompt(self, prompt: str) -> tuple[np.ndarray, State, list[str]]:
+        """Logits (1, V) for the token after `prompt`, the state there, the prompt's tokens."""
+        tokens = self.prompt_tokens(prompt)
+        ids, unknown = self.encode_words(tokens)
+        if unknown:
+            shown = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+            log.warning(
+                "%d prompt word(s) not in the vocabulary, read as %s: %s", len(unknown), UNK, shown
+            )
+        stream = np.concatenate([np.array([EOS_ID], dtype=np.int64), ids])
+        logits, state = self._feed(stream, self.initial_state(1))
+        return logits, state, tokens
+
+    def next_words(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        """The k most likely next tokens after `prompt`, with their probabilities, best first."""
+        if not _is_int(k) or k < 1:
+            raise ValueError(f"k = {k!r}: must be an integer >= 1")
+        logits, _, _ = self._prompt(prompt)
+        probs = softmax(logits[0])
+        k = min(k, self.vocab_size)
+        top = np.argpartition(probs, self.vocab_size - k)[self.vocab_size - k :]
+        top = top[np.argsort(-probs[top], kind="stable")]
+        return [(self.vocab[i], float(probs[i])) for i in top]
+
+    def generate(
+        self,
+        prompt: str = "",
+        max_tokens: int = 50,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = False,
+        num_samples: int = 1,
+        include_prompt: bool = True,
+    ) -> list[str]:
+        """Continue `prompt` by up to `max_tokens` tokens; one readable text per sample.
+
+        The prompt is read once; the samples then run as one batch, one token per call with
+        the state carried. With `stop_at_eos` a sample ends at its first end of sentence.
+        """
+        check_sampling(temperature, top_k, top_p, max_tokens, num_samples)
+        rng = np.random.default_rng(seed)
+        logits, state, prompt_tokens = self._prompt(prompt)
+        if num_samples > 1:
+            logits = np.repeat(logits, num_samples, axis=0)
+            state = tuple(np.repeat(s, num_samples, axis=1) for s in state)
+        out = np.empty((num_samples, max_tokens), dtype=np.int64)
+        lengths = np.full(num_samples, max_tokens)
+        done = np.zeros(num_samples, dtype=bool)
+        ids = np.empty((num_samples, 1), dtype=np.int64)
+        for t in range(max_tokens):
+            token = sample_next(logits, rng, temperature, top_k, top_p)
+            out[:, t] = token
+            if stop_at_eos:
+                ended = (token == EOS_ID) & ~done
+                lengths[ended] = t
+                done |= ended
+                if done.all():
+                    break
+            if t + 1 == max_tokens:
+                break  # the last token needs no forward pass
+            ids[:, 0] = token
+            step_logits, state = self._run(ids, state)
+            logits = step_logits[:, -1, :]
+        vocab = self.vocab
+        prefix = prompt_tokens if include_prompt else []
+        return [
+            detokenize(prefix + [vocab[i] for i in out[row, : lengths[row]]])
+            for row in range(num_samples)
+        ]
+
+    def score_ids(self, stream: Iterable[int] | np.ndarray, window: int = WINDOW) -> ScoreResult:
+        """NLL and perplexity of a whole token stream, state carried from start to end.
+
+        Same convention as training's evaluation (`datamodule.lm_pairs`): the input starts
+        with `<eos>` and every token of `stream` is predicted.
+        """
+        nll = self.token_nlls(np.asarray(stream, dtype=np.int64), window)
+        return ScoreResult(nll=float(nll.sum()), tokens=len(nll), unknown=0)
+
+    def token_nlls(self, stream: np.ndarray, window: int = WINDOW) -> np.ndarray:
+        """-log p(token | everything before it) for each token of `stream`, float64."""
+        if stream.ndim != 1 or len(stream) == 0:
+            raise ValueError("nothing to score: the stream is empty")
+        if stream.min() < 0 or stream.max() >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        if window < 1:
+            raise ValueError(f"window = {window}: must be >= 1")
+        inputs = np.concatenate([[EOS_ID], stream[:-1]]).astype(np.int64)
+        nll = np.empty(len(stream), dtype=np.float64)
+        state = self.initial_state(1)
+        for start in range(0, len(stream), window):
+            stop = min(start + window, len(stream))
+            logits, state = self._run(inputs[None, start:stop], state)
+            nll[start:stop] = token_nll(logits[0], stream[start:stop])
+        return nll
+
+    def score(self, text: str) -> ScoreResult:
+        """Perplexity of a text, tokenized as the training data was (sentences end in <eos>)."""
+        sentences = list(self.tokenizer.sentences(text))
+        if not sentences:
+            raise ValueError("nothing to score: the text has no words")
+        tokens = [t for words in sentences for t in (*words, EOS)]
+        ids, unknown = self.encode_words(tokens)
+        nll = self.token_nlls(ids)
+        scored = []
+        start = 0
+        for words in sentences:
+            stop = start + len(words) + 1
+            scored.append(
+                SentenceScore(detokenize(words), stop - start, float(nll[start:stop].sum()))
+            )
+            start = stop
+        return ScoreResult(
+            nll=float(nll.sum()), tokens=len(nll), unknown=len(unknown), sentences=scored
+        )
+
+
+def default_threads() -> int:
+    """All cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

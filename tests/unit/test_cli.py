@@ -1,0 +1,227 @@
+"""cli.py: the `rnnlm` subcommands, their exit codes and one-line messages for every bad input.
+
+Most tests call `main([...])` and read capsys; a few run the real console entry in a subprocess
+to show there is no traceback and that the inference path never imports torch or lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import onnx
+import pytest
+
+from rnnlm.cli import SUBCOMMANDS, build_parser, main
+from tests.unit.test_export import (
+    build_net,
+    one_torch_thread,  # noqa: F401 (autouse)
+    write_model,
+)
+from tests.unit.test_inference import identity_model
+
+TEXT = "The president said that we will build a strong nation. Today congress must keep peace."
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("cli") / "model.onnx", build_net("lstm"))
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "--model", str(model_path), "--prompt", "the president", "--seed", "1"]
+    code, out, err = run_cli(capsys, *args, "--max-tokens", "20")
+    assert code == 0 and err == ""
+    assert out.startswith("The president ") and out.count("\n") == 1
+    assert run_cli(capsys, *args, "--max-tokens", "20")[1] == out  # same seed, same text
+    code, out, _ = run_cli(
+        capsys, *args, "--num-samples", "3", "--top-k", "5", "--top-p", "0.9",
+        "--temperature", "0.7", "--stop-at-eos",
+    )  # fmt: skip
+    assert code == 0 and len(out.splitlines()) == 3
+
+
+def test_generate_greedy(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "--model", str(model_path), "--temperature", "0", "--max-tokens", "8"]
+    code, first, _ = run_cli(capsys, *args, "--seed", "1")
+    assert code == 0 and run_cli(capsys, *args, "--seed", "2")[1] == first
+
+
+def test_score_file_and_stdin(
+    model_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text_file = tmp_path / "speech.txt"
+    text_file.write_text(TEXT)
+    code, out, _ = run_cli(capsys, "score", "--model", str(model_path), "--json", str(text_file))
+    result = json.loads(out)
+    assert code == 0 and result["tokens"] == 19 and result["ppl"] > 1
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode())))
+    code, out, _ = run_cli(capsys, "score", "--model", str(model_path), "--per-sentence", "-")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3
+    assert lines[1].endswith("Today congress must keep peace.")
+    assert lines[2].startswith(f"perplexity {result['ppl']:.2f} over 19 tokens")
+
+
+def test_next(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "next", "--model", str(model_path), "--prompt", "we", "-k", "4")
+    rows = [line.split("\t") for line in out.splitlines()]
+    probs = [float(p) for _, p in rows]
+    assert code == 0 and len(rows) == 4
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+
+
+def test_empty_prompt(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "generate", "--model", str(model_path), "--seed", "0")
+    assert code == 0 and out.strip() and err == ""
+
+
+def test_only_unknown_words_warn_once(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(
+        capsys, "generate", "--model", str(model_path), "--prompt", "zork frobozz zork",
+        "--max-tokens", "30", "--seed", "0",
+    )  # fmt: skip
+    assert code == 0 and out.startswith("Zork frobozz zork")
+    assert err == (
+        "rnnlm: warning: 3 prompt word(s) not in the vocabulary, read as <unk>: 'zork', 'frobozz'\n"
+    )
+
+
+def test_prompt_longer_than_any_window(
+    model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = " ".join(["we will build a strong nation ."] * 200)  # 1400 tokens
+    code, out, err = run_cli(
+        capsys, "next", "--model", str(model_path), "--prompt", prompt, "-k", "2"
+    )
+    assert code == 0 and len(out.splitlines()) == 2 and err == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1"], "argument --temperature: must be >= 0.0, got -1"),
+        (["--temperature", "nan"], "argument --temperature: expected a number, got 'nan'"),
+        (["--top-k", "-2"], "argument --top-k: must be >= 0, got -2"),
+        (["--top-p", "0"], "argument --top-p: must be > 0.0 and <= 1.0, got 0"),
+        (["--top-p", "1.5"], "argument --top-p: must be > 0.0 and <= 1.0, got 1.5"),
+        (["--num-samples", "0"], "argument --num-samples: must be >= 1, got 0"),
+        (["--max-tokens", "ten"], "argument --max-tokens: expected int, got 'ten'"),
+        (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_exit_2(
+    model_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, out, err = run_cli(capsys, "generate", "--model", str(model_path), *args)
+    assert code == 2 and out == "" and message in err and "Traceback" not in err
+
+
+def make_bad_models(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "notes.onnx").write_text("not a model")
+    onnx.save(identity_model(), str(tmp_path / "plain.onnx"))
+    return {
+        "missing": tmp_path / "missing.onnx",
+        "text": tmp_path / "notes.onnx",
+        "plain": tmp_path / "plain.onnx",
+        "folder": tmp_path,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "missing.onnx: model file not found"),
+        ("text", "notes.onnx: not an ONNX model (cannot parse it)"),
+        ("plain", "plain.onnx: an ONNX model, but not an rnnlm model (no 'rnnlm.format'"),
+        ("folder", ": not a file"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "next", "score"])
+def test_bad_model_files_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, message: str, command: str
+) -> None:
+    model = make_bad_models(tmp_path)[kind]
+    extra = ["-"] if command == "score" else []
+    code, out, err = run_cli(capsys, command, "--model", str(model), *extra)
+    assert code == 1 and out == ""
+    assert err.startswith("rnnlm: error: ") and message in err and err.count("\n") == 1
+
+
+def test_score_bad_inputs(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(capsys, "score", "--model", str(model_path), str(tmp_path / "no.txt"))
+    assert code == 1 and err == f"rnnlm: error: {tmp_path / 'no.txt'}: no such file\n"
+    (tmp_path / "empty.txt").write_text("\n\n")
+    code, _, err = run_cli(capsys, "score", "--model", str(model_path), str(tmp_path / "empty.txt"))
+    assert code == 1 and "nothing to score: the text has no words" in err
+    code, _, err = run_cli(capsys, "score", "--model", str(model_path), str(tmp_path))
+    assert code == 1 and "is a directory" in err
+
+
+def test_default_model_path_and_usage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "next")
+    assert code == 1 and "models/model.onnx: model file not found" in err
+    code, _, err = run_cli(capsys)
+    assert code == 2 and "required: COMMAND" in err
+    assert run_cli(capsys, "--help")[0] == 0
+
+
+def test_subcommands_are_pluggable(capsys: pytest.CaptureFixture[str]) -> None:
+    """A later subcommand (e.g. `rnnlm runs`) only appends its `add_` function."""
+
+    def add_hello(subparsers: argparse._SubParsersAction) -> None:
+        parser = subparsers.add_parser("hello", help="say hi")
+        parser.set_defaults(handler=lambda args: print("hi") or 0)
+
+    SUBCOMMANDS.append(add_hello)
+    try:
+        assert "hello" in build_parser().format_help()
+        assert run_cli(capsys, "hello") == (0, "hi\n", "")
+    finally:
+        SUBCOMMANDS.remove(add_hello)
+
+
+def test_console_script_has_no_traceback_and_no_torch(model_path: Path, tmp_path: Path) -> None:
+    """The inference path (inference + cli) must never import torch or lightning."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import rnnlm.inference, rnnlm.cli
+        model = rnnlm.inference.LanguageModel(sys.argv[1])
+        assert model.generate("the", max_tokens=5, seed=0)[0].startswith("The")
+        assert rnnlm.cli.main(["next", "--model", sys.argv[1], "-k", "2"]) == 0
+        heavy = {"torch", "pytorch_lightning", "lightning", "mlflow"} & set(sys.modules)
+        assert not heavy, heavy
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(model_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "rnnlm.cli", "score", "--model", str(tmp_path / "x.onnx"), "-"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr == f"rnnlm: error: {tmp_path / 'x.onnx'}: model file not found\n"

@@ -1,0 +1,372 @@
+"""export.py: parity per cell and shape, the exporter trap, metadata, int8, the stage end to end.
+
+Tiny networks are built in the tests (8-16 units, a 20-40 word vocabulary); the `run()` tests use
+the `processed_tiny` corpus with a checkpoint saved in Lightning's layout and an MLflow run in a
+SQLite store under tmp_path. `write_model` is reused by test_inference.py and test_cli.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from nltk.tokenize.punkt import PunktParameters
+
+from rnnlm import export, tracking
+from rnnlm.config import ExportParams, Params, as_flat_dict
+from rnnlm.inference import (
+    FORMAT_KEY,
+    PROVENANCE_KEY,
+    VOCAB_KEY,
+    LanguageModel,
+    ModelLoadError,
+)
+from rnnlm.model import RNNLM, RNNLMConfig
+from rnnlm.text import EOS, UNK, TextTokenizer
+
+CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+WORDS = [
+    "the", "president", "said", "that", "we", "will", "build", "a", "strong", "nation", "and",
+    "our", "people", "must", "keep", "peace", ".", ",", "?", "today", "congress",
+]  # fmt: skip
+VOCAB = [UNK, EOS, *dict.fromkeys(WORDS)]
+PROVENANCE = {"mlflow_run_id": "run123", "git_commit": "abc", "params_digest": "d" * 64}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for tiny networks: faster, and no OpenMP stalls on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_tokenizer() -> TextTokenizer:
+    return TextTokenizer(punkt=PunktParameters(), lowercase=True, paragraphs="line")
+
+
+def build_net(
+    cell: str = "lstm",
+    vocab_size: int = len(VOCAB),
+    hidden: int = 8,
+    layers: int = 2,
+    seed: int = 0,
+    bias: dict[int, float] | None = None,
+) -> RNNLM:
+    """A random network in eval mode; non-zero recurrent biases (GRU's b_hn matters)."""
+    torch.manual_seed(seed)
+    config = RNNLMConfig(
+        vocab_size=vocab_size, cell=cell, embedding_dim=hidden, hidden_dim=hidden,
+        num_layers=layers, dropout=0.3, embedding_dropout=0.1, tie_weights=False,
+    )  # fmt: skip
+    net = RNNLM(config)
+    with torch.no_grad():
+        for name, param in net.rnn.named_parameters():
+            if "bias" in name:
+                param.uniform_(-0.5, 0.5)
+        net.decoder.weight.uniform_(-1.0, 1.0)  # logits of a few units: sampling is not flat
+        for token, value in (bias or {}).items():
+            net.decoder.bias[token] = value
+    return net.eval()
+
+
+def write_model(
+    path: Path, net: RNNLM, vocab: list[str] | None = None, quantize: bool = False
+) -> Path:
+    """Export `net` with full rnnlm metadata to `path` (and an int8 copy when `quantize`)."""
+    vocab = vocab or VOCAB
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export.export_onnx(net, path, "torchscript", 17)
+    metadata = export.build_metadata(net.config, vocab, tiny_tokenizer().to_dict(), PROVENANCE)
+    export.attach_metadata(path, metadata, "test model")
+    if quantize:
+        int8 = path.with_suffix(".int8.onnx")
+        export.quantize_model(path, int8, net.config.cell)
+        export.attach_metadata(int8, {**metadata, "rnnlm.precision": "int8"}, "test int8")
+    return path
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_parity_for_each_cell_at_several_shapes(tmp_path: Path, cell: str) -> None:
+    net = build_net(cell)
+    path = tmp_path / "m.onnx"
+    export.export_onnx(net, path, "torchscript", 17)
+    shapes = ((1, 1), (3, 11), (5, 2), (2, 40))
+    errors = export.verify_parity(net, path, atol=1e-4, shapes=shapes, step_shape=(4, 7))
+    state = ["h", "c"] if cell == "lstm" else ["h"]
+    expected = {f"b{b}_t{t}/{n}" for b, t in shapes for n in ["logits", *state]}
+    expected |= {f"step/{n}" for n in ["logits", *state]} | {"max"}
+    assert set(errors) == expected
+    assert 0 <= errors["max"] < 1e-5
+    assert errors["max"] == max(v for k, v in errors.items() if k != "max")
+
+
+def test_parity_shapes_differ_from_the_export_example() -> None:
+    batch, length = export.EXPORT_SHAPE
+    assert any(b != batch and t != length for b, t in export.PARITY_SHAPES)
+    assert export.STEP_SHAPE[0] != batch and export.STEP_SHAPE[1] != length
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        ("rnn_tanh", "onnxruntime cannot run the exported model on tokens of shape (3, 11)"),
+        ("gru", "declares fixed sizes for dimensions that must stay dynamic (logits[1] = 5"),
+    ],
+)
+def test_dynamo_exporter_is_refused_by_the_parity_check(
+    tmp_path: Path, cell: str, message: str
+) -> None:
+    """The trap of torch 2.13's dynamo exporter: nn.RNN gets a fixed time axis, GRU a fixed
+    time size in its output shape. The parity check is what catches both."""
+    net = build_net(cell, layers=1)
+    path = tmp_path / "m.onnx"
+    export.export_onnx(net, path, "dynamo", 18)
+    with pytest.raises(export.ParityError, match=re.escape(message)):
+        export.verify_parity(net, path, atol=1e-4)
+
+
+def test_parity_check_catches_a_wrong_graph(tmp_path: Path) -> None:
+    net = build_net("gru")
+    path = tmp_path / "m.onnx"
+    export.export_onnx(net, path, "torchscript", 17)
+    with torch.no_grad():
+        net.rnn.bias_hh_l0[2 * net.config.hidden_dim :] += 0.1  # b_hn: linear_before_reset's
+    with pytest.raises(export.ParityError, match=r"does not match PyTorch: max \|difference\|"):
+        export.verify_parity(net, path, atol=1e-4)
+
+
+def test_unknown_exporter(tmp_path: Path) -> None:
+    with pytest.raises(export.ExportError, match="unknown exporter 'jit'"):
+        export.export_onnx(build_net(), tmp_path / "m.onnx", "jit", 17)
+
+
+def test_metadata_round_trip(tmp_path: Path) -> None:
+    net = build_net("lstm")
+    path = write_model(tmp_path / "m.onnx", net)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props[FORMAT_KEY]) == 1
+    assert json.loads(props[VOCAB_KEY]) == VOCAB
+    model = LanguageModel(path)
+    assert model.vocab == VOCAB
+    assert model.tokenizer.to_dict() == tiny_tokenizer().to_dict()
+    assert model.provenance == PROVENANCE
+    assert model.config == {
+        "vocab_size": len(VOCAB), "cell": "lstm", "embedding_dim": 8, "hidden_dim": 8,
+        "num_layers": 2, "dropout": 0.3, "embedding_dropout": 0.1, "tie_weights": False,
+    }  # fmt: skip
+    assert model.state_names == ["h", "c"]
+    assert model.precision == "fp32"
+    assert [i.name for i in model._session.get_inputs()] == ["tokens", "h0", "c0"]
+
+
+def test_metadata_refuses_a_vocabulary_of_another_model() -> None:
+    with pytest.raises(
+        export.ExportError, match=f"vocabulary has 3 tokens but the model {len(VOCAB)}"
+    ):
+        export.build_metadata(build_net().config, VOCAB[:3], tiny_tokenizer().to_dict(), {})
+
+
+def test_load_checkpoint_in_lightning_layout(tmp_path: Path) -> None:
+    net = build_net("gru")
+    path = tmp_path / "model.ckpt"
+    save_lightning_checkpoint(net, path)
+    loaded = export.load_checkpoint(path)
+    assert not loaded.training
+    ids = torch.randint(0, len(VOCAB), (2, 6))
+    with torch.no_grad():
+        expected, _ = net(ids, net.init_state(2))
+        got, _ = loaded(ids, loaded.init_state(2))
+    torch.testing.assert_close(got, expected)
+
+
+def test_load_checkpoint_errors(tmp_path: Path) -> None:
+    with pytest.raises(export.ExportError, match="checkpoint not found"):
+        export.load_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(export.ExportError, match="not a loadable checkpoint"):
+        export.load_checkpoint(tmp_path / "bad.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(export.ExportError, match="not an rnnlm checkpoint"):
+        export.load_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_int8_model_keeps_metadata_and_quantizes_the_heavy_ops(tmp_path: Path) -> None:
+    net = build_net("lstm", hidden=16)
+    path = write_model(tmp_path / "m.onnx", net, quantize=True)
+    int8 = tmp_path / "m.int8.onnx"
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"DynamicQuantizeLSTM", "MatMulInteger"} <= ops and "LSTM" not in ops
+    fp32_model, int8_model = LanguageModel(path), LanguageModel(int8)
+    assert int8_model.precision == "int8" and int8_model.vocab == VOCAB
+    ids = np.array([[1, 2, 3, 4, 5]], dtype=np.int64)
+    fp32_logits, _ = fp32_model.step(ids)
+    int8_logits, _ = int8_model.step(ids)
+    assert np.abs(fp32_logits - int8_logits).max() < 0.1
+
+
+def test_params_digest_is_order_independent() -> None:
+    a = export.params_digest({"model.cell": "lstm", "train.lr": 0.1})
+    assert a == export.params_digest({"train.lr": 0.1, "model.cell": "lstm"})
+    assert a != export.params_digest({"model.cell": "gru", "train.lr": 0.1})
+    assert len(a) == 64
+
+
+def save_lightning_checkpoint(net: RNNLM, path: Path) -> None:
+    """What train.py writes, reduced to what export reads: prefixed weights, model kwargs."""
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "hyper_parameters": {"model": dataclasses.asdict(net.config), "lr": 0.01},
+        },
+        path,
+    )
+
+
+@pytest.fixture
+def trained_layout(processed_tiny: Params) -> Params:
+    """`processed_tiny` plus a checkpoint for its vocabulary and an MLflow training run."""
+    paths = processed_tiny.paths
+    vocab = json.loads((paths.processed_dir / "vocab.json").read_text())["tokens"]
+    paths.models_dir.mkdir(parents=True, exist_ok=True)
+    save_lightning_checkpoint(build_net("lstm", len(vocab), 16, 1), paths.models_dir / "model.ckpt")
+    tracked = tracking.start_run(processed_tiny.mlflow, "train-run", {"stage": "train"})
+    paths.metrics_dir.mkdir(parents=True, exist_ok=True)
+    (paths.metrics_dir / "train.json").write_text(json.dumps({"run_id": tracked.run_id}))
+    return processed_tiny
+
+
+def torch_stream_ppl(net: RNNLM, stream: np.ndarray) -> float:
+    """PyTorch's perplexity of a stream, `<eos>`-start convention, one pass."""
+    inputs = torch.from_numpy(np.concatenate([[1], stream[:-1]]).astype(np.int64))[None]
+    with torch.no_grad():
+        logits, _ = net(inputs, net.init_state(1))
+        nll = torch.nn.functional.cross_entropy(
+            logits[0].double(), torch.from_numpy(stream.astype(np.int64))
+        )
+    return float(torch.exp(nll))
+
+
+def test_run_end_to_end_logs_and_registers(trained_layout: Params) -> None:
+    import mlflow
+
+    params = trained_layout
+    paths = params.paths
+    p = ExportParams(latency_tokens=20, registered_model_name="tiny-lm")
+    metrics = export.run_from_params(dataclasses.replace(params, export=p))
+
+    onnx_path, int8_path = paths.models_dir / "model.onnx", paths.models_dir / "model.int8.onnx"
+    assert onnx_path.is_file() and int8_path.is_file()
+    assert sorted(f.name for f in paths.models_dir.iterdir()) == [
+        "model.ckpt", "model.int8.onnx", "model.onnx",
+    ]  # fmt: skip
+    written = json.loads((paths.metrics_dir / "export.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    assert written["parity/max_abs_err"] < 1e-4 and written["exporter"] == "torchscript"
+    assert written["onnx/size_mb"] > written["int8/size_mb"] > 0
+    assert written["onnx/ms_per_token"] > 0 and written["int8/speedup"] > 0
+    assert abs(written["int8/val_ppl_change_pct"]) < 5
+
+    net = export.load_checkpoint(paths.models_dir / "model.ckpt")
+    validation = np.load(paths.processed_dir / "validation.npy")
+    assert written["onnx/val_ppl"] == pytest.approx(torch_stream_ppl(net, validation), rel=1e-4)
+
+    model = LanguageModel(onnx_path)
+    run_id = json.loads((paths.metrics_dir / "train.json").read_text())["run_id"]
+    assert model.provenance["mlflow_run_id"] == run_id
+    assert model.provenance["params_digest"] == export.params_digest(
+        {
+            **as_flat_dict(params.model, "model."),
+            **as_flat_dict(params.train, "train."),
+        }
+    )
+    assert model.generate("the nation", max_tokens=5, seed=1)[0].startswith("The nation")
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name = 'tiny-lm'")
+    assert [str(v.version) for v in versions] == ["1"] and written["registered_version"] == "1"
+    logged = mlflow.get_logged_model(written["model_id"])
+    assert logged.source_run_id == run_id
+    assert versions[0].run_id == run_id
+    run = client.get_run(run_id)
+    assert run.data.metrics["parity/max_abs_err"] == pytest.approx(written["parity/max_abs_err"])
+    artifacts = {a.path for a in client.list_artifacts(run_id, "onnx_int8")}
+    assert artifacts == {"onnx_int8/model.int8.onnx"}
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{logged.artifact_location}/model.onnx", dst_path=str(paths.metrics_dir)
+    )
+    assert LanguageModel(local).vocab == model.vocab  # the logged file is self-contained
+    assert logged.metrics and {m.key for m in logged.metrics} >= {"onnx/val_ppl"}
+    info = mlflow.models.get_model_info(written["model_uri"])
+    assert [spec.name for spec in info.signature.inputs.inputs] == ["tokens", "h0", "c0"]
+    assert info.signature.inputs.inputs[0].shape == (-1, -1)
+    assert info.saved_input_example_info is not None
+    example = export.input_example(net.config)
+    predicted = mlflow.pyfunc.load_model(written["model_uri"]).predict(example)
+    assert predicted["logits"].shape == (1, 4, len(model.vocab))
+
+
+def test_failed_parity_leaves_models_untouched(trained_layout: Params) -> None:
+    paths = trained_layout.paths
+    (paths.models_dir / "model.onnx").write_bytes(b"previous model")
+    before = sorted(p.name for p in paths.models_dir.parent.rglob("*"))
+    with pytest.raises(export.ParityError, match=r"export\.atol = 1e-12"):
+        export.run(ExportParams(atol=1e-12), paths, trained_layout.mlflow)
+    assert (paths.models_dir / "model.onnx").read_bytes() == b"previous model"
+    assert not (paths.models_dir / "model.int8.onnx").exists()
+    assert not (paths.metrics_dir / "export.json").exists()
+    assert sorted(p.name for p in paths.models_dir.parent.rglob("*")) == before
+
+
+def test_without_quantize_no_stale_int8_and_no_registration(trained_layout: Params) -> None:
+    import mlflow
+
+    paths = trained_layout.paths
+    (paths.models_dir / "model.int8.onnx").write_bytes(b"stale")
+    p = ExportParams(quantize=False, latency_tokens=5, registered_model_name=None)
+    metrics = export.run(p, paths, trained_layout.mlflow)
+    assert (paths.models_dir / "model.onnx").is_file()
+    assert not (paths.models_dir / "model.int8.onnx").exists()
+    assert not any(key.startswith("int8/") for key in metrics)
+    assert "registered_version" not in metrics
+    client = mlflow.MlflowClient(tracking_uri=trained_layout.mlflow.tracking_uri)
+    assert client.search_registered_models() == []
+
+
+def test_main_reports_a_missing_checkpoint(
+    processed_tiny: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import yaml
+
+    raw = {
+        "paths": {k: str(v) for k, v in processed_tiny.paths.__dict__.items()},
+        "mlflow": {"tracking_uri": processed_tiny.mlflow.tracking_uri},
+    }
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as exit_:
+        export.main(["--params", str(params_file)])
+    assert exit_.value.code == 1
+    assert "checkpoint not found (run the train stage first)" in caplog.text
+
+
+def test_inference_refuses_a_model_without_rnnlm_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "plain.onnx"
+    export.export_onnx(build_net(), path, "torchscript", 17)
+    with pytest.raises(ModelLoadError, match="not an rnnlm model"):
+        LanguageModel(path)
+    props = onnx.load(str(path))
+    onnx.helper.set_model_props(props, {FORMAT_KEY: "1", PROVENANCE_KEY: "{}"})
+    onnx.save(props, str(path))
+    with pytest.raises(ModelLoadError, match=r"metadata incomplete, missing rnnlm\.model"):
+        LanguageModel(path)
