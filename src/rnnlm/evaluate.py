@@ -1,0 +1,282 @@
+"""Stage `evaluate`: the shipped ONNX model against count-based baselines on the test split.
+
+    models/model.onnx                  the exported model, run with onnxruntime (rnnlm.inference)
+    data/processed/{train,test}.npy, vocab.json
+    metrics/train.json                 PyTorch test perplexity and the MLflow run id
+      -> metrics/eval.json             perplexities (RNN via ONNX, Kneser-Ney, unigram), the
+                                       RNN's improvement over Kneser-Ney, the test OOV rate
+      -> metrics/samples.txt           generated text: fixed seed, the prompts from params
+      -> MLflow                        the same metrics and both files, in the training run
+
+The RNN's test perplexity is that of the shipped artifact: the ONNX model through
+`LanguageModel.score_ids`, over the whole test stream with the state carried. It must agree
+with the PyTorch test perplexity of the `train` stage within `evaluate.tolerance` (relative),
+or the stage fails: a gap means the exported graph or the inference code is not the model that
+was trained. When `train.eval_batch_size` > 1 the PyTorch figure was computed over that many
+parallel rows (each from a zero state, the tail dropped), so the check scores the ONNX model in
+the same layout; eval.json always reports the whole-stream figure.
+
+The baselines (rnnlm.baselines) use the same split, vocabulary and convention: add-one unigram
+and interpolated Kneser-Ney of order `evaluate.kn_order`, counts from train.npy only.
+`test/improvement_over_kn_pct` is 100 * (1 - RNN / KN perplexity); `test/oov_rate` is defined
+as in the tokenize stage's stats.json: the share of word tokens (`<eos>` excluded) that are
+`<unk>`.
+
+Run via `dvc repro evaluate`, or directly: `python -m rnnlm.evaluate [--params params.yaml]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rnnlm import baselines, tracking
+from rnnlm.config import (
+    ConfigError,
+    EvaluateParams,
+    MlflowParams,
+    Params,
+    Paths,
+    load_params,
+    stage_argparser,
+)
+from rnnlm.files import (
+    configure_logging,
+    read_json,
+    staged_files,
+    write_json_atomic,
+    write_text_atomic,
+)
+from rnnlm.inference import LanguageModel, ModelLoadError, token_nll
+from rnnlm.text import EOS_ID
+from rnnlm.tokenization import split_stats
+
+log = logging.getLogger(__name__)
+
+ONNX_NAME = "model.onnx"  # written by the export stage (export.ONNX_NAME)
+METRICS_NAME = "eval.json"
+SAMPLES_NAME = "samples.txt"
+ARTIFACT_DIR = "evaluation"  # folder of the MLflow run's artifacts
+
+
+class EvaluateError(RuntimeError):
+    """Inputs are missing or inconsistent, or the ONNX model disagrees with PyTorch."""
+
+
+def relative_difference(value: float, reference: float) -> float:
+    """|value - reference| / reference."""
+    return abs(value - reference) / reference
+
+
+def check_agreement(onnx_ppl: float, torch_ppl: float, tolerance: float) -> float:
+    """Relative difference of the two test perplexities; EvaluateError beyond `tolerance`."""
+    diff = relative_difference(onnx_ppl, torch_ppl)
+    if not diff <= tolerance:  # also catches NaN
+        raise EvaluateError(
+            f"the ONNX model's test perplexity {onnx_ppl:.4f} differs from PyTorch's "
+            f"{torch_ppl:.4f} (metrics/train.json) by {100 * diff:.3f}% > evaluate.tolerance = "
+            f"{100 * tolerance:g}%: the exported model is not the trained one (re-run export "
+            "after train, and check the export parity metrics)"
+        )
+    return diff
+
+
+def improvement_pct(ppl: float, baseline_ppl: float) -> float:
+    """How much lower `ppl` is than `baseline_ppl`, in percent of the baseline."""
+    return 100.0 * (1.0 - ppl / baseline_ppl)
+
+
+def score_rows(lm: LanguageModel, stream: np.ndarray, n_rows: int, window: int = 256) -> float:
+    """Perplexity of `stream` laid out as training's evaluation does with `n_rows` rows.
+
+    Inputs are `<eos>` then the stream (`datamodule.lm_pairs`); inputs and targets are cut into
+    `n_rows` contiguous rows (the last len % n_rows tokens dropped), each row starting from a
+    zero state and walked in windows with its state carried.
+    """
+    stream = np.asarray(stream, dtype=np.int64)
+    length = len(stream) // n_rows
+    if length < 1:
+        raise EvaluateError(f"a test stream of {len(stream)} tokens cannot fill {n_rows} rows")
+    inputs = np.concatenate([[EOS_ID], stream[:-1]])[: n_rows * length].reshape(n_rows, length)
+    targets = stream[: n_rows * length].reshape(n_rows, length)
+    state = lm.initial_state(n_rows)
+    nll = 0.0
+    for start in range(0, length, window):
+        logits, state = lm.step(inputs[:, start : start + window], state)
+        # logits (rows, time, vocab) -> (rows * time, vocab) to match the flattened targets.
+        chunk = targets[:, start : start + window]
+        nll += float(token_nll(logits.reshape(-1, logits.shape[-1]), chunk.reshape(-1)).sum())
+    return math.exp(nll / targets.size)
+
+
+def generate_samples(lm: LanguageModel, p: EvaluateParams) -> dict[str, list[str]]:
+    """Prompt name -> `p.samples_per_prompt` continuations of it (same seed for each prompt)."""
+    return {
+        name: lm.generate(
+            prompt,
+            max_tokens=p.sample_tokens,
+            temperature=p.sample_temperature,
+            seed=p.sample_seed,
+            num_samples=p.samples_per_prompt,
+        )
+        for name, prompt in p.sample_prompts.items()
+    }
+
+
+def format_samples(
+    samples: Mapping[str, Sequence[str]], prompts: Mapping[str, str], header: str
+) -> str:
+    """The samples file: a header line, then per prompt its name, text and numbered samples."""
+    lines = [header]
+    for name, texts in samples.items():
+        lines += ["", f"## {name}: {prompts[name]!r}"]
+        lines += [f"{i}. {text}" for i, text in enumerate(texts, start=1)]
+    return "\n".join(lines) + "\n"
+
+
+def read_train_metrics(metrics_dir: Path) -> tuple[str, float]:
+    """The MLflow run id and the PyTorch test perplexity from metrics/train.json."""
+    path = metrics_dir / "train.json"
+    try:
+        train = read_json(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise EvaluateError(str(err)) from None
+    missing = [k for k in ("run_id", "test_ppl") if not isinstance(train, dict) or k not in train]
+    if missing:
+        raise EvaluateError(f"{path}: no {' or '.join(missing)} (run the train stage first)")
+    return str(train["run_id"]), float(train["test_ppl"])
+
+
+def load_inputs(paths: Paths) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Vocabulary, train and test streams; EvaluateError naming any missing file."""
+    files = [paths.processed_dir / n for n in ("vocab.json", "train.npy", "test.npy")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise EvaluateError(f"missing {', '.join(missing)} (run the tokenize stage first)")
+    try:
+        vocab = list(read_json(files[0])["tokens"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise EvaluateError(f"{files[0]}: not a vocabulary file ({err})") from None
+    train, test = (np.load(f, allow_pickle=False).astype(np.int64) for f in files[1:])
+    for path, stream in zip(files[1:], (train, test), strict=True):
+        if len(stream) == 0:
+            raise EvaluateError(f"{path}: the split is empty")
+    return vocab, train, test
+
+
+def load_model(path: Path, vocab: Sequence[str]) -> LanguageModel:
+    """The exported model; EvaluateError unless it exists and has the processed vocabulary."""
+    if not path.is_file():
+        raise EvaluateError(f"{path}: ONNX model not found (run the export stage first)")
+    try:
+        lm = LanguageModel(path)
+    except ModelLoadError as err:
+        raise EvaluateError(str(err)) from None
+    if lm.vocab != list(vocab):
+        raise EvaluateError(
+            f"{path}: its vocabulary ({lm.vocab_size} tokens) is not data/processed/vocab.json "
+            f"({len(vocab)} tokens): the model comes from another run of the pipeline"
+        )
+    return lm
+
+
+def run(
+    p: EvaluateParams, paths: Paths, ml: MlflowParams, eval_batch_size: int = 1
+) -> dict[str, Any]:
+    """Score the ONNX model and the baselines on the test split; write, log and return metrics.
+
+    Args:
+        eval_batch_size: `train.eval_batch_size`, the row layout of the PyTorch test figure.
+    """
+    vocab, train, test = load_inputs(paths)
+    run_id, torch_ppl = read_train_metrics(paths.metrics_dir)
+    model_path = paths.models_dir / ONNX_NAME
+    lm = load_model(model_path, vocab)
+    tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before the work
+
+    start = time.perf_counter()
+    rnn_ppl = lm.score_ids(test).ppl
+    rnn_seconds = time.perf_counter() - start
+    comparable = rnn_ppl if eval_batch_size == 1 else score_rows(lm, test, eval_batch_size)
+    rel_diff = check_agreement(comparable, torch_ppl, p.tolerance)
+
+    start = time.perf_counter()
+    kn = baselines.fit_kneser_ney(train, len(vocab), p.kn_order, p.kn_discount)
+    kn_ppl = baselines.perplexity(kn.logprobs(test))
+    kn_seconds = time.perf_counter() - start
+    unigram_ppl = baselines.perplexity(
+        baselines.unigram_logprobs(baselines.fit_unigram(train, len(vocab)), test)
+    )
+    stats = split_stats(test, n_docs=0)
+    metrics: dict[str, Any] = {
+        "test/rnn_ppl": round(rnn_ppl, 4),
+        "test/rnn_ppl_pytorch": torch_ppl,
+        "test/onnx_pytorch_rel_diff": float(f"{rel_diff:.3g}"),
+        "test/kn_ppl": round(kn_ppl, 4),
+        "test/unigram_ppl": round(unigram_ppl, 4),
+        "test/improvement_over_kn_pct": round(improvement_pct(rnn_ppl, kn_ppl), 4),
+        "test/oov_rate": stats["oov_rate"],
+        "test/tokens": len(test),
+    }
+
+    samples = generate_samples(lm, p)
+    header = (
+        f"# {len(samples)} prompt(s) x {p.samples_per_prompt} sample(s) of {p.sample_tokens} "
+        f"tokens from {model_path.name} (MLflow run {run_id}), seed {p.sample_seed}, "
+        f"temperature {p.sample_temperature:g}"
+    )
+    with staged_files(paths.metrics_dir) as staged:
+        write_json_atomic(staged / METRICS_NAME, metrics)
+        write_text_atomic(staged / SAMPLES_NAME, format_samples(samples, p.sample_prompts, header))
+
+    tracked.log_metrics(metrics)
+    tracked.set_tags(
+        {
+            "evaluate.kn_order": str(p.kn_order),
+            "evaluate.kn_discount": p.kn_discount,
+            "evaluate.kn_discounts": str(
+                {n: [round(d, 4) for d in ds] for n, ds in kn.discounts.items()}
+            ),
+        }
+    )
+    tracked.log_artifact(paths.metrics_dir / METRICS_NAME, ARTIFACT_DIR)
+    tracked.log_artifact(paths.metrics_dir / SAMPLES_NAME, ARTIFACT_DIR)
+    log.info(
+        "test perplexity: RNN (ONNX) %.2f [%.1fs; PyTorch %.2f, %.2g%% apart], Kneser-Ney "
+        "order %d %.2f [%.1fs], unigram %.2f; RNN vs KN %+.1f%%; OOV %.2f%%",
+        rnn_ppl,
+        rnn_seconds,
+        torch_ppl,
+        100 * rel_diff,
+        p.kn_order,
+        kn_ppl,
+        kn_seconds,
+        unigram_ppl,
+        -metrics["test/improvement_over_kn_pct"],
+        100 * metrics["test/oov_rate"],
+    )
+    return metrics
+
+
+def run_from_params(params: Params) -> dict[str, Any]:
+    return run(params.evaluate, params.paths, params.mlflow, params.train.eval_batch_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_argparser(__doc__.splitlines()[0]).parse_args(argv)
+    configure_logging()
+    try:
+        run_from_params(load_params(args.params))
+    except (ConfigError, EvaluateError, tracking.TrackingError) as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Baselines: add-one unigram and interpolated (modified) Kneser-Ney, against hand computations
+and a direct dictionary implementation of Chen & Goodman's recursion."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from rnnlm import baselines
+from rnnlm.text import EOS_ID
+
+# Vocabulary of the hand-computed case: 0 <unk>, 1 <eos>, 2 "a", 3 "b".
+A, B = 2, 3
+
+
+def zipf_stream(n: int, vocab_size: int, seed: int, used: int | None = None) -> np.ndarray:
+    """`n` ids drawn with p ~ 1/rank from the first `used` ids, an `<eos>` every ~6 tokens."""
+    rng = np.random.default_rng(seed)
+    used = used or vocab_size
+    weights = 1.0 / np.arange(1, used + 1)
+    stream = rng.choice(used, size=n, p=weights / weights.sum())
+    stream[rng.random(n) < 0.15] = EOS_ID
+    return stream.astype(np.int32)
+
+
+def reference_kn(
+    train: np.ndarray, vocab_size: int, order: int, modified: bool
+) -> Callable[[tuple[int, ...], int], float]:
+    """p(w | history) computed directly from count dictionaries (slow, obviously correct)."""
+    padded = [EOS_ID] * (order - 1) + [int(t) for t in train]
+    counts: dict[int, Counter[tuple[int, ...]]] = {
+        order: Counter(tuple(padded[i - order + 1 : i + 1]) for i in range(order - 1, len(padded)))
+    }
+    for n in range(order - 1, 0, -1):  # continuation counts: distinct left extensions
+        counts[n] = Counter(gram[1:] for gram in counts[n + 1])
+    by_context: dict[int, dict[tuple[int, ...], dict[int, int]]] = {}
+    discounts = {}
+    for n, grams in counts.items():
+        by_context[n] = defaultdict(dict)
+        for gram, c in grams.items():
+            by_context[n][gram[:-1]][gram[-1]] = c
+        values = Counter(grams.values())
+        discounts[n] = baselines.estimate_discounts([values[r] for r in range(1, 5)], modified)
+
+    def prob(n: int, history: tuple[int, ...], word: int) -> float:
+        if n == 0:
+            return 1.0 / vocab_size
+        following = by_context[n].get(history, {})
+        total = sum(following.values())
+        lower = prob(n - 1, history[1:], word)
+        if total == 0:
+            return lower
+        d = discounts[n]
+        alpha = max(following.get(word, 0) - d[min(following.get(word, 0), 3) - 1], 0) / total
+        gamma = sum(d[min(c, 3) - 1] for c in following.values()) / total
+        return alpha + gamma * lower
+
+    return lambda history, word: prob(order, history[len(history) - order + 1 :], word)
+
+
+def test_hand_computed_bigram_with_a_fixed_discount() -> None:
+    # "a b <eos> a <eos>", history <eos>: bigrams (<eos>,a) x2, (a,b), (b,<eos>), (a,<eos>).
+    # Continuation counts: a 1, b 1, <eos> 2, <unk> 0 (total 4; D = 0.5 leaves 0.375 to uniform).
+    lm = baselines.fit_kneser_ney(np.array([A, B, EOS_ID, A, EOS_ID]), 4, order=2, discount=0.5)
+    unigram = {0: 0.375 / 4, EOS_ID: 1.5 / 4 + 0.375 / 4, A: 0.5 / 4 + 0.375 / 4}
+    unigram[B] = unigram[A]
+    assert lm.distribution([0]) == pytest.approx([unigram[w] for w in range(4)])  # unseen
+    # After <eos>: c(<eos> a) = 2 of 2, one type, gamma = 0.5 * 1 / 2.
+    after_eos = [0.25 * unigram[w] + (1.5 / 2 if w == A else 0.0) for w in range(4)]
+    assert lm.distribution([EOS_ID]) == pytest.approx(after_eos)
+    assert lm.distribution([A]) == pytest.approx(
+        [0.5 * unigram[0], 0.5 / 2 + 0.5 * unigram[EOS_ID], 0.5 * unigram[A], 0.25 + 0.5 * 0.21875]
+    )
+    assert lm.distribution([A])[B] == pytest.approx(0.359375)
+    # The first token is predicted from <eos>, like datamodule.lm_pairs.
+    logprobs = lm.logprobs(np.array([A, B]))
+    assert np.exp(logprobs) == pytest.approx([0.8046875, 0.359375])
+    ppl = baselines.perplexity(logprobs)
+    assert ppl == pytest.approx((0.8046875 * 0.359375) ** -0.5)
+
+
+@pytest.mark.parametrize("discount", ["modified", "single", 0.8])
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_every_context_distribution_sums_to_one(order: int, discount: str | float) -> None:
+    vocab_size = 7
+    lm = baselines.fit_kneser_ney(
+        zipf_stream(400, vocab_size, 0, used=6), vocab_size, order, discount
+    )
+    for history in itertools.product(range(vocab_size), repeat=order - 1):
+        p = lm.distribution(history)
+        assert p.sum() == pytest.approx(1.0, abs=1e-12), history
+        assert (p > 0).all(), history  # the uniform floor: word 6 never occurs in training
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_vectorised_scores_match_the_direct_recursion(order: int) -> None:
+    vocab_size = 12
+    train = zipf_stream(2000, vocab_size, 1, used=11)
+    test = zipf_stream(300, vocab_size, 2)  # includes id 11, unseen in training
+    lm = baselines.fit_kneser_ney(train, vocab_size, order)
+    assert all(min(d) > baselines.MIN_DISCOUNT for d in lm.discounts.values())
+    assert len(set(lm.discounts[order])) == 3  # three distinct estimated discounts
+    reference = reference_kn(train, vocab_size, order, modified=True)
+    history = (EOS_ID,) * (order - 1) + tuple(int(t) for t in test)
+    expected = [math.log(reference(history[i : i + order - 1], int(w))) for i, w in enumerate(test)]
+    assert lm.logprobs(test) == pytest.approx(expected, abs=1e-12)
+    for i in (0, 1, 57, 299):  # and distribution() agrees with logprobs() position by position
+        assert math.log(lm.distribution(test[:i])[test[i]]) == pytest.approx(expected[i])
+
+
+def test_high_orders_keep_keys_small() -> None:
+    # Keys are id(prefix) * vocab_size + word with prefix ids < max(distinct n-grams, vocab):
+    # far below vocab_size ** order, so any order fits in int64.
+    vocab_size = 9000
+    lm = baselines.fit_kneser_ney(zipf_stream(5000, vocab_size, 3), vocab_size, order=6)
+    assert all(k.dtype == np.int64 and k.max() < vocab_size**2 for k in lm.keys.values())
+    assert np.isfinite(lm.logprobs(zipf_stream(200, vocab_size, 4))).all()
+
+
+def test_estimate_discounts() -> None:
+    y = 100 / 180
+    assert baselines.estimate_discounts([100, 40, 20, 10]) == pytest.approx(
+        (y, 2 - 3 * y * 20 / 40, 3 - 4 * y * 10 / 20)
+    )
+    assert baselines.estimate_discounts([100, 40, 20, 10], modified=False) == pytest.approx(
+        (y, y, y)
+    )
+    # No singletons or no doubletons: Y cannot be estimated.
+    fallback = baselines.FALLBACK_DISCOUNT
+    assert baselines.estimate_discounts([0, 5, 3, 1]) == (fallback,) * 3
+    # A zero in a later denominator: the modified estimates fall back to Y.
+    assert baselines.estimate_discounts([10, 5, 0, 1]) == pytest.approx((0.5, 0.5, 0.5))
+    # Out-of-range estimates are clipped: never 0 (no mass left) and never above the count.
+    d1, d2, d3 = baselines.estimate_discounts([10, 1, 100, 1])
+    assert d2 == baselines.MIN_DISCOUNT and 0 < d1 <= 1 and 0 < d3 <= 3
+
+
+def test_unigram_perplexity_of_a_uniform_stream_is_the_vocabulary_size() -> None:
+    vocab_size = 50
+    uniform = np.tile(np.arange(vocab_size), 4)
+    for add in (1.0, 0.0):
+        probs = baselines.fit_unigram(uniform, vocab_size, add=add)
+        ppl = baselines.perplexity(baselines.unigram_logprobs(probs, np.arange(vocab_size)))
+        assert ppl == pytest.approx(vocab_size, rel=1e-12)
+
+
+def test_unigram_is_add_one_with_unk_as_an_ordinary_token() -> None:
+    probs = baselines.fit_unigram(np.array([0, 0, 1, 2, 2, 2]), 5)
+    assert probs == pytest.approx(np.array([3, 2, 4, 1, 1]) / 11)
+
+
+def test_kneser_ney_beats_unigram_on_structured_text() -> None:
+    sentence = [2, 3, 4, 5, EOS_ID]  # a deterministic sentence: the bigram model nails it
+    train, test = np.array(sentence * 50), np.array(sentence * 3)
+    unigram = baselines.perplexity(
+        baselines.unigram_logprobs(baselines.fit_unigram(train, 8), test)
+    )
+    kn = baselines.perplexity(baselines.fit_kneser_ney(train, 8, 3).logprobs(test))
+    assert kn < 1.1 < 4 < unigram
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stream": np.array([0, 9])}, r"\[0, 5\)"),
+        ({"stream": np.array([-1])}, r"\[0, 5\)"),
+        ({"stream": np.array([], dtype=np.int64)}, "empty"),
+        ({"stream": np.array([[1, 2]])}, "1-D"),
+        ({"stream": np.array([1.0, 2.0])}, "integers"),
+        ({"order": 0}, "order = 0"),
+        ({"discount": 1.5}, r"\(0, 1\]"),
+        ({"discount": "kenlm"}, "'modified', 'single'"),
+    ],
+)
+def test_fit_rejects_bad_input(kwargs: dict, match: str) -> None:
+    args = {"stream": np.array([2, 3, 1]), "vocab_size": 5, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        baselines.fit_kneser_ney(**args)
+
+
+def test_logprobs_of_an_empty_stream_and_perplexity_of_nothing() -> None:
+    lm = baselines.fit_kneser_ney(np.array([2, 3, 1]), 5)
+    assert lm.logprobs(np.array([], dtype=np.int32)).shape == (0,)
+    with pytest.raises(ValueError, match="empty"):
+        baselines.perplexity(np.array([]))

@@ -1,0 +1,199 @@
+"""Stage `evaluate`: the ONNX model's test perplexity against PyTorch's, baselines, samples, MLflow.
+
+The end-to-end test trains the tiny model (`train.run_from_params` on `processed_tiny`), exports
+it (`export.run`) and evaluates it; the other tests need no trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rnnlm import baselines, evaluate, export, train
+from rnnlm.config import EvaluateParams, ExportParams, Params
+from rnnlm.datamodule import StreamWindows
+from rnnlm.inference import LanguageModel
+from tests.unit.test_export import build_net, write_model
+
+EVAL_PARAMS = EvaluateParams(
+    sample_prompts={"nation": "The nation", "people": "Our people will"},
+    sample_tokens=8,
+    samples_per_prompt=2,
+    sample_seed=11,
+)
+
+
+def torch_rows_ppl(net: torch.nn.Module, stream: np.ndarray, n_rows: int, bptt: int) -> float:
+    """Test perplexity as training's evaluation computes it with `n_rows` parallel rows."""
+    windows = StreamWindows(stream, n_rows, bptt)
+    state, nll = net.init_state(n_rows), 0.0
+    with torch.no_grad():
+        for inputs, targets in windows:
+            logits, state = net(inputs, state)
+            nll += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).double(),
+                    targets.reshape(-1),
+                    reduction="sum",
+                )
+            )
+    return math.exp(nll / windows.n_tokens)
+
+
+def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str) -> set[str]:
+    return {item.path for item in client.list_artifacts(run_id, path)}
+
+
+@pytest.fixture
+def exported(processed_tiny: Params) -> Params:
+    """`processed_tiny` with a trained (2 epochs) and exported (fp32 only) tiny LSTM."""
+    train.run_from_params(processed_tiny)
+    p = ExportParams(quantize=False, latency_tokens=5, registered_model_name=None)
+    export.run(p, processed_tiny.paths, processed_tiny.mlflow)
+    return processed_tiny
+
+
+def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -> None:
+    paths = exported.paths
+    train_metrics = json.loads((paths.metrics_dir / "train.json").read_text())
+    metrics = evaluate.run(EVAL_PARAMS, paths, exported.mlflow)
+
+    written = json.loads((paths.metrics_dir / "eval.json").read_text())
+    assert written == metrics
+    # The shipped ONNX model reproduces PyTorch's test perplexity (train stage) within 0.1%.
+    torch_ppl = train_metrics["test_ppl"]
+    assert metrics["test/rnn_ppl_pytorch"] == torch_ppl
+    assert metrics["test/rnn_ppl"] == pytest.approx(torch_ppl, rel=1e-3)
+    assert metrics["test/onnx_pytorch_rel_diff"] < 1e-4
+    # Baselines on the same split and vocabulary, recomputed here from the processed files.
+    vocab = json.loads((paths.processed_dir / "vocab.json").read_text())["tokens"]
+    train_ids = np.load(paths.processed_dir / "train.npy")
+    test_ids = np.load(paths.processed_dir / "test.npy")
+    kn = baselines.fit_kneser_ney(train_ids, len(vocab), order=3)
+    unigram = baselines.fit_unigram(train_ids, len(vocab))
+    expected_kn = baselines.perplexity(kn.logprobs(test_ids))
+    assert metrics["test/kn_ppl"] == pytest.approx(expected_kn, abs=1e-4)
+    assert metrics["test/unigram_ppl"] == pytest.approx(
+        baselines.perplexity(baselines.unigram_logprobs(unigram, test_ids)), abs=1e-4
+    )
+    assert 1 < metrics["test/kn_ppl"] < metrics["test/unigram_ppl"] < len(vocab)
+    assert metrics["test/improvement_over_kn_pct"] == pytest.approx(
+        100 * (1 - metrics["test/rnn_ppl"] / expected_kn), abs=1e-3
+    )
+    stats = json.loads((paths.processed_dir / "stats.json").read_text())
+    assert metrics["test/oov_rate"] == stats["test"]["oov_rate"] > 0
+    assert metrics["test/tokens"] == len(test_ids) == stats["test"]["tokens"]
+
+    # Samples: a header, each prompt, its samples; reproducible from the seed.
+    samples = (paths.metrics_dir / "samples.txt").read_text()
+    assert "seed 11" in samples and train_metrics["run_id"] in samples
+    lm = LanguageModel(paths.models_dir / "model.onnx")
+    for name, prompt in EVAL_PARAMS.sample_prompts.items():
+        assert f"## {name}: {prompt!r}" in samples
+        texts = lm.generate(prompt, max_tokens=8, seed=11, num_samples=2)
+        for i, text in enumerate(texts, start=1):
+            assert text.startswith(prompt)
+            assert f"\n{i}. {text}\n" in samples
+
+    # The same metrics, both files and the baseline's settings are in the training run.
+    client = mlflow.MlflowClient(exported.mlflow.tracking_uri)
+    run = client.get_run(train_metrics["run_id"])
+    for key, value in metrics.items():
+        assert run.data.metrics[key] == pytest.approx(value), key
+    assert run.data.metrics["test/ppl"] == pytest.approx(torch_ppl, rel=1e-4)  # from train
+    assert run.data.tags["evaluate.kn_order"] == "3"
+    assert run.data.tags["evaluate.kn_discount"] == "modified"
+    assert _artifacts(client, run.info.run_id, "evaluation") == {
+        "evaluation/eval.json",
+        "evaluation/samples.txt",
+    }
+
+    # With train.eval_batch_size > 1 the check compares like with like (rows, zero states).
+    net = export.load_checkpoint(paths.models_dir / "model.ckpt")
+    rows_ppl = torch_rows_ppl(net, test_ids, n_rows=3, bptt=8)
+    assert evaluate.score_rows(lm, test_ids, 3, window=5) == pytest.approx(rows_ppl, rel=1e-5)
+    assert evaluate.score_rows(lm, test_ids, 1) == pytest.approx(lm.score_ids(test_ids).ppl)
+    (paths.metrics_dir / "train.json").write_text(
+        json.dumps({**train_metrics, "test_ppl": round(rows_ppl, 4)})
+    )
+    rows_metrics = evaluate.run(EVAL_PARAMS, paths, exported.mlflow, eval_batch_size=3)
+    assert rows_metrics["test/rnn_ppl"] == metrics["test/rnn_ppl"]  # still the whole stream
+    assert rows_metrics["test/onnx_pytorch_rel_diff"] < 1e-4
+
+    # A PyTorch figure 0.2% away fails the stage and leaves its outputs as they were.
+    before = {
+        name: (paths.metrics_dir / name).read_bytes() for name in ("eval.json", "samples.txt")
+    }
+    (paths.metrics_dir / "train.json").write_text(
+        json.dumps({**train_metrics, "test_ppl": torch_ppl * 1.002})
+    )
+    with pytest.raises(evaluate.EvaluateError, match=r"by 0\.2\d*% > evaluate\.tolerance = 0\.1%"):
+        evaluate.run(EVAL_PARAMS, paths, exported.mlflow)
+    assert {name: (paths.metrics_dir / name).read_bytes() for name in before} == before
+    loose = EvaluateParams(tolerance=0.01, sample_prompts={}, kn_order=2)
+    assert evaluate.run(loose, paths, exported.mlflow)["test/kn_ppl"] != metrics["test/kn_ppl"]
+
+
+def test_check_agreement() -> None:
+    assert evaluate.check_agreement(100.05, 100.0, 1e-3) == pytest.approx(5e-4)
+    with pytest.raises(evaluate.EvaluateError, match=r"100\.2000 differs from PyTorch's 100\.0000"):
+        evaluate.check_agreement(100.2, 100.0, 1e-3)
+    with pytest.raises(evaluate.EvaluateError):
+        evaluate.check_agreement(math.nan, 100.0, 1e-3)
+
+
+def test_improvement_and_samples_format() -> None:
+    assert evaluate.improvement_pct(80.0, 100.0) == pytest.approx(20.0)
+    assert evaluate.improvement_pct(120.0, 100.0) == pytest.approx(-20.0)
+    text = evaluate.format_samples({"a": ["One.", "Two."]}, {"a": "the prompt"}, "# header")
+    assert text == "# header\n\n## a: 'the prompt'\n1. One.\n2. Two.\n"
+
+
+def test_onnx_file_name_matches_the_export_stage() -> None:
+    assert evaluate.ONNX_NAME == export.ONNX_NAME
+
+
+def test_missing_inputs_are_named(processed_tiny: Params, tmp_path: Path) -> None:
+    paths, ml = processed_tiny.paths, processed_tiny.mlflow
+    with pytest.raises(evaluate.EvaluateError, match=r"train\.json: not found"):
+        evaluate.run(EVAL_PARAMS, paths, ml)
+    (paths.metrics_dir).mkdir(parents=True, exist_ok=True)
+    (paths.metrics_dir / "train.json").write_text(json.dumps({"run_id": "abc"}))
+    with pytest.raises(evaluate.EvaluateError, match=r"no test_ppl \(run the train stage first\)"):
+        evaluate.run(EVAL_PARAMS, paths, ml)
+    (paths.metrics_dir / "train.json").write_text(json.dumps({"run_id": "abc", "test_ppl": 5.0}))
+    with pytest.raises(evaluate.EvaluateError, match=r"not found \(run the export stage first\)"):
+        evaluate.run(EVAL_PARAMS, paths, ml)
+    # A model exported from another vocabulary is refused before anything is scored.
+    write_model(paths.models_dir / "model.onnx", build_net())
+    with pytest.raises(evaluate.EvaluateError, match=r"vocabulary .* is not data/processed"):
+        evaluate.run(EVAL_PARAMS, paths, ml)
+    (paths.processed_dir / "test.npy").unlink()
+    with pytest.raises(evaluate.EvaluateError, match=r"test\.npy \(run the tokenize stage first\)"):
+        evaluate.run(EVAL_PARAMS, paths, ml)
+    assert not (paths.metrics_dir / "eval.json").exists()
+
+
+def test_main_reports_a_missing_model(
+    processed_tiny: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = processed_tiny.paths
+    paths.metrics_dir.mkdir(parents=True, exist_ok=True)
+    (paths.metrics_dir / "train.json").write_text(json.dumps({"run_id": "abc", "test_ppl": 5.0}))
+    raw = {
+        "paths": {k: str(v) for k, v in paths.__dict__.items()},
+        "mlflow": {"tracking_uri": processed_tiny.mlflow.tracking_uri},
+    }
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--params", str(params_file)])
+    assert exit_.value.code == 1
+    assert "ONNX model not found (run the export stage first)" in caplog.text
