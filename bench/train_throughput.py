@@ -25,6 +25,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from rnnlm import tracking, train
 from rnnlm.config import MlflowParams, TrainParams
@@ -119,8 +120,13 @@ def lightning_loop(
     trainer, _ = train.build_trainer(
         t, store / "ckpt", tracked.lightning_logger(), train.EpochSummary()
     )
+    # Stopping mid-epoch, there is no validation: drop the callbacks that monitor it (they only
+    # act at epoch end, so the per-step path is unchanged).
+    trainer.callbacks = [
+        c for c in trainer.callbacks if not isinstance(c, EarlyStopping | ModelCheckpoint)
+    ]
     trainer.callbacks.append(timer)
-    trainer.fit_loop.max_steps = args.warmup + args.steps
+    trainer.fit_loop.epoch_loop.max_steps = args.warmup + args.steps
     trainer.limit_val_batches = 0
     trainer.fit(module, datamodule=datamodule)
     return timer.tokens / (timer.end - timer.start)
