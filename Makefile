@@ -8,7 +8,7 @@ STAMP := $(VENV)/.rnnlm-installed
 # dvc.yaml's commands say `python -m rnnlm...`: the venv's python must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast e2e lint format bench clean-venv mlflow-ui
+.PHONY: install repro test test-fast e2e lint format clean-venv mlflow-ui mlflow-server
 
 install: $(STAMP)
 
@@ -42,6 +42,13 @@ format: install
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts
+
+# A local tracking server (SQLite backend, proxied artifacts); then, in another shell:
+#   MLFLOW_TRACKING_URI=http://127.0.0.1:5000 make repro
+mlflow-server: install
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
+		--artifacts-destination ./mlruns/server-artifacts --serve-artifacts \
+		--host 127.0.0.1 --port 5000
 
 clean-venv:
 	rm -rf $(VENV)
