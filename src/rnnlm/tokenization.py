@@ -40,6 +40,14 @@ from rnnlm.text import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+# Every file the stage writes into processed_dir (dvc.yaml declares the same list).
+OUTPUTS = (
+    "vocab.json",
+    "tokenizer.json",
+    "splits.json",
+    *(f"{split}.npy" for split in SPLITS),
+    "stats.json",
+)
 # Files in NLTK corpus packages that describe the corpus rather than belong to it.
 NON_DOCUMENTS = frozenset({"README", "README.txt", "LICENSE", "LICENSE.txt", "CONTENTS"})
 

@@ -16,21 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rnnlm import tokenization
 from rnnlm.download import MIRROR_ENV
 from tests.fixtures import TINY_ID, encode_docs, serve_directory
 
 pytestmark = pytest.mark.e2e
 
 ZIP_PATH = f"/packages/corpora/{TINY_ID}.zip"
-PROCESSED = (
-    "vocab.json",
-    "tokenizer.json",
-    "splits.json",
-    "train.npy",
-    "validation.npy",
-    "test.npy",
-    "stats.json",
-)
+PROCESSED = tokenization.OUTPUTS
 SPLITS = ("train", "validation", "test")
 
 

@@ -47,15 +47,7 @@ from rnnlm.tokenization import (
 )
 from tests.fixtures import LATIN1_DOC, README, TINY_ID, encode_docs, write_files
 
-OUTPUTS = (
-    "vocab.json",
-    "tokenizer.json",
-    "splits.json",
-    "train.npy",
-    "validation.npy",
-    "test.npy",
-    "stats.json",
-)
+OUTPUTS = tokenization.OUTPUTS
 NAMES = ["Smith", "Jones", "Brown", "Green", "White"]
 NOUNS = ["people", "river", "city", "farmer", "school", "bridge"]
 VERBS = ["saw", "built", "liked", "helped"]
