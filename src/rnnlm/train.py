@@ -228,7 +228,7 @@ def build_trainer(
         enable_progress_bar=interactive,
         enable_model_summary=interactive,
         num_sanity_val_steps=0,
-        deterministic="warn",
+        deterministic=t.deterministic,
         # Windows must reach each process in order (the state is carried across them): the
         # datamodule shards rows per process itself instead of a shuffling DistributedSampler.
         use_distributed_sampler=False,
