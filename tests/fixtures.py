@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import yaml
+
+from rnnlm.config import Params
+
 TINY_ID = "tinycorpus"
 # The upstream host a generated index names; tests must never reach it (.invalid never resolves).
 UPSTREAM = "https://example.invalid/"
@@ -292,3 +296,13 @@ def unused_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def write_stage_params(params: Params, path: Path) -> Path:
+    """A params.yaml holding `params`' paths and tracking URI, for a stage's `main(--params)`."""
+    raw = {
+        "paths": {k: str(v) for k, v in params.paths.__dict__.items()},
+        "mlflow": {"tracking_uri": params.mlflow.tracking_uri},
+    }
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -14,12 +14,12 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from rnnlm import baselines, evaluate, export, train
 from rnnlm.config import EvaluateParams, ExportParams, Params
 from rnnlm.datamodule import StreamWindows
 from rnnlm.inference import LanguageModel
+from tests.fixtures import write_stage_params
 from tests.unit.test_export import build_net, write_model
 
 EVAL_PARAMS = EvaluateParams(
@@ -187,12 +187,7 @@ def test_main_reports_a_missing_model(
     paths = processed_tiny.paths
     paths.metrics_dir.mkdir(parents=True, exist_ok=True)
     (paths.metrics_dir / "train.json").write_text(json.dumps({"run_id": "abc", "test_ppl": 5.0}))
-    raw = {
-        "paths": {k: str(v) for k, v in paths.__dict__.items()},
-        "mlflow": {"tracking_uri": processed_tiny.mlflow.tracking_uri},
-    }
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
+    params_file = write_stage_params(processed_tiny, tmp_path / "params.yaml")
     with pytest.raises(SystemExit) as exit_:
         evaluate.main(["--params", str(params_file)])
     assert exit_.value.code == 1

@@ -30,6 +30,7 @@ from rnnlm.inference import (
 )
 from rnnlm.model import RNNLM, RNNLMConfig
 from rnnlm.text import EOS, UNK, TextTokenizer
+from tests.fixtures import write_stage_params
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 WORDS = [
@@ -346,14 +347,7 @@ def test_without_quantize_no_stale_int8_and_no_registration(trained_layout: Para
 def test_main_reports_a_missing_checkpoint(
     processed_tiny: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import yaml
-
-    raw = {
-        "paths": {k: str(v) for k, v in processed_tiny.paths.__dict__.items()},
-        "mlflow": {"tracking_uri": processed_tiny.mlflow.tracking_uri},
-    }
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
+    params_file = write_stage_params(processed_tiny, tmp_path / "params.yaml")
     with pytest.raises(SystemExit) as exit_:
         export.main(["--params", str(params_file)])
     assert exit_.value.code == 1
