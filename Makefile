@@ -45,10 +45,12 @@ mlflow-ui: install
 
 # A local tracking server (SQLite backend, proxied artifacts); then, in another shell:
 #   MLFLOW_TRACKING_URI=http://127.0.0.1:5000 make repro
+# Another port: make mlflow-server MLFLOW_PORT=5001
+MLFLOW_PORT ?= 5000
 mlflow-server: install
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
 		--artifacts-destination ./mlruns/server-artifacts --serve-artifacts \
-		--host 127.0.0.1 --port 5000
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean-venv:
 	rm -rf $(VENV)
