@@ -178,3 +178,22 @@ def experiment_runs(project: Path, name: str = EXPERIMENT) -> list[Any]:
     return client.search_runs(
         [experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=100
     )
+
+
+def cached_outputs(project: Path) -> list[str]:
+    """The outs of dvc.yaml that DVC caches, so `dvc push`/`dvc pull` move them, `${...}` resolved.
+
+    Outs, metrics and plots declared with `cache: false` are left out: git carries those.
+    """
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    stages = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    names: list[str] = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+                if (options or {}).get("cache", True):
+                    names.append(
+                        re.sub(r"\$\{([^}]+)\}", lambda m: _lookup(params, m[1].strip()), path)
+                    )
+    return names
