@@ -4,8 +4,13 @@
   which (`LATIN1_DOC`) is meant to be stored in Latin-1; `encode_docs` gives the on-disk bytes.
 - `build_nltk_mirror` writes a folder laid out like the NLTK data server (index.xml with sizes
   and MD5s, packages/<subdir>/<id>.zip holding `<id>/<file>` members).
+- `fill_disk` makes binary writes through pathlib below a folder fail with ENOSPC once a
+  number of bytes were written, as on a full disk.
 - `serve_directory` serves a folder over loopback HTTP, records request paths and can inject
-  faults (HTTP error codes, a truncated body) per path.
+  faults per path: HTTP error codes, and a body cut off half-way by a clean close
+  (`SHORT_BODY`), a connection reset (`RESET`) or a stall (`STALL`).
+- `mlflow_server` runs a real `mlflow server` (this venv's, `make mlflow-server`'s flags) on a
+  free loopback port with its SQLite store and proxied artifacts in a folder; stops it on exit.
 
 Import with `from tests.fixtures import ...`; conftest.py turns the common cases into fixtures.
 """
@@ -13,21 +18,32 @@ Import with `from tests.fixtures import ...`; conftest.py turns the common cases
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
+import os
 import random
+import signal
 import socket
+import struct
+import subprocess
+import sys
 import textwrap
 import threading
+import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import IO, Any
 
+import pytest
 import yaml
 
 from rnnlm.config import Params
@@ -38,8 +54,13 @@ UPSTREAM = "https://example.invalid/"
 README = "README"
 # The first document; stored in Latin-1 so that it is not valid UTF-8.
 LATIN1_DOC = "1990-Dubois.txt"
-# A fault code for `MirrorServer.faults`: promise the full Content-Length, send half, hang up.
-SHORT_BODY = -1
+# Fault codes for `MirrorServer.faults` besides HTTP statuses. Each answers 200 with the full
+# Content-Length and half the body, then:
+SHORT_BODY = -1  # closes the connection cleanly (the client sees end-of-file)
+RESET = -2  # resets it (RST, as SO_LINGER 0 makes close() send), like a crashed proxy
+STALL = -3  # sends nothing more until the server shuts down: longer than any test timeout
+# A stalled answer gives up after this long even if the server is never shut down.
+STALL_MAX_S = 60.0
 
 SURNAMES = [
     "Dubois", "Smith", "Johnson", "Garcia", "Miller", "Brown", "Davis", "Wilson",
@@ -234,13 +255,16 @@ def build_nltk_mirror(
 class MirrorServer:
     """A running loopback server: its base URL, the paths requested, and faults to inject.
 
-    `faults` maps a request path (e.g. "/packages/corpora/x.zip") to status codes answered, one
-    per request, before the file is served normally; `SHORT_BODY` sends a truncated body.
+    `faults` maps a request path (e.g. "/packages/corpora/x.zip") to codes answered, one per
+    request, before the file is served normally: an HTTP status, or SHORT_BODY, RESET or STALL
+    for a body that breaks off half-way.
     """
 
     url: str
     requests: list[str] = field(default_factory=list)
     faults: dict[str, list[int]] = field(default_factory=dict)
+    # Set on shutdown, to release STALLed answers.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def count(self, path: str) -> int:
         """How many times `path` was requested."""
@@ -256,17 +280,28 @@ class _MirrorHandler(SimpleHTTPRequestHandler):
         pending = self.state.faults.get(path)
         if pending:
             code = pending.pop(0)
-            if code == SHORT_BODY:
-                data = Path(self.translate_path(self.path)).read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data[: len(data) // 2])
-                self.close_connection = True
+            if code in (SHORT_BODY, RESET, STALL):
+                self._break_off(code)
             else:
                 self.send_error(code)
             return
         super().do_GET()
+
+    def _break_off(self, code: int) -> None:
+        """Promise the whole file, send half of it, then close, reset or stall."""
+        data = Path(self.translate_path(self.path)).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.close_connection = True
+        if code == STALL:
+            self.state.stopping.wait(STALL_MAX_S)
+        elif code == RESET:
+            # Linger 0: close() drops the connection with an RST instead of a FIN. Closing here,
+            # before the server's own shutdown(SHUT_WR), keeps a FIN from going out first.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
 
     def log_message(self, format: str, *args: object) -> None:
         """Keep test output quiet."""
@@ -286,9 +321,59 @@ def serve_directory(root: Path) -> Iterator[MirrorServer]:
     try:
         yield state
     finally:
+        state.stopping.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+class _FillingFile:
+    """A binary file being written on a disk with `room[0]` bytes free (shared by all its files).
+
+    A write that does not fit writes what fits, then fails with ENOSPC as the OS would.
+    """
+
+    def __init__(self, fh: IO[bytes], room: list[int]) -> None:
+        self._fh = fh
+        self._room = room
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        fits = min(len(view), self._room[0])
+        self._fh.write(view[:fits])
+        self._room[0] -= fits
+        if fits < len(view):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fits
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+    def __enter__(self) -> _FillingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+
+def fill_disk(monkeypatch: pytest.MonkeyPatch, under: Path, room: int = 0) -> None:
+    """Act as if the disk holding `under` had `room` bytes free, for files opened there later.
+
+    Patches `Path.open`, through which every write of rnnlm.files and rnnlm.download goes
+    (`write_bytes`, `np.save` into an opened file, extraction); binary write modes only.
+    """
+    real_open = Path.open
+    left = [room]
+    root = under.resolve()
+
+    def open_filling(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        fh = real_open(self, mode, *args, **kwargs)
+        writing = "b" in mode and any(flag in mode for flag in "wax+")
+        if writing and self.resolve().is_relative_to(root):
+            return _FillingFile(fh, left)
+        return fh
+
+    monkeypatch.setattr(Path, "open", open_filling)
 
 
 def unused_port() -> int:
@@ -296,6 +381,100 @@ def unused_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@dataclass
+class MlflowServer:
+    """A running `mlflow server`: its URL, its data folder and its log."""
+
+    url: str
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "server.log"
+
+    @property
+    def artifacts(self) -> Path:
+        """Where the server stores the artifacts clients upload through it."""
+        return self.root / "artifacts"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Terminate the server and its workers (its own process group); wait for them."""
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=timeout)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, start_timeout: float = 120.0) -> Iterator[MlflowServer]:
+    """Run `mlflow server` as `make mlflow-server` does, its data in `root`; stop it on exit.
+
+    SQLite backend `root/server.db`, artifacts proxied by the server (`--serve-artifacts`) into
+    `root/artifacts`, 127.0.0.1 on a free port, one worker. Waits until /health answers (at most
+    `start_timeout` seconds: the first start creates the schema, slow on a busy machine) and
+    fails with the tail of the server's log when it does not.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{unused_port()}"
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        url.rsplit(":", 1)[1],
+        "--workers",
+        "1",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    with (root / "server.log").open("wb") as log:
+        # Its own process group (session), so that stop() reaches the workers too.
+        process = subprocess.Popen(
+            command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = MlflowServer(url=url, root=root, process=process)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not _healthy(url):
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with {process.returncode} before answering "
+                    f"{url}/health; its log (tail):\n{server.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not answer {url}/health within {start_timeout:.0f} s; "
+                    f"its log (tail):\n{server.log_tail()}"
+                )
+            time.sleep(0.5)
+        yield server
+    finally:
+        server.stop()
 
 
 def write_stage_params(params: Params, path: Path) -> Path:
