@@ -271,10 +271,14 @@ class _Progress:
 
 
 def _copy_stream(src: BinaryIO, dest: Path, progress: _Progress) -> tuple[int, str]:
-    """Copy `src` to `dest` in chunks; return (bytes written, hex MD5)."""
+    """Copy `src` to `dest` in chunks; return (bytes written, hex MD5).
+
+    A failure to write `dest` (a full temporary folder) is a WriteError, never retried; errors
+    reading `src` pass through for the caller to judge.
+    """
     digest = hashlib.md5(usedforsecurity=False)
     done = 0
-    with dest.open("wb") as out:
+    with files.writing(dest), dest.open("wb") as out:
         while chunk := src.read(CHUNK_BYTES):
             out.write(chunk)
             digest.update(chunk)
@@ -317,6 +321,8 @@ def _copy_local(path: Path, dest: Path) -> str:
         with path.open("rb") as src:
             # Local copies are fast: no bar.
             _, md5 = _copy_stream(src, dest, _Progress(path.name, None, enabled=False))
+    except files.WriteError:
+        raise
     except FileNotFoundError:
         raise DownloadError(f"{path}: file not found") from None
     except OSError as err:
@@ -477,7 +483,11 @@ def run(p: CorpusParams, paths: Paths) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point: run the stage; exit 1 with a one-line message on a known failure."""
+    """CLI entry point: run the stage; exit 1 with a one-line message on a known failure.
+
+    Known failures: the corpus cannot be fetched or verified, bad params, and OSErrors (a full
+    disk, an unwritable data/raw/), reported with the path and the OS's reason.
+    """
     args = stage_argparser("Stage download: fetch an NLTK corpus into data/raw/.").parse_args(argv)
     files.configure_logging()
     try:
@@ -485,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
         run(params.corpus, params.paths)
     except (DownloadError, ConfigError) as err:
         log.error("download failed: %s", err)
+        raise SystemExit(1) from None
+    except OSError as err:
+        log.error("download failed: %s", files.describe_os_error(err))
         raise SystemExit(1) from None
 
 

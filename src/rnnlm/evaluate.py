@@ -48,6 +48,7 @@ from rnnlm.config import (
 )
 from rnnlm.files import (
     configure_logging,
+    describe_os_error,
     read_json,
     staged_files,
     write_json_atomic,
@@ -275,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         run_from_params(load_params(args.params))
     except (ConfigError, EvaluateError, tracking.TrackingError) as err:
         log.error("%s", err)
+        raise SystemExit(1) from None
+    except OSError as err:  # a full disk, an unwritable folder: path + reason
+        log.error("%s", describe_os_error(err))
         raise SystemExit(1) from None
 
 

@@ -57,7 +57,13 @@ from rnnlm.config import (
     load_params,
     stage_argparser,
 )
-from rnnlm.files import configure_logging, read_json, staged_files, write_json_atomic
+from rnnlm.files import (
+    configure_logging,
+    describe_os_error,
+    read_json,
+    staged_files,
+    write_json_atomic,
+)
 from rnnlm.inference import (
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -590,8 +596,11 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     try:
         run_from_params(load_params(args.params))
-    except (ConfigError, ExportError, tracking.TrackingError, FileNotFoundError) as err:
+    except (ConfigError, ExportError, tracking.TrackingError) as err:
         log.error("%s", err)
+        raise SystemExit(1) from None
+    except OSError as err:  # a missing input, a full disk, an unwritable folder: path + reason
+        log.error("%s", describe_os_error(err))
         raise SystemExit(1) from None
 
 

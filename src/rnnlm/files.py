@@ -3,11 +3,16 @@
 A stage that fails half-way must leave no half-written output behind: each write goes to a
 temporary sibling first and is renamed into place only when complete (rename is atomic on POSIX
 within one filesystem).
+
+When the disk is full or a folder cannot be written, the helpers raise `WriteError`, an OSError
+that names the output (never its temporary) and keeps the OS's reason; a stage's `main` turns it,
+like any OSError, into one line with `describe_os_error`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -20,6 +25,89 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# Errors that only a write can cause: blamed on the output even when the OS names no file (a
+# failing `write()` on an open file does not).
+WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class WriteError(OSError):
+    """An output could not be written: `filename` is the output, `strerror` the OS's reason."""
+
+
+def write_error(err: OSError, output: Path) -> WriteError:
+    """`err` (from writing `output` or its temporary) as a WriteError that names `output`."""
+    return WriteError(err.errno, err.strerror or str(err), str(output))
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a stage's exit message: which path, and the OS's reason (no traceback).
+
+    "cannot write data/processed/train.npy: No space left on device" for a WriteError;
+    "<path>: <reason>" for other OSErrors that carry a path; the error's own text otherwise.
+    """
+    if isinstance(err, WriteError):
+        line = f"cannot write {err.filename}: {err.strerror}"
+    elif err.strerror is None:
+        line = str(err)
+    else:
+        names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+        line = f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
+    return line.replace("\n", " ")
+
+
+def _blamed_output(err: OSError, staging: Path, output: Path) -> Path | None:
+    """The output a failure in the body of a staged write concerns; None if it is not a write.
+
+    A path the error names inside `staging` maps to the same place inside `output`. An error
+    that names no path at all counts only when it is write-only (ENOSPC, EROFS, ...), so a read
+    error in the body (a missing input, a reset connection) passes through unchanged, and so
+    does an error about some other file, which names that file.
+    """
+    names = [n for n in (err.filename2, err.filename) if isinstance(n, str | bytes | os.PathLike)]
+    for name in names:  # filename2 first: it is the destination of a failed copy
+        path = Path(os.fsdecode(name))
+        if path.is_relative_to(staging):
+            return output / path.relative_to(staging)
+    if not names and err.errno in WRITE_ONLY_ERRNOS:
+        return output
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: Path, output: Path | None = None) -> Iterator[None]:
+    """Re-raise the block's failures to write `path` as WriteError naming `output` (or `path`).
+
+    `path` may be a temporary (file or folder) that stands for `output`; see `_blamed_output`
+    for which errors count as failures to write it. Other errors pass through unchanged.
+    """
+    path = Path(path)
+    try:
+        yield
+    except OSError as err:
+        blamed = _blamed_output(err, path, Path(output) if output is not None else path)
+        if blamed is None:
+            raise
+        raise write_error(err, blamed) from err
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename `tmp` onto `target`; a folder already there is set aside and restored on failure.
+
+    os.replace cannot replace a non-empty folder, and deleting the old one first would lose it
+    if the rename then failed.
+    """
+    if not target.is_dir() or target.is_symlink():
+        os.replace(tmp, target)
+        return
+    old = tmp.with_name(f"{tmp.stem}.old.tmp")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -37,19 +125,25 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success rename it onto `target`.
 
     Works for files and folders. On any exception the temporary is removed and `target` is
-    left as it was.
+    left as it was. Failures to write (disk full, an unwritable or missing folder) are raised as
+    WriteError naming `target`.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise write_error(err, target) from err
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()  # the caller decides whether it is a file or a folder
     try:
-        yield tmp
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        with writing(tmp, target):
+            yield tmp
+        try:
+            _swap_in(tmp, target)
+        except OSError as err:
+            raise write_error(err, target) from err
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -63,14 +157,24 @@ def staged_files(dest_dir: Path) -> Iterator[Path]:
 
     For stages with several outputs in one folder: nothing reaches `dest_dir` unless every file
     was written, and files of `dest_dir` that the stage does not write (DVC's .gitignore) stay.
+    Write failures are raised as WriteError naming the file in `dest_dir`, not the staged one.
     """
     dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".tmp", dir=dest_dir.parent))
     try:
-        yield stage
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        stage = Path(
+            tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".tmp", dir=dest_dir.parent)
+        )
+    except OSError as err:
+        raise write_error(err, dest_dir) from err
+    try:
+        with writing(stage, dest_dir):
+            yield stage
         for item in sorted(stage.iterdir()):
-            os.replace(item, dest_dir / item.name)
+            try:
+                os.replace(item, dest_dir / item.name)
+            except OSError as err:
+                raise write_error(err, dest_dir / item.name) from err
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

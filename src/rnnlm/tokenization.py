@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from rnnlm.config import ConfigError, Paths, TokenizeParams, load_params, stage_argparser
-from rnnlm.files import configure_logging, save_npy_atomic, staged_files, write_json_atomic
+from rnnlm.files import (
+    configure_logging,
+    describe_os_error,
+    save_npy_atomic,
+    staged_files,
+    write_json_atomic,
+)
 from rnnlm.text import (
     EOS_ID,
     SPECIAL_TOKENS,
@@ -177,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         run(params.tokenize, params.paths, params.corpus.name)
     except (ConfigError, TokenizeError) as err:
         log.error("%s", err)
+        raise SystemExit(1) from None
+    except OSError as err:  # an unreadable corpus, a full disk, an unwritable folder
+        log.error("%s", describe_os_error(err))
         raise SystemExit(1) from None
 
 

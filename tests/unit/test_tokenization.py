@@ -7,6 +7,7 @@ Pure helpers are tested on hand-made inputs; `run` and `main` on the synthetic `
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -21,7 +22,8 @@ import yaml
 from nltk.tokenize.punkt import PunktParameters
 
 from rnnlm import tokenization
-from rnnlm.config import Params, TokenizeParams
+from rnnlm.config import Params, Paths, TokenizeParams
+from rnnlm.files import WriteError, describe_os_error
 from rnnlm.text import (
     EOS,
     EOS_ID,
@@ -45,7 +47,7 @@ from rnnlm.tokenization import (
     list_documents,
     split_stats,
 )
-from tests.fixtures import LATIN1_DOC, README, TINY_ID, encode_docs, write_files
+from tests.fixtures import LATIN1_DOC, README, TINY_ID, encode_docs, fill_disk, write_files
 
 OUTPUTS = tokenization.OUTPUTS
 NAMES = ["Smith", "Jones", "Brown", "Green", "White"]
@@ -513,6 +515,43 @@ def test_write_failure_keeps_previous_outputs(
     assert leftovers(out.parent) == [] and leftovers(out) == []
 
 
+NO_SPACE = os.strerror(errno.ENOSPC)
+
+
+def test_disk_full_mid_file_keeps_previous_outputs(
+    processed_tiny: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = processed_tiny.paths.processed_dir
+    before = read_outputs(out)
+    params = dataclasses.replace(processed_tiny.tokenize, min_freq=1)  # a larger vocabulary
+    elsewhere = dataclasses.replace(processed_tiny.paths, processed_dir=tmp_path / "elsewhere")
+    tokenization.run(params, elsewhere, TINY_ID)
+    new = read_outputs(elsewhere.processed_dir)
+    assert new["vocab.json"] != before["vocab.json"] and new["train.npy"] != before["train.npy"]
+    # OUTPUTS is in writing order: room for the files before train.npy and half of it.
+    first = OUTPUTS[: OUTPUTS.index("train.npy")]
+    fill_disk(monkeypatch, out.parent, room=sum(len(new[n]) for n in first) + 1000)
+    with pytest.raises(WriteError) as err:
+        tokenization.run(params, processed_tiny.paths, TINY_ID)
+    assert describe_os_error(err.value) == f"cannot write {out / 'train.npy'}: {NO_SPACE}"
+    assert read_outputs(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    assert leftovers(out.parent) == [] and leftovers(out) == []
+
+
+def test_processed_dir_under_a_regular_file(processed_tiny: Params, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    paths = dataclasses.replace(processed_tiny.paths, processed_dir=blocker / "processed")
+    with pytest.raises(WriteError) as err:
+        tokenization.run(processed_tiny.tokenize, paths, TINY_ID)
+    assert describe_os_error(err.value) == (
+        f"cannot write {blocker / 'processed'}: {os.strerror(errno.ENOTDIR)}"
+    )
+    assert blocker.read_text() == "a file where a folder should be"
+    assert leftovers(tmp_path) == []
+
+
 def _write_params(tmp_path: Path, corpus_name: str, extra: str = "") -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(
@@ -536,6 +575,57 @@ def test_main_missing_corpus_exits_1_with_clear_message(
     )
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "processed").exists()
+
+
+def _stage_params(paths: Paths, path: Path) -> Path:
+    """A params file for `main` with these paths and the tiny corpus."""
+    raw = {"paths": {k: str(v) for k, v in vars(paths).items()}, "corpus": {"name": TINY_ID}}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _one_error_line(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> str:
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert "Traceback" not in capsys.readouterr().err
+    return errors[0].getMessage()
+
+
+def test_main_disk_full_exits_1_naming_the_output(
+    processed_tiny: Params,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = processed_tiny.paths.processed_dir
+    before = read_outputs(out)
+    params_file = _stage_params(processed_tiny.paths, tmp_path / "stage_params.yaml")
+    fill_disk(monkeypatch, out.parent)
+    with pytest.raises(SystemExit) as exit_info:
+        tokenization.main(["--params", str(params_file)])
+    assert exit_info.value.code == 1
+    assert _one_error_line(caplog, capsys) == f"cannot write {out / 'vocab.json'}: {NO_SPACE}"
+    assert read_outputs(out) == before
+    assert leftovers(out.parent) == [] and leftovers(out) == []
+
+
+def test_main_unwritable_output_folder_exits_1_naming_it(
+    processed_tiny: Params,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    paths = dataclasses.replace(processed_tiny.paths, processed_dir=blocker / "processed")
+    params_file = _stage_params(paths, tmp_path / "stage_params.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        tokenization.main(["--params", str(params_file)])
+    assert exit_info.value.code == 1
+    assert _one_error_line(caplog, capsys) == (
+        f"cannot write {blocker / 'processed'}: {os.strerror(errno.ENOTDIR)}"
+    )
 
 
 def test_main_bad_params_exits_1(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
