@@ -288,6 +288,10 @@ def _copy_stream(src: BinaryIO, dest: Path, progress: _Progress) -> tuple[int, s
     return done, digest.hexdigest()
 
 
+def _timed_out(timeout: float) -> _TransientError:
+    return _TransientError(f"timed out: no data for {timeout:g} s (corpus.timeout_s)")
+
+
 def _fetch_once(url: str, dest: Path, expected_size: int | None, timeout: float) -> str:
     """One HTTP GET into `dest`; raise _TransientError for failures worth retrying."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
@@ -302,11 +306,15 @@ def _fetch_once(url: str, dest: Path, expected_size: int | None, timeout: float)
         if err.code >= 500 or err.code in (408, 429):
             raise _TransientError(f"HTTP {err.code} {err.reason}") from None
         raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:
+    except urllib.error.URLError as err:  # raised before the response: connecting, headers
+        if isinstance(err.reason, TimeoutError):
+            raise _timed_out(timeout) from None
         if isinstance(err.reason, OSError):
             raise _TransientError(str(err.reason)) from None
         raise DownloadError(f"{url}: {err.reason}") from None
-    except (ConnectionError, TimeoutError, http.client.HTTPException) as err:
+    except TimeoutError:  # the server stalled mid-body
+        raise _timed_out(timeout) from None
+    except (ConnectionError, http.client.HTTPException) as err:
         raise _TransientError(f"{type(err).__name__}: {err}") from None
     except ValueError as err:  # e.g. http.client.InvalidURL for a bad port
         raise DownloadError(f"{url}: {err}") from None

@@ -1,15 +1,23 @@
 """Stage `download`: index parsing, source resolution, fetching with retries, safe extraction.
 
 Offline: every server is a loopback one started by the test; every path is under tmp_path.
+Faults (a reset or stalled connection, a truncated body, a wrong checksum, a full disk, an
+unwritable data/raw/) must end in one clear message, with no partial corpus and no temporary
+left, and an earlier download intact.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import re
 import socket
 import stat
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -29,11 +37,14 @@ from rnnlm.download import (
     select_package,
 )
 from tests.fixtures import (
+    RESET,
     SHORT_BODY,
+    STALL,
     TINY_ID,
     UPSTREAM,
     build_nltk_mirror,
     encode_docs,
+    fill_disk,
     make_package_zip,
     serve_directory,
     unused_port,
@@ -84,6 +95,33 @@ def corpus_params(**overrides: object) -> CorpusParams:
 
 def tmp_paths(tmp_path: Path) -> Paths:
     return Paths(raw_dir=tmp_path / "raw")
+
+
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The process's temporary folder, moved under tmp_path so a test can see what is left."""
+    root = tmp_path / "scratch"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+PREVIOUS = {"old.txt": b"from an earlier run\n", "README": b"earlier README\n"}
+
+
+def plant_previous(paths: Paths) -> None:
+    """An earlier, good download of the corpus, which a failed run must leave as it is."""
+    folder = paths.raw_dir / TINY_ID
+    folder.mkdir(parents=True)
+    for name, data in PREVIOUS.items():
+        (folder / name).write_bytes(data)
+
+
+def assert_previous_intact(paths: Paths, scratch: Path) -> None:
+    """data/raw/ holds the earlier corpus only: no partial corpus, no temporary; none in $TMPDIR."""
+    assert listing(paths.raw_dir) == [TINY_ID, *(f"{TINY_ID}/{n}" for n in sorted(PREVIOUS))]
+    assert read_tree(paths.raw_dir / TINY_ID) == PREVIOUS
+    assert listing(scratch) == []
 
 
 def listing(folder: Path) -> list[str]:
@@ -322,34 +360,36 @@ def test_local_mirror_missing_package_names_the_path(
     assert str(zip_path) in str(err.value)
 
 
-@pytest.mark.parametrize(
-    ("override", "pattern"),
-    [
-        ({"checksum": "0123456789abcdef0123456789abcdef"}, "MD5 mismatch, index says 0123456789"),
-        ({"size": "12"}, "size mismatch, index says 12 bytes, got"),
-    ],
-    ids=["checksum", "size"],
-)
+WRONG_MD5 = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("field", ["checksum", "size"])
 def test_verification_failure_leaves_previous_output(
     tmp_path: Path,
     tiny_docs: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
-    override: dict[str, str],
-    pattern: str,
+    scratch: Path,
+    field: str,
 ) -> None:
+    override = {"checksum": WRONG_MD5} if field == "checksum" else {"size": "12"}
     root = build_nltk_mirror(
         tmp_path / "m", {TINY_ID: encode_docs(tiny_docs)}, index_overrides={TINY_ID: override}
     )
+    served = root / ZIP_PATH.lstrip("/")
+    expected = (
+        f"{TINY_ID}.zip: MD5 mismatch, index says {WRONG_MD5}, got {files.md5_file(served)} "
+        if field == "checksum"
+        else f"{TINY_ID}.zip: size mismatch, index says 12 bytes, got {served.stat().st_size} "
+    )
     paths = tmp_paths(tmp_path)
-    previous = paths.raw_dir / TINY_ID / "old.txt"
-    previous.parent.mkdir(parents=True)
-    previous.write_text("from an earlier run")
+    plant_previous(paths)
     with serve_directory(root) as running:
         monkeypatch.setenv(download.MIRROR_ENV, running.url)
-        with pytest.raises(DownloadError, match=pattern):
+        with pytest.raises(DownloadError, match=re.escape(expected)) as err:
             download.run(corpus_params(retries=2), paths)
+    assert "\n" not in str(err.value)
     assert running.count(ZIP_PATH) == 1  # a complete but wrong body is not retried
-    assert listing(paths.raw_dir) == [TINY_ID, f"{TINY_ID}/old.txt"]
+    assert_previous_intact(paths, scratch)
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".."])
@@ -459,12 +499,17 @@ def test_silent_server_times_out_and_is_retried(tmp_path: Path) -> None:
     assert time.monotonic() - start < 3.0
 
 
-@pytest.mark.parametrize("faults", [[503, 503], [429], [SHORT_BODY]], ids=["503", "429", "short"])
+@pytest.mark.parametrize(
+    "faults",
+    [[503, 503], [429], [SHORT_BODY], [RESET], [STALL], [RESET, STALL, SHORT_BODY]],
+    ids=["503", "429", "short", "reset", "stall", "all-three"],
+)
 def test_transient_errors_are_retried(
     tmp_path: Path,
     tiny_mirror: Path,
     tiny_docs: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
+    scratch: Path,
     faults: list[int],
 ) -> None:
     paths = tmp_paths(tmp_path)
@@ -472,23 +517,101 @@ def test_transient_errors_are_retried(
         running.faults[ZIP_PATH] = list(faults)
         running.faults["/index.xml"] = [503]
         monkeypatch.setenv(download.MIRROR_ENV, running.url)
-        download.run(corpus_params(retries=2), paths)
+        download.run(corpus_params(retries=3, timeout_s=0.3), paths)
     assert running.count("/index.xml") == 2
     assert running.count(ZIP_PATH) == len(faults) + 1
     assert read_tree(paths.raw_dir / TINY_ID) == encode_docs(tiny_docs)
+    assert listing(paths.raw_dir) == [TINY_ID, *(f"{TINY_ID}/{n}" for n in sorted(tiny_docs))]
+    assert listing(scratch) == []
 
 
-def test_persistent_5xx_gives_up_after_retries(
-    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("fault", "last_error"),
+    [
+        (503, "HTTP 503 Service Unavailable"),
+        (RESET, "Connection reset by peer"),
+        (STALL, "timed out: no data for 0.2 s (corpus.timeout_s)"),
+        (SHORT_BODY, "body truncated: got {half} of {whole} bytes"),
+    ],
+    ids=["503", "reset", "stall", "short"],
+)
+def test_persistent_fault_gives_up_and_keeps_previous_output(
+    tmp_path: Path,
+    tiny_mirror: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scratch: Path,
+    fault: int,
+    last_error: str,
 ) -> None:
     paths = tmp_paths(tmp_path)
+    plant_previous(paths)
+    start = time.monotonic()
     with serve_directory(tiny_mirror) as running:
-        running.faults[ZIP_PATH] = [503] * 10
+        running.faults[ZIP_PATH] = [fault] * 10
         monkeypatch.setenv(download.MIRROR_ENV, running.url)
-        with pytest.raises(DownloadError, match=r"after 3 attempt.*HTTP 503"):
-            download.run(corpus_params(retries=2), paths)
+        with pytest.raises(DownloadError) as err:
+            download.run(corpus_params(retries=2, timeout_s=0.2), paths)
+    assert time.monotonic() - start < 5.0
+    message = str(err.value)
+    assert message.startswith(
+        f"{running.url}packages/corpora/{TINY_ID}.zip: giving up after 3 attempt(s), last error: "
+    )
+    whole = (tiny_mirror / ZIP_PATH.lstrip("/")).stat().st_size
+    assert last_error.format(half=whole // 2, whole=whole) in message
+    assert "RNNLM_NLTK_MIRROR" in message and "\n" not in message
     assert running.count(ZIP_PATH) == 3
-    assert listing(paths.raw_dir) == []
+    assert_previous_intact(paths, scratch)
+
+
+def test_disk_full_while_extracting_keeps_previous_output(
+    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch, scratch: Path
+) -> None:
+    paths = tmp_paths(tmp_path)
+    plant_previous(paths)
+    monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
+    fill_disk(monkeypatch, paths.raw_dir, room=3000)  # a document or two fit, then it is full
+    with pytest.raises(files.WriteError) as err:
+        download.run(corpus_params(), paths)
+    assert err.value.errno == errno.ENOSPC
+    assert files.describe_os_error(err.value) == (
+        f"cannot write {paths.raw_dir / TINY_ID}: No space left on device"
+    )
+    assert_previous_intact(paths, scratch)
+
+
+def test_disk_full_in_the_temporary_folder_is_not_retried(
+    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch, scratch: Path
+) -> None:
+    paths = tmp_paths(tmp_path)
+    plant_previous(paths)
+    # Room for index.xml, not for the package: the archive's download fails half-way.
+    fill_disk(monkeypatch, scratch, room=(tiny_mirror / "index.xml").stat().st_size + 100)
+    with serve_directory(tiny_mirror) as running:
+        monkeypatch.setenv(download.MIRROR_ENV, running.url)
+        with pytest.raises(files.WriteError) as err:
+            download.run(corpus_params(retries=2), paths)
+    assert running.count(ZIP_PATH) == 1  # retrying cannot free the disk
+    assert re.fullmatch(
+        rf"cannot write {re.escape(str(scratch))}/rnnlm-download-\w+/{TINY_ID}\.zip: "
+        "No space left on device",
+        files.describe_os_error(err.value),
+    )
+    assert_previous_intact(paths, scratch)
+
+
+def test_raw_dir_under_a_regular_file_fails_before_writing(
+    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch, scratch: Path
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
+    with pytest.raises(files.WriteError) as err:
+        download.run(corpus_params(), Paths(raw_dir=blocker / "raw"))
+    assert files.describe_os_error(err.value) == (
+        f"cannot write {blocker / 'raw' / TINY_ID}: Not a directory"
+    )
+    assert blocker.read_text() == "a file where a folder should be"
+    assert listing(scratch) == []
 
 
 def _install(nltk_dir: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -544,10 +667,12 @@ def test_run_on_shared_mirror_extracts_real_corpus(
     assert summary["files"] == len(list(out.iterdir()))
 
 
-def _write_params(tmp_path: Path, corpus_name: str, extra: str = "") -> Path:
+def _write_params(
+    tmp_path: Path, corpus_name: str, extra: str = "", raw_dir: Path | None = None
+) -> Path:
     params = tmp_path / "params.yaml"
     params.write_text(
-        f"paths:\n  raw_dir: {tmp_path / 'raw'}\n"
+        f"paths:\n  raw_dir: {raw_dir or tmp_path / 'raw'}\n"
         f"corpus:\n  name: {corpus_name}\n  retries: 0\n{extra}"
     )
     return params
@@ -588,6 +713,52 @@ def test_main_bad_params_exits_1(
         download.main(["--params", str(params)])
     assert exit_info.value.code == 1
     _assert_one_line_failure(caplog, capsys, "corpus.retires")
+
+
+def test_main_disk_full_exits_1_with_one_line_naming_the_output(
+    tmp_path: Path,
+    tiny_mirror: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scratch: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    paths = tmp_paths(tmp_path)
+    plant_previous(paths)
+    monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
+    fill_disk(monkeypatch, paths.raw_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(["--params", str(_write_params(tmp_path, TINY_ID))])
+    assert exit_info.value.code == 1
+    expected = f"download failed: cannot write {paths.raw_dir / TINY_ID}: No space left on device"
+    _assert_one_line_failure(caplog, capsys, expected)
+    assert_previous_intact(paths, scratch)
+
+
+def test_module_entry_point_reports_unwritable_raw_dir_in_one_line(
+    tmp_path: Path, tiny_mirror: Path, scratch: Path
+) -> None:
+    """`python -m rnnlm.download`, as DVC runs it: exit status 1, one error line, no traceback."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    params = _write_params(tmp_path, TINY_ID, raw_dir=blocker / "raw")
+    env = {**os.environ, download.MIRROR_ENV: str(tiny_mirror), "TMPDIR": str(scratch)}
+    result = subprocess.run(
+        [sys.executable, "-m", "rnnlm.download", "--params", str(params)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert errors[0].endswith(
+        f" ERROR __main__: download failed: cannot write {blocker / 'raw' / TINY_ID}: "
+        "Not a directory"
+    )
+    assert listing(scratch) == []
 
 
 def test_main_downloads_from_mirror(
