@@ -1,0 +1,161 @@
+"""End to end: queued DVC experiments run two at a time, each its own MLflow run in one store.
+
+After a committed baseline `dvc repro` of the tiny pipeline, queues three seeds with
+`dvc exp run --queue` and runs them with `dvc queue start -j 2` (two celery workers, each
+experiment in its own copy under .dvc/tmp/exps/), polling `dvc queue status` until the queue
+is done. Every experiment must succeed, and the store must hold the baseline run plus one new
+FINISHED run per experiment with its seed and its own registered model version, some of them
+running at the same time, with no "database is locked" in any experiment's log.
+
+Twice: with the default store, the project's own SQLite file (mlruns/mlflow.db) written by
+concurrent processes; and with MLFLOW_TRACKING_URI set to a tracking server when the queue
+starts, which the workers' experiments must inherit (nothing in mlruns/).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.e2e._pipeline import (
+    BIN,
+    EXPERIMENT,
+    commit_all,
+    dvc,
+    mlflow_client,
+    pipeline_env,
+    repro_log,
+    set_git_identity,
+    write_tiny_params,
+)
+from tests.e2e.test_experiments import exp_show_revs, metric_file, param
+from tests.fixtures import MlflowServer, mlflow_server
+
+pytestmark = pytest.mark.e2e
+
+REGISTERED = "rnnlm"  # export.registered_model_name in the real params.yaml
+SEEDS = {"seed-11": 11, "seed-12": 12, "seed-13": 13}
+JOBS = 2
+QUEUE_TIMEOUT_S = 900.0  # three tiny experiments take 1-3 minutes on 2 busy cores
+POLL_S = 3.0
+
+
+def queue_states(project: Path, env: dict[str, str]) -> dict[str, str]:
+    """Experiment name -> its status (Queued, Running, Success, Failed) in `dvc queue status`."""
+    table = dvc(project, env, "queue", "status").stdout
+    states: dict[str, str] = {}
+    for line in table.splitlines():
+        # Task  Name  Created  Status: "1a2b3c4  seed-11  02:01 PM  Running"
+        match = re.match(r"^\s*[0-9a-f]{7}\s+(\S+)\s+.*?\s(\w+)\s*$", line)
+        if match:
+            states[match[1]] = match[2]
+    return states
+
+
+def wait_for_queue(project: Path, env: dict[str, str]) -> dict[str, str]:
+    """Poll `dvc queue status` until no experiment is queued or running; the final states."""
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while True:
+        states = queue_states(project, env)
+        if set(states) >= set(SEEDS) and not {"Queued", "Running"} & set(states.values()):
+            return states
+        if time.monotonic() > deadline:
+            logs = {name: queue_log(project, env, name)[-2000:] for name in SEEDS}
+            pytest.fail(
+                f"queue not done after {QUEUE_TIMEOUT_S:.0f} s: {states}\nlogs (tails): {logs}"
+            )
+        time.sleep(POLL_S)
+
+
+def queue_log(project: Path, env: dict[str, str], name: str) -> str:
+    return dvc(project, env, "queue", "logs", name).stdout
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MlflowServer | None]:
+    """None for the project's SQLite store, else a running tracking server."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with mlflow_server(tmp_path / "server") as running:
+        yield running
+
+
+def test_queued_experiments_run_in_parallel(
+    project_copy: Path, http_mirror: str, server: MlflowServer | None
+) -> None:
+    project = project_copy
+    write_tiny_params(project)
+    mlruns = sorted(p.name for p in (project / "mlruns").iterdir())  # the tracked .gitkeep
+    env = pipeline_env(project, http_mirror)
+    if server is not None:
+        env["MLFLOW_TRACKING_URI"] = server.url
+    repro_log(project, env)
+    commit_all(project, "tiny pipeline baseline")
+    set_git_identity(project)
+
+    for name, seed in SEEDS.items():
+        dvc(project, env, "exp", "run", "--queue", "-n", name, "-S", f"train.seed={seed}")
+    assert set(queue_states(project, env).values()) == {"Queued"}
+    started = time.monotonic()
+    try:
+        dvc(project, env, "queue", "start", "-j", str(JOBS))
+        states = wait_for_queue(project, env)
+    finally:
+        # No worker outlives the test, whatever happened (a no-op once the queue is done).
+        stop = [str(BIN / "dvc"), "queue", "stop", "--kill"]
+        subprocess.run(stop, cwd=project, env=env, capture_output=True, timeout=120)
+    print(f"{len(SEEDS)} experiments, {JOBS} workers: {time.monotonic() - started:.0f} s")
+
+    logs = {name: queue_log(project, env, name) for name in SEEDS}
+    assert states == dict.fromkeys(SEEDS, "Success"), (states, logs)
+    for name, log in logs.items():
+        assert "database is locked" not in log, f"{name}:\n{log[-4000:]}"
+        assert "Running stage 'train'" in log, f"{name}:\n{log[-4000:]}"
+
+    client = MlflowClient(server.url) if server else mlflow_client(project)
+    if server is not None:
+        assert sorted(p.name for p in (project / "mlruns").iterdir()) == mlruns
+        assert "database is locked" not in server.log_tail(chars=10**7)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    baseline, *runs = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time ASC"]
+    )
+    assert "dvc.exp_name" not in baseline.data.tags
+    by_name = {run.data.tags.get("dvc.exp_name"): run for run in runs}
+    assert len(runs) == len(SEEDS) and set(by_name) == set(SEEDS), [
+        (r.info.run_name, r.data.tags.get("dvc.exp_name")) for r in runs
+    ]
+    assert len({r.info.run_id for r in [baseline, *runs]}) == len(SEEDS) + 1
+    for name, run in by_name.items():
+        assert run.info.status == "FINISHED", (name, run.info.status)
+        assert run.data.params["train.seed"] == str(SEEDS[name])
+        assert run.info.run_name == name
+        assert "test/ppl" in run.data.metrics and "test/rnn_ppl" in run.data.metrics
+    # Two workers: some runs overlapped in time (each run spans its train stage).
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
+
+    # export registered one model version per run; concurrent registrations got distinct ones.
+    versions = client.search_model_versions(f"name='{REGISTERED}'")
+    assert sorted(int(v.version) for v in versions) == list(range(1, len(SEEDS) + 2))
+    assert {v.run_id for v in versions} == {r.info.run_id for r in [baseline, *runs]}
+
+    shown = exp_show_revs(json.loads(dvc(project, env, "exp", "show", "--json").stdout))
+    for name, run in by_name.items():
+        data = shown[name]
+        assert metric_file(data, "metrics/train.json")["run_id"] == run.info.run_id
+        assert param(data, "train", "seed") == SEEDS[name]
+        registered = metric_file(data, "metrics/export.json")["registered_version"]
+        assert {v.run_id for v in versions if str(v.version) == str(registered)} == {
+            run.info.run_id
+        }
