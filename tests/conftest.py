@@ -25,13 +25,15 @@ import pytest
 # oversubscribe the cores. Set before torch is imported (the stages' subprocesses inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from rnnlm import download, tokenization
-from rnnlm.config import Params, parse_params
+from rnnlm import download
+from rnnlm.config import Params
 from tests.fixtures import (
     TINY_ID,
     build_nltk_mirror,
     encode_docs,
     make_tiny_corpus_docs,
+    make_tiny_params,
+    prepare_tiny_data,
     serve_directory,
 )
 
@@ -83,43 +85,7 @@ def tiny_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
     """
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("RNNLM_PROJECT_ROOT", str(tmp_path))
-    return parse_params(
-        {
-            "paths": {
-                "raw_dir": str(tmp_path / "data" / "raw"),
-                "processed_dir": str(tmp_path / "data" / "processed"),
-                "models_dir": str(tmp_path / "models"),
-                "metrics_dir": str(tmp_path / "metrics"),
-            },
-            "corpus": {"name": TINY_ID},
-            "model": {
-                "cell": "lstm",
-                "embedding_dim": 16,
-                "hidden_dim": 16,
-                "num_layers": 1,
-                "dropout": 0.0,
-                "embedding_dropout": 0.0,
-                "tie_weights": True,
-            },
-            "train": {
-                "batch_size": 4,
-                "bptt": 8,
-                "eval_batch_size": 1,
-                "eval_bptt": 32,
-                "max_epochs": 2,
-                "lr": 0.01,
-                "accelerator": "cpu",
-                "devices": 1,
-                "log_every_n_steps": 5,
-                "seed": 7,
-            },
-            "mlflow": {
-                "experiment_name": "test",
-                "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
-            },
-        },
-        source="tiny_params",
-    )
+    return make_tiny_params(tmp_path)
 
 
 @pytest.fixture
@@ -128,8 +94,7 @@ def processed_tiny(
 ) -> Params:
     """`tiny_params` with `tinycorpus` downloaded from `tiny_mirror` and tokenized."""
     monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
-    download.run(tiny_params.corpus, tiny_params.paths)
-    tokenization.run(tiny_params.tokenize, tiny_params.paths, tiny_params.corpus.name)
+    prepare_tiny_data(tiny_params)
     return tiny_params
 
 

@@ -18,10 +18,12 @@ Import with `from tests.fixtures import ...`; conftest.py turns the common cases
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
 import io
+import json
 import os
 import random
 import signal
@@ -46,7 +48,8 @@ from typing import IO, Any
 import pytest
 import yaml
 
-from rnnlm.config import Params
+from rnnlm import download, tokenization
+from rnnlm.config import Params, parse_params
 
 TINY_ID = "tinycorpus"
 # The upstream host a generated index names; tests must never reach it (.invalid never resolves).
@@ -484,4 +487,58 @@ def write_stage_params(params: Params, path: Path) -> Path:
         "mlflow": {"tracking_uri": params.mlflow.tracking_uri},
     }
     path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def make_tiny_params(root: Path) -> Params:
+    """Params for `tinycorpus` with a 16-dim, 1-layer LSTM; every path and the store under root."""
+    return parse_params(
+        {
+            "paths": {
+                "raw_dir": str(root / "data" / "raw"),
+                "processed_dir": str(root / "data" / "processed"),
+                "models_dir": str(root / "models"),
+                "metrics_dir": str(root / "metrics"),
+            },
+            "corpus": {"name": TINY_ID},
+            "model": {
+                "cell": "lstm",
+                "embedding_dim": 16,
+                "hidden_dim": 16,
+                "num_layers": 1,
+                "dropout": 0.0,
+                "embedding_dropout": 0.0,
+                "tie_weights": True,
+            },
+            "train": {
+                "batch_size": 4,
+                "bptt": 8,
+                "eval_batch_size": 1,
+                "eval_bptt": 32,
+                "max_epochs": 2,
+                "lr": 0.01,
+                "accelerator": "cpu",
+                "devices": 1,
+                "log_every_n_steps": 5,
+                "seed": 7,
+            },
+            "mlflow": {
+                "experiment_name": "test",
+                "tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db",
+            },
+        },
+        source="tiny_params",
+    )
+
+
+def prepare_tiny_data(params: Params) -> None:
+    """Run the download and tokenize stages for `params` (the mirror comes from the env)."""
+    download.run(params.corpus, params.paths)
+    tokenization.run(params.tokenize, params.paths, params.corpus.name)
+
+
+def write_full_params(params: Params, path: Path) -> Path:
+    """Every section of `params` as a params.yaml, for a subprocess that must see all of it."""
+    raw = json.loads(json.dumps(dataclasses.asdict(params), default=str))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path

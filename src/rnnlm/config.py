@@ -145,6 +145,9 @@ class TrainParams:
     # without it, and it costs about 8% of CPU training throughput.
     deterministic: bool = False
     log_every_n_steps: int = field(default=50, metadata=_range(1))
+    # Continue an interrupted training from models/checkpoints/last.ckpt when its params and
+    # data match these; false: always start afresh (the old checkpoints are deleted).
+    resume: bool = True
 
     def __post_init__(self) -> None:
         for cell in self.cell_overrides:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rnnlm.files import read_json
 from rnnlm.text import EOS_ID
@@ -79,6 +79,30 @@ class StreamWindows(Dataset):
         return self.inputs[:, window], self.targets[:, window]
 
 
+class ResumableSequentialSampler(Sampler[int]):
+    """Indices 0..n-1 in order; after `skip_next(k)` the next pass starts at k.
+
+    Its length stays n: Lightning counts an epoch's windows from it, the skipped ones included
+    (they were trained before the interruption).
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._start = 0
+
+    def skip_next(self, k: int) -> None:
+        if not 0 <= k <= self.n:
+            raise ValueError(f"cannot skip {k} of {self.n} windows")
+        self._start = k
+
+    def __iter__(self):
+        start, self._start = self._start, 0
+        return iter(range(start, self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def load_split(processed_dir: Path, split: str) -> np.ndarray:
     path = Path(processed_dir) / f"{split}.npy"
     if not path.exists():
@@ -107,6 +131,7 @@ class CorpusDataModule(pl.LightningDataModule):
         self.eval_bptt = eval_bptt or bptt
         self.vocab = load_vocab(self.processed_dir)
         self.datasets: dict[str, StreamWindows] = {}
+        self._train_skip = 0
 
     @property
     def vocab_size(self) -> int:
@@ -125,9 +150,21 @@ class CorpusDataModule(pl.LightningDataModule):
                 stream = load_split(self.processed_dir, split)
                 self.datasets[split] = StreamWindows(stream, rows, bptt, rank, world)
 
+    def skip_train_windows(self, k: int) -> None:
+        """Start the next training pass at window k (resuming an interrupted epoch)."""
+        self._train_skip = k
+
     def _loader(self, split: str) -> DataLoader:
+        sampler = ResumableSequentialSampler(len(self.datasets[split]))
+        if split == "train":
+            sampler.skip_next(self._train_skip)
+            self._train_skip = 0
         # batch_size=None: every item already is a (rows, bptt) batch, and order matters.
-        return DataLoader(self.datasets[split], batch_size=None, shuffle=False)
+        # Its own generator: starting an epoch must not draw from the global RNG, which the
+        # dropout masks use, or a resumed run would see other masks than an uninterrupted one.
+        return DataLoader(
+            self.datasets[split], batch_size=None, sampler=sampler, generator=torch.Generator()
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

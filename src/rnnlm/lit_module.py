@@ -60,6 +60,15 @@ class LitRNNLM(pl.LightningModule):
         )
         return nll, targets.numel()
 
+    @property
+    def train_state(self) -> State | None:
+        """The hidden state carried from the last training window to the next one."""
+        return self._state["train"]
+
+    def resume_train_state(self, state: State) -> None:
+        """Continue an interrupted epoch from `state` (Lightning does not rerun the epoch start)."""
+        self._state["train"] = tuple(t.to(self.device) for t in state)
+
     def on_train_epoch_start(self) -> None:
         self._state["train"] = None  # each epoch starts from a zero state
 

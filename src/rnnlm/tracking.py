@@ -167,11 +167,44 @@ class TrackedRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def lightning_logger(self):  # -> MLFlowLogger
-        """Lightning's MLflow logger bound to this run (per-step and per-epoch metrics)."""
+    def lightning_logger(self, skip_logged: bool = False):  # -> MLFlowLogger
+        """Lightning's MLflow logger bound to this run (per-step and per-epoch metrics).
+
+        `skip_logged` (a resumed run): values at steps the run already has are dropped, so a
+        segment replayed after a SIGKILL does not log its metrics twice.
+        """
         from pytorch_lightning.loggers import MLFlowLogger
 
-        return MLFlowLogger(tracking_uri=self.uri, run_id=self.run_id, log_model=False)
+        class _ContinuingLogger(MLFlowLogger):
+            def __init__(self, logged_until: dict[str, int], **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                self.logged_until = logged_until
+
+            def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+                if step is not None:
+                    metrics = {
+                        k: v for k, v in metrics.items() if step > self.logged_until.get(k, -1)
+                    }
+                if metrics:
+                    super().log_metrics(metrics, step)
+
+        logged_until = self.last_logged_steps() if skip_logged else {}
+        return _ContinuingLogger(
+            logged_until, tracking_uri=self.uri, run_id=self.run_id, log_model=False
+        )
+
+    def last_logged_steps(self) -> dict[str, int]:
+        """Metric key -> the highest step the run has a value for."""
+        client = self.client
+        keys = client.get_run(self.run_id).data.metrics
+        return {
+            key: max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
+            for key in keys
+        }
+
+    def set_status(self, status: str) -> None:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        self.client.update_run(self.run_id, status=status)
 
 
 def start_run(ml: MlflowParams, run_name: str, tags: Mapping[str, str]) -> TrackedRun:
@@ -207,6 +240,27 @@ def attach_run(ml: MlflowParams, run_id: str) -> TrackedRun:
     except Exception as err:
         raise TrackingError(f"MLflow run {run_id} not found at {uri}: {err}") from err
     return TrackedRun(uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)
+
+
+def resume_run(ml: MlflowParams, run_id: str) -> TrackedRun | None:
+    """The run an interrupted training logged to, set RUNNING again; None if the store lacks it."""
+    uri = resolve_tracking_uri(ml)
+    check_tracking_uri(uri)
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # MLflow raises RestException or MlflowException: not there
+        log.warning("MLflow run %s to resume is not in %s (%s)", run_id, uri, err)
+        return None
+    tracked = TrackedRun(uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)
+    try:
+        tracked.set_status("RUNNING")
+        resumes = int(run.data.tags.get("rnnlm.resumes", "0")) + 1
+        tracked.set_tags({"rnnlm.resumes": str(resumes)})
+    except Exception as err:
+        raise TrackingError(f"MLflow tracking store {uri}: {err}") from err
+    log.info("MLflow run %s continued (resume %d) at %s", run_id, resumes, uri)
+    return tracked
 
 
 def log_onnx_model(

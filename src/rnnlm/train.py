@@ -14,6 +14,7 @@ Run via `dvc repro train`, or directly: `python -m rnnlm.train [--params params.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -30,8 +31,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from rnnlm import tracking
+from rnnlm import resume, tracking
 from rnnlm.config import (
     ConfigError,
     MlflowParams,
@@ -46,6 +48,7 @@ from rnnlm.config import (
 from rnnlm.datamodule import CorpusDataModule
 from rnnlm.files import (
     configure_logging,
+    describe_os_error,
     md5_file,
     staged_files,
     write_json_atomic,
@@ -81,6 +84,24 @@ class EpochSummary(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._start, self._seconds, self._tokens, self._loss_sum = time.perf_counter(), None, 0, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The curve so far and, mid-epoch, the epoch's progress (checkpointed for a resume)."""
+        in_training = self._seconds is None and self._tokens > 0
+        progress = {
+            "seconds": time.perf_counter() - self._start,
+            "tokens": self._tokens,
+            "loss_sum": float(self._loss_sum),
+        }
+        return {"rows": list(self.rows), "epoch_progress": progress if in_training else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+        # Lightning continues an interrupted epoch without calling on_train_epoch_start again.
+        if progress := state_dict.get("epoch_progress"):
+            self._start = time.perf_counter() - progress["seconds"]
+            self._seconds, self._tokens = None, int(progress["tokens"])
+            self._loss_sum = float(progress["loss_sum"])
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, idx: int
@@ -177,18 +198,19 @@ def check_inputs(processed_dir: Path) -> None:
         )
 
 
-def run_tags(model_p: ModelParams, corpus_name: str, paths: Paths) -> dict[str, str]:
-    root = tracking.project_root()
-    tags = {
+def data_md5(paths: Paths) -> dict[str, str]:
+    return {name: md5_file(paths.processed_dir / name) for name in PROCESSED_FILES}
+
+
+def run_tags(model_p: ModelParams, corpus_name: str, md5: dict[str, str]) -> dict[str, str]:
+    return {
         "corpus": corpus_name,
         "cell": model_p.cell,
         "stage": "train",
-        **tracking.git_info(root),
+        **tracking.git_info(tracking.project_root()),
         **tracking.dvc_experiment_tags(),
+        **{f"data.md5.{name}": value for name, value in md5.items()},
     }
-    for name in PROCESSED_FILES:
-        tags[f"data.md5.{name}"] = md5_file(paths.processed_dir / name)
-    return tags
 
 
 def build_trainer(
@@ -196,6 +218,7 @@ def build_trainer(
     checkpoint_dir: Path,
     logger: Any,
     summary: EpochSummary,
+    resumable: resume.Resumable | None = None,
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
     interactive = sys.stderr.isatty() and not os.environ.get("CI")
     checkpoint = ModelCheckpoint(
@@ -212,6 +235,8 @@ def build_trainer(
         EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience),
         summary,
     ]
+    if resumable is not None:
+        callbacks.append(resumable)  # last: its checkpoints include the others' step
     trainer = pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -277,36 +302,51 @@ def run(
         min_lr=t.min_lr,
     )
 
+    md5 = data_md5(paths)
+    checkpoint_dir = paths.models_dir / "checkpoints"
+    point = resume.find_resume_point(
+        checkpoint_dir, resume.fingerprint(model_p, t, md5), t.resume, is_global_zero()
+    )
+
     # The run is created before any file is written: an unreachable store fails fast here.
     tracked = None
     if is_global_zero():
-        run_name = (
-            os.environ.get("DVC_EXP_NAME")
-            or f"{model_p.cell}-{model_p.hidden_dim}x{model_p.num_layers}"
+        tracked = tracking_run(
+            model_p, t, ml, corpus_name, md5, point, datamodule.vocab_size, extra_params
         )
-        tracked = tracking.start_run(ml, run_name, run_tags(model_p, corpus_name, paths))
-        tracked.log_params(
-            {
-                **{f"model.{k}": v for k, v in as_flat_dict(model_p).items()},
-                **{f"train.{k}": v for k, v in as_flat_dict(t).items() if k != "cell_overrides"},
-                "data.vocab_size": datamodule.vocab_size,
-                **(extra_params or {}),
-            }
-        )
-    logger = tracked.lightning_logger() if tracked else False
+    logger = tracked.lightning_logger(skip_logged=point is not None) if tracked else False
 
     summary = EpochSummary()
-    checkpoint_dir = paths.models_dir / "checkpoints"
-    trainer, checkpoint = build_trainer(t, checkpoint_dir, logger, summary)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    train_time = time.perf_counter() - start
-    best_path = checkpoint.best_model_path
-    if not best_path:
-        raise TrainError("training finished without a checkpoint (no validation epoch ran)")
-    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[
-        0
-    ]
+    resumable = resume.Resumable(
+        datamodule,
+        checkpoint_dir,
+        resume.fingerprint(model_p, t, md5),
+        tracked.run_id if tracked else None,
+    )
+    trainer, checkpoint = build_trainer(t, checkpoint_dir, logger, summary, resumable)
+    try:
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=point.checkpoint if point else None,
+            weights_only=True,
+        )
+        best_path = checkpoint.best_model_path
+        if not best_path:
+            raise TrainError("training finished without a checkpoint (no validation epoch ran)")
+        test_metrics = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best_path, verbose=False
+        )[0]
+    except (resume.TrainingInterrupted, SIGTERMException) as err:
+        if tracked is not None:
+            mark_killed(tracked)
+        if isinstance(err, resume.TrainingInterrupted):
+            raise
+        # Lightning's own SIGTERM handling (outside the training loop, e.g. during the test).
+        raise resume.TrainingInterrupted(
+            "SIGTERM", checkpoint_dir / resume.LAST, trainer.current_epoch, trainer.global_step
+        ) from None
+    train_time = resumable.train_seconds()
 
     if not trainer.is_global_zero:
         return {}
@@ -340,6 +380,48 @@ def run(
         tracked.run_id,
     )
     return metrics
+
+
+def tracking_run(
+    model_p: ModelParams,
+    t: TrainParams,
+    ml: MlflowParams,
+    corpus_name: str,
+    md5: dict[str, str],
+    point: resume.ResumePoint | None,
+    vocab_size: int,
+    extra_params: dict[str, Any] | None,
+) -> tracking.TrackedRun:
+    """The run a resumed training continues, else a new one with every param logged."""
+    if point is not None and point.run_id:
+        tracked = tracking.resume_run(ml, point.run_id)
+        if tracked is not None:
+            return tracked
+    run_name = (
+        os.environ.get("DVC_EXP_NAME")
+        or f"{model_p.cell}-{model_p.hidden_dim}x{model_p.num_layers}"
+    )
+    tags = run_tags(model_p, corpus_name, md5)
+    if point is not None and point.run_id:
+        tags["rnnlm.resumed_from_run"] = point.run_id  # that run is not in this store
+    tracked = tracking.start_run(ml, run_name, tags)
+    tracked.log_params(
+        {
+            **{f"model.{k}": v for k, v in as_flat_dict(model_p).items()},
+            **{f"train.{k}": v for k, v in as_flat_dict(t).items() if k != "cell_overrides"},
+            "data.vocab_size": vocab_size,
+            **(extra_params or {}),
+        }
+    )
+    return tracked
+
+
+def mark_killed(tracked: tracking.TrackedRun) -> None:
+    """An interrupted run shows as KILLED (not FAILED) until it is resumed."""
+    try:
+        tracked.set_status("KILLED")
+    except Exception as err:  # the store may be what went away; the checkpoint is what counts
+        log.warning("could not mark MLflow run %s as interrupted: %s", tracked.run_id, err)
 
 
 def write_outputs(
@@ -383,14 +465,17 @@ def log_run(
         tracked.log_artifact(params_file, "config")
 
 
-def run_from_params(params: Params, params_file: Path | None = None) -> dict[str, Any]:
+def run_from_params(
+    params: Params, params_file: Path | None = None, resume_allowed: bool = True
+) -> dict[str, Any]:
+    train_p = params.train if resume_allowed else dataclasses.replace(params.train, resume=False)
     extra = {
         **{f"tokenize.{k}": v for k, v in as_flat_dict(params.tokenize).items()},
         "corpus.name": params.corpus.name,
     }
     return run(
         params.model,
-        params.train,
+        train_p,
         params.mlflow,
         params.paths,
         params.corpus.name,
@@ -400,12 +485,31 @@ def run_from_params(params: Params, params_file: Path | None = None) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_argparser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = stage_argparser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh even if an interrupted run left a checkpoint (as train.resume=false)",
+    )
+    args = parser.parse_args(argv)
     configure_logging()
     try:
-        run_from_params(load_params(args.params), params_file=args.params)
-    except (ConfigError, TrainError, tracking.TrackingError, FileNotFoundError) as err:
+        run_from_params(
+            load_params(args.params), params_file=args.params, resume_allowed=not args.no_resume
+        )
+    except resume.TrainingInterrupted as err:
         log.error("%s", err)
+        raise SystemExit(err.exit_code) from None
+    except (
+        ConfigError,
+        TrainError,
+        resume.ResumeError,
+        tracking.TrackingError,
+    ) as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None
+    except OSError as err:  # disk full, unwritable models/ or metrics/
+        log.error("%s", describe_os_error(err))
         raise SystemExit(1) from None
 
 

@@ -253,6 +253,7 @@ STAGE_MAINS = {
     "tokenization": "run",
     "export": "run_from_params",
     "evaluate": "run_from_params",
+    "train": "run_from_params",
 }
 
 
