@@ -429,7 +429,9 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, start_timeout: float = 120.0) -> Iterator[MlflowServer]:
+def mlflow_server(
+    root: Path, start_timeout: float = 120.0, port: int | None = None
+) -> Iterator[MlflowServer]:
     """Run `mlflow server` as `make mlflow-server` does, its data in `root`; stop it on exit.
 
     SQLite backend `root/server.db`, artifacts proxied by the server (`--serve-artifacts`) into
@@ -438,7 +440,7 @@ def mlflow_server(root: Path, start_timeout: float = 120.0) -> Iterator[MlflowSe
     fails with the tail of the server's log when it does not.
     """
     root.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{unused_port()}"
+    url = f"http://127.0.0.1:{port or unused_port()}"  # a port: restart a stopped server
     command = [
         str(Path(sys.executable).parent / "mlflow"),
         "server",

@@ -71,7 +71,8 @@ class EpochSummary(pl.Callback):
     """Per-epoch training time, throughput and mean loss; the curve rows; a one-line log.
 
     Training time stops when validation starts, so throughput is training alone. Logs
-    `train/epoch_time_s`, `train/tokens_per_s` and `train/epoch_loss` once per epoch.
+    `train/epoch_time_s`, `train/tokens_per_s` and `train/epoch_loss` once per epoch. Under DDP
+    tokens and loss are summed over the processes: tokens/s is that of the whole job.
     """
 
     def __init__(self) -> None:
@@ -81,6 +82,7 @@ class EpochSummary(pl.Callback):
         self._tokens = 0
         self._loss_sum: torch.Tensor | float = 0.0
         self._epoch: dict[str, float] = {}
+        self._restore = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._start, self._seconds, self._tokens, self._loss_sum = time.perf_counter(), None, 0, 0.0
@@ -95,7 +97,16 @@ class EpochSummary(pl.Callback):
         }
         return {"rows": list(self.rows), "epoch_progress": progress if in_training else None}
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning restores callbacks for trainer.test(ckpt_path=best) too: only a resumed fit
+        # takes the saved curve, or testing would cut the curve back to the best epoch.
+        self._restore = trainer.state.fn == TrainerFn.FITTING
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._restore:
+            return
         self.rows = list(state_dict.get("rows", []))
         # Lightning continues an interrupted epoch without calling on_train_epoch_start again.
         if progress := state_dict.get("epoch_progress"):
@@ -120,10 +131,14 @@ class EpochSummary(pl.Callback):
         # validation metrics: one write per epoch and no key logged twice at one step.
         if trainer.state.fn != TrainerFn.FITTING or self._seconds is None or not self._tokens:
             return
+        # Every process trained its own rows (as many windows each, so all of them get here).
+        local = [float(self._loss_sum), float(self._tokens)]
+        totals = torch.tensor(local, dtype=torch.float64, device=module.device)
+        loss_sum, tokens = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         self._epoch = {
-            "train_loss": float(self._loss_sum) / self._tokens,
+            "train_loss": loss_sum / tokens,
             "epoch_time_s": self._seconds,
-            "tokens_per_s": self._tokens * trainer.world_size / max(self._seconds, 1e-9),
+            "tokens_per_s": tokens / max(self._seconds, 1e-9),
         }
         module.log("train/epoch_loss", self._epoch["train_loss"])
         module.log("train/epoch_time_s", self._epoch["epoch_time_s"])
@@ -186,8 +201,13 @@ def plot_curve(rows: list[dict[str, float]], path: Path) -> None:
 
 
 def is_global_zero() -> bool:
-    """True in the launching process; Lightning's DDP children carry RANK/LOCAL_RANK > 0."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    """Whether this process will be global rank 0, known before Lightning sets up DDP.
+
+    torchrun sets RANK (and GROUP_RANK for the node), srun SLURM_PROCID; Lightning's own
+    launcher gives its children LOCAL_RANK > 0 and reads NODE_RANK on the other nodes.
+    """
+    ranks = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    return all(int(os.environ.get(name) or 0) == 0 for name in ranks)
 
 
 def check_inputs(processed_dir: Path) -> None:
@@ -267,6 +287,9 @@ def quiet_lightning(interactive: bool) -> None:
         for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # Under DDP our epoch values are summed over the processes already (LitRNNLM._end_eval,
+    # EpochSummary): Lightning's advice to add sync_dist does not apply.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
@@ -370,6 +393,16 @@ def run(
     write_outputs(paths, Path(best_path), metrics, summary.rows)
     log_run(tracked, paths, metrics, summary.rows, params_file)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if tracked.offline_error:
+        log.warning(
+            "training finished and its outputs are written, but MLflow store %s went away "
+            "(%s). Not logged: %s. They are kept in %s: run `rnnlm relog` when the store is "
+            "back (export and evaluate need it too).",
+            tracked.uri,
+            tracked.offline_error,
+            tracked.unsent_summary(),
+            tracked.spool_file,
+        )
     log.info(
         "best epoch %d: val ppl %.2f, test ppl %.2f; %d epochs in %.0fs; run %s",
         metrics["best_epoch"],
@@ -396,6 +429,7 @@ def tracking_run(
     if point is not None and point.run_id:
         tracked = tracking.resume_run(ml, point.run_id)
         if tracked is not None:
+            tracked.spool_dir = tracking.unsent_dir()
             return tracked
     run_name = (
         os.environ.get("DVC_EXP_NAME")
@@ -405,6 +439,8 @@ def tracking_run(
     if point is not None and point.run_id:
         tags["rnnlm.resumed_from_run"] = point.run_id  # that run is not in this store
     tracked = tracking.start_run(ml, run_name, tags)
+    # From here on a lost tracking server does not stop training (see TrackedRun).
+    tracked.spool_dir = tracking.unsent_dir()
     tracked.log_params(
         {
             **{f"model.{k}": v for k, v in as_flat_dict(model_p).items()},
@@ -492,7 +528,8 @@ def main(argv: list[str] | None = None) -> None:
         help="start afresh even if an interrupted run left a checkpoint (as train.resume=false)",
     )
     args = parser.parse_args(argv)
-    configure_logging()
+    # The other DDP processes report their problems only, not every line a second time.
+    configure_logging(logging.INFO if is_global_zero() else logging.WARNING)
     try:
         run_from_params(
             load_params(args.params), params_file=args.params, resume_allowed=not args.no_resume
