@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # DVC runs queued and --temp experiments in <root>/.dvc/tmp/exps/<name>/ (DVC >= 2.x).
 _DVC_EXP_COPY = re.compile(r"^(?P<root>.*?)/\.dvc/tmp/exps/")
 SERVER_CHECK_TIMEOUT_S = 5.0
+# Database stores MLflow accepts besides sqlite (a driver may follow a "+": mysql+pymysql://).
+DATABASE_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "databricks"}
 
 
 class TrackingError(RuntimeError):
@@ -82,10 +84,17 @@ def check_tracking_uri(uri: str, timeout: float = SERVER_CHECK_TIMEOUT_S) -> Non
             raise TrackingError(
                 f"cannot create the MLflow store folder {db.parent}: {err}"
             ) from None
+    elif uri == "databricks":  # Databricks' hosted MLflow, configured by its own profile
+        return
     elif uri.startswith("file:") or "://" not in uri:
         raise TrackingError(
             f"tracking URI {uri!r}: MLflow's file store is no longer supported; use "
             "sqlite:///path/to/mlflow.db or an http(s) tracking server"
+        )
+    elif uri.split("://", 1)[0].split("+", 1)[0] not in DATABASE_SCHEMES:
+        raise TrackingError(
+            f"tracking URI {uri!r}: unknown scheme (use http(s)://host:port for a server, "
+            f"or one of {', '.join(s + '://' for s in sorted(DATABASE_SCHEMES))} for a database)"
         )
 
 
@@ -395,7 +404,12 @@ def attach_run(ml: MlflowParams, run_id: str) -> TrackedRun:
     try:
         run = _client(uri).get_run(run_id)
     except Exception as err:
-        raise TrackingError(f"MLflow run {run_id} not found at {uri}: {err}") from err
+        raise TrackingError(
+            f"MLflow run {run_id} (metrics/train.json) not found at {uri}: it was logged to "
+            "another store (e.g. the local mlruns/ of whoever trained this model). Point "
+            "MLFLOW_TRACKING_URI at that store, or retrain (`dvc repro -f -s train`) to log a "
+            f"run of your own ({type(err).__name__})"
+        ) from None
     return TrackedRun(uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)
 
 

@@ -108,6 +108,47 @@ def test_same_seed_same_perplexity(trained: tuple[Params, dict]) -> None:
     assert f"{again['test_ppl']:.4g}" == f"{first['test_ppl']:.4g}"
 
 
+def test_testing_the_best_checkpoint_keeps_the_whole_curve_and_training_time(
+    processed_tiny: Params,
+) -> None:
+    # A learning rate this high makes the last of three epochs worse than the second, so the
+    # best checkpoint (which trainer.test loads, callbacks included) is not the last one.
+    p = processed_tiny
+    t = dataclasses.replace(p.train, max_epochs=3, lr=0.3)
+    start = time.monotonic()
+    metrics = train.run(p.model, t, p.mlflow, p.paths, p.corpus.name)
+    elapsed = time.monotonic() - start
+    assert metrics["best_epoch"] < 2, "precondition: the best epoch is not the last"
+    assert metrics["epochs"] == 3
+    rows = list(csv.DictReader((p.paths.metrics_dir / "train_curve.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    # Counted once: the test's checkpoint load is not a resume adding its time again.
+    assert metrics["train_time_s"] <= elapsed
+
+
+@pytest.mark.parametrize(
+    ("env", "zero"),
+    [
+        ({}, True),
+        ({"LOCAL_RANK": "1"}, False),  # Lightning's launcher, a second device
+        ({"NODE_RANK": "1"}, False),  # Lightning's launcher, on another node
+        ({"SLURM_PROCID": "2", "SLURM_LOCALID": "0"}, False),  # srun, on another node
+        ({"SLURM_PROCID": "0"}, True),
+        ({"SLURM_PROCID": "0", "LOCAL_RANK": "1"}, False),  # launcher inside an allocation
+        ({"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}, True),  # torchrun
+        ({"RANK": "4", "LOCAL_RANK": "0", "GROUP_RANK": "1"}, False),
+    ],
+)
+def test_global_zero_is_known_from_every_launcher_environment(
+    env: dict[str, str], zero: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert train.is_global_zero() is zero
+
+
 def test_dvc_experiment_tags_and_cell_overrides(
     processed_tiny: Params, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -161,3 +202,15 @@ def test_project_root_of_a_dvc_experiment_copy(
 def test_file_store_uri_is_refused() -> None:
     with pytest.raises(tracking.TrackingError, match="file store"):
         tracking.check_tracking_uri("./mlruns")
+
+
+@pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "s3://bucket/mlruns", "ftp://x/y"])
+def test_unknown_tracking_uri_scheme_is_refused_by_name(uri: str) -> None:
+    with pytest.raises(tracking.TrackingError, match="unknown scheme") as err:
+        tracking.check_tracking_uri(uri)
+    assert repr(uri) in str(err.value)
+
+
+def test_known_database_schemes_pass_the_scheme_check() -> None:
+    for uri in ("postgresql://u@h/db", "mysql+pymysql://u@h/db", "databricks"):
+        tracking.check_tracking_uri(uri)  # no I/O for databases: MLflow connects later
