@@ -24,6 +24,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 
 from rnnlm.config import ModelParams, TrainParams, as_flat_dict
 
@@ -282,7 +283,9 @@ class Resumable(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         state = checkpoint.get(STATE_KEY)
-        if state is None:
+        # Testing the best checkpoint after training loads it too: that is no resume (its
+        # training time would count twice).
+        if state is None or trainer.state.fn != TrainerFn.FITTING:
             return
         self._elapsed_before = float(state.get("train_seconds", 0.0))
         windows = int(state.get("mid_epoch_windows", 0))
