@@ -9,6 +9,8 @@ Training cuts the stream into `batch_size` parallel streams (rows) and walks the
 model carry its hidden state across windows (truncated BPTT). Evaluation does the same with
 `eval_batch_size` rows (1 = the whole split as one stream, state carried from start to end).
 Under DDP each process takes its own rows, so the processes together cover the whole split.
+Evaluation may have fewer rows than processes: the processes without a row then read as many
+windows of no row at all, so that every process steps through the same number of windows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rnnlm.config import ConfigError
 from rnnlm.files import read_json
 from rnnlm.text import EOS_ID
 
@@ -57,8 +60,8 @@ class StreamWindows(Dataset):
     def __init__(
         self, stream: np.ndarray, n_rows: int, bptt: int, rank: int = 0, world_size: int = 1
     ) -> None:
-        if n_rows < world_size:
-            raise ValueError(f"{n_rows} parallel rows cannot be shared by {world_size} processes")
+        # With fewer rows than processes the last processes own none: their windows have shape
+        # (0, <= bptt) but there are as many of them, so the processes stay in step.
         inputs, targets = lm_pairs(stream)
         rows = shard_rows(n_rows, rank, world_size)
         self.inputs = torch.from_numpy(batchify(inputs, n_rows)[rows].copy())
@@ -141,6 +144,8 @@ class CorpusDataModule(pl.LightningDataModule):
         rank, world = (
             (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         )
+        if "train" not in self.datasets:  # setup runs for fit and again for test
+            self._check_shards(rank, world)
         for split, rows, bptt in (
             ("train", self.batch_size, self.bptt),
             ("validation", self.eval_batch_size, self.eval_bptt),
@@ -149,6 +154,24 @@ class CorpusDataModule(pl.LightningDataModule):
             if split not in self.datasets:
                 stream = load_split(self.processed_dir, split)
                 self.datasets[split] = StreamWindows(stream, rows, bptt, rank, world)
+
+    def _check_shards(self, rank: int, world: int) -> None:
+        if self.batch_size < world:
+            # Every process must train on rows of its own (a process without one would have no
+            # gradient to contribute). Evaluation has no such need: see StreamWindows.
+            raise ConfigError(
+                f"train.batch_size = {self.batch_size} parallel rows cannot be shared by "
+                f"{world} training processes (train.devices x train.num_nodes): set "
+                f"train.batch_size >= {world} or train on fewer devices"
+            )
+        if rank == 0 and self.batch_size % world:
+            log.warning(
+                "train.batch_size = %d is not a multiple of the %d processes: they train on "
+                "unequal numbers of rows, and DDP averages their gradients with equal weights "
+                "(the rows of smaller shards count a little more than in one process)",
+                self.batch_size,
+                world,
+            )
 
     def skip_train_windows(self, k: int) -> None:
         """Start the next training pass at window k (resuming an interrupted epoch)."""

@@ -3,7 +3,9 @@
 Logged keys: `train/loss` and `train/lr` per step; `val/loss`, `val/ppl` per epoch; `test/loss`,
 `test/ppl` after training (epoch time and throughput come from train.EpochSummary).
 Evaluation perplexity is exp(total NLL / total tokens) over the whole split (summed across
-processes under DDP), not a mean of per-window perplexities. It never touches MLflow or paths.
+processes under DDP, so it is the same number on one device or many: each evaluation row is
+read by exactly one process), not a mean of per-window perplexities. It never touches MLflow or
+paths.
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ class LitRNNLM(pl.LightningModule):
         self._token_count[split] = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def _eval_step(self, split: str, batch: tuple[Tensor, Tensor]) -> None:
+        if batch[1].shape[0] == 0:
+            # Under DDP with fewer evaluation rows than processes, the processes without a row
+            # step through empty windows alongside the others and add nothing to the sums.
+            return
         nll, n_tokens = self._step(split, batch)
         self._nll_sum[split] += nll.double()
         self._token_count[split] += n_tokens

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnlm.datamodule import StreamWindows, batchify, lm_pairs, shard_rows
+from rnnlm.config import ConfigError, Params
+from rnnlm.datamodule import CorpusDataModule, StreamWindows, batchify, lm_pairs, shard_rows
 from rnnlm.lit_module import LitRNNLM
 from rnnlm.model import RNNLM, RNNLMConfig, detach_state, state_names
 from rnnlm.text import EOS_ID
@@ -134,6 +137,28 @@ def test_ddp_shards_cover_every_row_once() -> None:
     full = StreamWindows(stream, n_rows=4, bptt=5)
     parts = [StreamWindows(stream, 4, 5, rank=r, world_size=2) for r in range(2)]
     assert torch.equal(torch.cat([p.targets for p in parts]), full.targets)
+
+
+def test_fewer_rows_than_processes_leave_the_last_ones_empty_windows_in_step() -> None:
+    stream = np.arange(2, 102, dtype=np.int32)
+    whole = StreamWindows(stream, n_rows=1, bptt=8)
+    first, second = (StreamWindows(stream, 1, 8, rank=r, world_size=2) for r in range(2))
+    assert torch.equal(first.targets, whole.targets)  # rank 0 reads the whole stream
+    assert len(second) == len(whole) and second.n_tokens == 0
+    assert [tuple(second[i][1].shape) for i in range(len(second))] == [
+        (0, whole[i][1].shape[1]) for i in range(len(whole))
+    ]
+
+
+def test_fewer_training_rows_than_processes_is_a_config_error(processed_tiny: Params) -> None:
+    datamodule = CorpusDataModule(processed_tiny.paths.processed_dir, batch_size=3, bptt=8)
+    datamodule.trainer = SimpleNamespace(global_rank=0, world_size=4)  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match=r"train.batch_size = 3 .* 4 training processes"):
+        datamodule.setup("fit")
+    datamodule.trainer = SimpleNamespace(global_rank=1, world_size=3)  # type: ignore[assignment]
+    datamodule.setup("fit")
+    assert datamodule.datasets["train"].inputs.shape[0] == 1
+    assert datamodule.datasets["validation"].n_tokens == 0  # eval_batch_size 1: rank 0's row
 
 
 def _eval_nll(module: LitRNNLM, stream: np.ndarray, bptt: int) -> float:
