@@ -27,6 +27,11 @@ EOS_ID = 1
 ParagraphRule = Literal["line", "blank_line"]
 
 _BLANK_LINES = re.compile(r"\n\s*\n")
+# Punkt scans a paragraph with one regex that NLTK runs under a 5 s wall-clock budget
+# (nltk.redos); a period-dense paragraph of a few hundred kB exhausts it (TimeoutError), so
+# longer paragraphs are cut into pieces of at most this many characters first.
+MAX_PARAGRAPH_CHARS = 50_000
+_UP_TO_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
 _WORD_TOKENIZER = NLTKWordTokenizer()
 _DETOKENIZER = TreebankWordDetokenizer()
 
@@ -51,6 +56,18 @@ def split_paragraphs(text: str, rule: ParagraphRule) -> list[str]:
     else:
         blocks = [" ".join(block.split("\n")) for block in _BLANK_LINES.split(text)]
     return [block.strip() for block in blocks if block.strip()]
+
+
+def cut_long(paragraph: str, limit: int = MAX_PARAGRAPH_CHARS) -> list[str]:
+    """`paragraph` in pieces of at most `limit` characters, cut after whitespace when the last
+    half of a piece has some (a sentence then ends at the cut), else mid-word."""
+    pieces = []
+    while len(paragraph) > limit:
+        space = _UP_TO_LAST_SPACE.match(paragraph, 0, limit)
+        cut = space.end() if space and space.end() > limit // 2 else limit
+        pieces.append(paragraph[:cut])
+        paragraph = paragraph[cut:]
+    return [*pieces, paragraph]
 
 
 def train_punkt(paragraphs: Iterable[str]) -> PunktParameters:
@@ -93,8 +110,9 @@ class TextTokenizer:
 
     def sentences(self, text: str) -> Iterator[list[str]]:
         """Yield each sentence of `text` as a list of word tokens (no EOS)."""
-        for paragraph in split_paragraphs(text, self.paragraphs):
-            for sentence in self._splitter.tokenize(paragraph):
+        pieces = (p for par in split_paragraphs(text, self.paragraphs) for p in cut_long(par))
+        for piece in pieces:
+            for sentence in self._splitter.tokenize(piece):
                 words = _WORD_TOKENIZER.tokenize(sentence.lower() if self.lowercase else sentence)
                 if words:
                     yield words
