@@ -30,7 +30,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,17 @@ LOGITS_OUTPUT = "logits"
 # Tokens per call when feeding a prompt or scoring a stream: bounds memory (window x vocab
 # logits) whatever the text's length; the state carries the context across windows.
 WINDOW = 256
+# Upper bounds that catch a typo before it becomes a huge allocation or a run of hours:
+# `generate` keeps (num_samples, vocab) logits per step and max_tokens ids per sample.
+MAX_TOKENS = 1_000_000
+MAX_SAMPLES = 1_000
+MAX_THREADS = 1_024
+# A prompt is context for the recurrent state, which keeps only the recent past: a longer one
+# is almost surely a whole file passed by mistake, and NLTK's tokenizers take up to ~70 us a
+# character on short-sentence text (a 100k-character prompt: seconds, not minutes).
+MAX_PROMPT_CHARS = 100_000
+# Unknown prompt words named in the warning; the rest are counted.
+_UNKNOWN_SHOWN = 10
 # Rows of at most this many entries are sampled with one cumulative sum; longer ones in two
 # levels (block sums, then one block), which avoids a full-length cumsum per generated token.
 _FLAT_CDF_MAX = 256
@@ -90,13 +101,21 @@ def io_metadata(state_names: Sequence[str]) -> dict[str, Any]:
 class SentenceScore:
     """One sentence of a scored text: its words, token count (with `<eos>`) and NLL in nats."""
 
-    text: str
+    words: tuple[str, ...]
     tokens: int
     nll: float
+
+    @functools.cached_property
+    def text(self) -> str:
+        # Detokenizing costs as much as tokenizing: done only for the sentences shown.
+        return detokenize(self.words)
 
     @property
     def ppl(self) -> float:
         return math.exp(self.nll / self.tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "tokens": self.tokens, "nll": self.nll, "ppl": self.ppl}
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,7 @@ class ScoreResult:
             "unknown": self.unknown,
         }
         if per_sentence:
-            out["sentences"] = [{**asdict(s), "ppl": s.ppl} for s in self.sentences]
+            out["sentences"] = [s.to_dict() for s in self.sentences]
         return out
 
 
@@ -133,22 +152,49 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shown(value: object, width: int = 60) -> str:
+    """repr(value), cut to `width` characters: an error message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+def check_text(name: str, value: object) -> None:
+    """Raise ValueError unless the argument `name` is a str (a prompt or a text to score)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} = {_shown(value)}: expected str, got {type(value).__name__}")
+
+
 def check_sampling(
-    temperature: float, top_k: int, top_p: float, max_tokens: int = 0, num_samples: int = 1
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    max_tokens: int = 0,
+    num_samples: int = 1,
+    seed: int | None = None,
 ) -> None:
     """Raise ValueError, naming the argument, for values `generate` cannot honour."""
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)):
-        raise ValueError(f"temperature = {temperature!r}: must be a finite number >= 0")
+    if not (_is_real(temperature) and math.isfinite(temperature)):
+        raise ValueError(f"temperature = {_shown(temperature)}: must be a finite number >= 0")
     if temperature < 0:
         raise ValueError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
     if not _is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k = {top_k!r}: must be an integer >= 0 (0 = no limit)")
-    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-        raise ValueError(f"top_p = {top_p!r}: must be in (0, 1] (1 = no limit)")
-    if not _is_int(max_tokens) or max_tokens < 0:
-        raise ValueError(f"max_tokens = {max_tokens!r}: must be an integer >= 0")
-    if not _is_int(num_samples) or num_samples < 1:
-        raise ValueError(f"num_samples = {num_samples!r}: must be an integer >= 1")
+        raise ValueError(f"top_k = {_shown(top_k)}: must be an integer >= 0 (0 = no limit)")
+    if not (_is_real(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p = {_shown(top_p)}: must be in (0, 1] (1 = no limit)")
+    if not _is_int(max_tokens) or not 0 <= max_tokens <= MAX_TOKENS:
+        raise ValueError(
+            f"max_tokens = {_shown(max_tokens)}: must be an integer in [0, {MAX_TOKENS}]"
+        )
+    if not _is_int(num_samples) or not 1 <= num_samples <= MAX_SAMPLES:
+        raise ValueError(
+            f"num_samples = {_shown(num_samples)}: must be an integer in [1, {MAX_SAMPLES}]"
+        )
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise ValueError(f"seed = {_shown(seed)}: must be an integer >= 0 or None")
 
 
 def _draw(cdf: list[float], target: float, p: np.ndarray) -> int:
@@ -210,11 +256,11 @@ def sample_next(
 
     temperature 0 is argmax. Probabilities are exp((logit - max) / temperature): shifted in log
     space, so the row's best token gets exactly 1 and every other one a value in [0, 1] and no
-    temperature (1e-300 or 1e300) can overflow or produce NaN. They are float32 at temperature
-    1 (relative error 1e-7, irrelevant to sampling; the fast path of plain sampling) and
-    float64 otherwise; the cumulative sums that pick the token are float64 (`inverse_cdf`).
-    top_k > 0 keeps the k best tokens, top_p < 1 the smallest set of best tokens whose
-    probability reaches top_p (applied after top_k).
+    temperature (5e-324 or 1e300) can produce NaN (a quotient that overflows is -inf, whose exp
+    is 0). They are float32 at temperature 1 (relative error 1e-7, irrelevant to sampling; the
+    fast path of plain sampling) and float64 otherwise; the cumulative sums that pick the token
+    are float64 (`inverse_cdf`). top_k > 0 keeps the k best tokens, top_p < 1 the smallest set
+    of best tokens whose probability reaches top_p (applied after top_k).
     """
     if temperature == 0:
         return logits.argmax(axis=-1)
@@ -225,7 +271,8 @@ def sample_next(
         logits = np.take_along_axis(logits, candidates, axis=-1)  # (rows, top_k)
     x = logits - logits.max(axis=-1, keepdims=True)  # <= 0, and exactly 0 for the best token
     if temperature != 1:
-        x = x / np.float64(temperature)  # float64: no temperature turns into 0 or inf here
+        with np.errstate(over="ignore"):  # -inf for a tiny temperature: exp gives 0, as it should
+            x = x / np.float64(temperature)  # float64: a temperature of 1e-300 stays non-zero
     p = np.exp(x, out=x)  # in [0, 1]: nothing overflows, no NaN
     if top_p < 1.0:
         order = np.argsort(-p, axis=-1, kind="stable")
@@ -239,6 +286,29 @@ def sample_next(
     if candidates is not None:
         choice = np.take_along_axis(candidates, choice[:, None], axis=-1)[:, 0]
     return choice
+
+
+def as_token_ids(stream: Iterable[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+    """`stream` as a 1-D int64 array of ids in [0, vocab_size); ValueError saying what is wrong.
+
+    Floats are refused rather than truncated: 1.7 is no token id.
+    """
+    try:
+        ids = np.asarray(stream if isinstance(stream, np.ndarray) else list(stream))
+    except (TypeError, ValueError) as err:  # not iterable, ragged nesting
+        raise ValueError(
+            f"stream = {_shown(stream)}: expected a sequence of token ids ({err})"
+        ) from None
+    if ids.ndim != 1:
+        raise ValueError(f"stream: expected one sequence of token ids, got shape {ids.shape}")
+    if ids.size == 0:
+        raise ValueError("nothing to score: the stream is empty")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"stream: token ids must be integers, got dtype {ids.dtype}")
+    low, high = ids.min(), ids.max()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"stream: token ids must lie in [0, {vocab_size}), got {low}..{high}")
+    return ids.astype(np.int64, copy=False)
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -265,8 +335,11 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1  # one chain of ops: inter-op parallelism cannot help
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads = {threads}: must be >= 1 (None: onnxruntime decides)")
+        if not _is_int(threads) or not 1 <= threads <= MAX_THREADS:
+            raise ValueError(
+                f"threads = {_shown(threads)}: must be an integer in [1, {MAX_THREADS}] "
+                "(None: onnxruntime decides)"
+            )
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only
     return options
@@ -309,9 +382,10 @@ class LanguageModel:
             raise ModelLoadError(f"{self.path}: model file not found")
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: not a file")
+        options = session_options(threads)  # a bad `threads` is the caller's error, not the file's
         try:
             self._session = ort.InferenceSession(
-                str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+                str(self.path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as err:  # onnxruntime raises its own pybind types for a bad file
             message = " ".join(str(err).split())
@@ -424,10 +498,19 @@ class LanguageModel:
 
     def _prompt(self, prompt: str) -> tuple[np.ndarray, State, list[str]]:
         """Logits (1, V) for the token after `prompt`, the state there, the prompt's tokens."""
+        check_text("prompt", prompt)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"prompt: {len(prompt)} characters, at most {MAX_PROMPT_CHARS} (the state keeps "
+                "only recent context: pass the end of the text)"
+            )
         tokens = self.prompt_tokens(prompt)
         ids, unknown = self.encode_words(tokens)
         if unknown:
-            shown = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+            distinct = list(dict.fromkeys(unknown))
+            shown = ", ".join(_shown(w, 40) for w in distinct[:_UNKNOWN_SHOWN])
+            if len(distinct) > _UNKNOWN_SHOWN:
+                shown += f" and {len(distinct) - _UNKNOWN_SHOWN} more"
             log.warning(
                 "%d prompt word(s) not in the vocabulary, read as %s: %s", len(unknown), UNK, shown
             )
@@ -463,19 +546,19 @@ class LanguageModel:
         The prompt is read once; the samples then run as one batch, one token per call with
         the state carried. With `stop_at_eos` a sample ends at its first end of sentence.
         """
-        check_sampling(temperature, top_k, top_p, max_tokens, num_samples)
+        check_sampling(temperature, top_k, top_p, max_tokens, num_samples, seed)
         rng = np.random.default_rng(seed)
         logits, state, prompt_tokens = self._prompt(prompt)
         if num_samples > 1:
             logits = np.repeat(logits, num_samples, axis=0)
             state = tuple(np.repeat(s, num_samples, axis=1) for s in state)
-        out = np.empty((num_samples, max_tokens), dtype=np.int64)
+        steps: list[np.ndarray] = []  # (num_samples,) ids per step: memory grows as generated
         lengths = np.full(num_samples, max_tokens)
         done = np.zeros(num_samples, dtype=bool)
         ids = np.empty((num_samples, 1), dtype=np.int64)
         for t in range(max_tokens):
             token = sample_next(logits, rng, temperature, top_k, top_p)
-            out[:, t] = token
+            steps.append(token)
             if stop_at_eos:
                 ended = (token == EOS_ID) & ~done
                 lengths[ended] = t
@@ -487,6 +570,7 @@ class LanguageModel:
             ids[:, 0] = token
             step_logits, state = self._run(ids, state)
             logits = step_logits[:, -1, :]
+        out = np.stack(steps, axis=1) if steps else np.empty((num_samples, 0), dtype=np.int64)
         vocab = self.vocab
         prefix = prompt_tokens if include_prompt else []
         return [
@@ -500,17 +584,14 @@ class LanguageModel:
         Same convention as training's evaluation (`datamodule.lm_pairs`): the input starts
         with `<eos>` and every token of `stream` is predicted.
         """
-        nll = self.token_nlls(np.asarray(stream, dtype=np.int64), window)
+        nll = self.token_nlls(stream, window)
         return ScoreResult(nll=float(nll.sum()), tokens=len(nll), unknown=0)
 
-    def token_nlls(self, stream: np.ndarray, window: int = WINDOW) -> np.ndarray:
+    def token_nlls(self, stream: Iterable[int] | np.ndarray, window: int = WINDOW) -> np.ndarray:
         """-log p(token | everything before it) for each token of `stream`, float64."""
-        if stream.ndim != 1 or len(stream) == 0:
-            raise ValueError("nothing to score: the stream is empty")
-        if stream.min() < 0 or stream.max() >= self.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
-        if window < 1:
-            raise ValueError(f"window = {window}: must be >= 1")
+        stream = as_token_ids(stream, self.vocab_size)
+        if not _is_int(window) or window < 1:
+            raise ValueError(f"window = {_shown(window)}: must be an integer >= 1")
         inputs = np.concatenate([[EOS_ID], stream[:-1]]).astype(np.int64)
         nll = np.empty(len(stream), dtype=np.float64)
         state = self.initial_state(1)
@@ -522,6 +603,7 @@ class LanguageModel:
 
     def score(self, text: str) -> ScoreResult:
         """Perplexity of a text, tokenized as the training data was (sentences end in <eos>)."""
+        check_text("text", text)
         sentences = list(self.tokenizer.sentences(text))
         if not sentences:
             raise ValueError("nothing to score: the text has no words")
@@ -532,9 +614,7 @@ class LanguageModel:
         start = 0
         for words in sentences:
             stop = start + len(words) + 1
-            scored.append(
-                SentenceScore(detokenize(words), stop - start, float(nll[start:stop].sum()))
-            )
+            scored.append(SentenceScore(tuple(words), stop - start, float(nll[start:stop].sum())))
             start = stop
         return ScoreResult(
             nll=float(nll.sum()), tokens=len(nll), unknown=len(unknown), sentences=scored

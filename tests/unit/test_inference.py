@@ -238,7 +238,7 @@ def test_unknown_prompt_words_warn_once(
         ({"top_p": 0.0}, r"top_p = 0.0: must be in \(0, 1\]"),
         ({"top_p": 1.5}, "top_p = 1.5"),
         ({"max_tokens": -1}, "max_tokens = -1"),
-        ({"num_samples": 0}, "num_samples = 0: must be an integer >= 1"),
+        ({"num_samples": 0}, r"num_samples = 0: must be an integer in \[1, 1000\]"),
     ],
 )
 def test_bad_sampling_arguments(
