@@ -5,6 +5,7 @@
     rnnlm score    [--model M] [--per-sentence] [--json] FILE|-
     rnnlm next     [--model M] [--prompt TEXT] [-k K]
     rnnlm runs     [--sort COLUMN] [--json] [--all-params]   (the MLflow runs, side by side)
+    rnnlm relog    [--tracking-uri URI]   (send what a training could not log to MLflow)
 
 The model file is self-contained (vocabulary and tokenizer are in its metadata), so `--model`
 is all a subcommand needs. Exit codes: 0 success; 1 the model or the input cannot be used;
@@ -22,13 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from rnnlm import runs
-from rnnlm.inference import LanguageModel, ModelLoadError
+from rnnlm.inference import (
+    MAX_SAMPLES,
+    MAX_THREADS,
+    MAX_TOKENS,
+    LanguageModel,
+    ModelLoadError,
+)
 from rnnlm.text import decode_document
 
 DEFAULT_MODEL = Path("models/model.onnx")
@@ -41,6 +50,18 @@ class CliError(RuntimeError):
     """A problem with the user's input, reported as one line (exit code 1)."""
 
 
+def one_line(text: str) -> str:
+    """`text` with newlines, other control characters and lone surrogates escaped (\\n)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the error line kept to one line whatever the arguments hold."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(one_line(message))
+
+
 def _number(
     kind: type, low: float, high: float | None = None, low_open: bool = False
 ) -> Callable[[str], int | float]:
@@ -51,13 +72,14 @@ def _number(
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if kind is float and value != value:  # NaN
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if kind is float and not math.isfinite(value):  # nan, inf: no range holds them
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if (value <= low if low_open else value < low) or (high is not None and value > high):
             interval = f"{'>' if low_open else '>='} {low}" + (
                 f" and <= {high}" if high is not None else ""
             )
-            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
+            # int() and float() accept surrounding whitespace: show the number alone.
+            raise argparse.ArgumentTypeError(f"must be {interval}, got {text.strip()}")
         return value
 
     return parse
@@ -76,7 +98,7 @@ def _command(
     )
     parser.add_argument(
         "--threads",
-        type=_number(int, 1),
+        type=_number(int, 1, MAX_THREADS),
         default=None,
         help="onnxruntime threads (default: all cores)",
     )
@@ -92,7 +114,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--prompt", default="", help="text to continue (default: '' = a new sentence)"
     )
-    parser.add_argument("--max-tokens", type=_number(int, 0), default=50, help="default: 50")
+    parser.add_argument(
+        "--max-tokens", type=_number(int, 0, MAX_TOKENS), default=50, help="default: 50"
+    )
     parser.add_argument(
         "--temperature",
         type=_number(float, 0.0),
@@ -112,7 +136,10 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--seed", type=_number(int, 0), default=None, help="random seed (reproducible output)"
     )
     parser.add_argument(
-        "--num-samples", type=_number(int, 1), default=1, help="texts to generate (default: 1)"
+        "--num-samples",
+        type=_number(int, 1, MAX_SAMPLES),
+        default=1,
+        help="texts to generate (default: 1)",
     )
     parser.add_argument(
         "--stop-at-eos", action="store_true", help="end each text at its first end of sentence"
@@ -160,6 +187,8 @@ def read_text(name: str) -> str:
         raise CliError(f"{path}: is a directory, expected a text file") from None
     except OSError as err:
         raise CliError(f"{path}: cannot read ({err.strerror})") from None
+    except ValueError:  # a NUL byte: no file can have that name
+        raise CliError(f"{name!r}: not a valid file name") from None
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -213,16 +242,42 @@ def _runs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_relog(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "relog",
+        help="send what a training could not log while its MLflow store was away",
+        description="Replay mlruns/unsent/*.jsonl (written when the tracking store went away "
+        "during training) into their runs, then delete them.",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="the store to send to (default: MLFLOW_TRACKING_URI, else the one the run used)",
+    )
+    parser.set_defaults(handler=_relog)
+
+
+def _relog(args: argparse.Namespace) -> int:
+    from rnnlm.tracking import TrackingError, relog_unsent, unsent_dir
+
+    try:
+        sent = relog_unsent(args.tracking_uri)
+    except TrackingError as err:
+        raise CliError(str(err)) from None
+    print("\n".join(sent) if sent else f"nothing to send ({unsent_dir()} holds no records)")
+    return EXIT_OK
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate,
     add_score,
     add_next,
     add_runs,
+    add_relog,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rnnlm",
         description="Generate, score and predict with an exported rnnlm model (CPU, ONNX).",
     )
@@ -242,8 +297,22 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
+def _tolerant_output() -> None:
+    """Print what cannot be encoded (a lone surrogate from an undecodable argument, any
+    non-ASCII under an ASCII locale) as a backslash escape instead of failing."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _fail(message: object, code: int) -> int:
+    print(f"rnnlm: error: {one_line(str(message))}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; return the exit code (the console script passes it to sys.exit)."""
+    _tolerant_output()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -253,11 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ModelLoadError, CliError) as err:
-        print(f"rnnlm: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(err, EXIT_ERROR)
     except ValueError as err:  # an argument the library refused
-        print(f"rnnlm: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(err, EXIT_USAGE)
+    except TimeoutError:  # NLTK's regex time limit (nltk.redos) ran out on a pathological text
+        return _fail("NLTK's tokenizer gave up on the text (regex time limit)", EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head`: stop quietly

@@ -33,6 +33,19 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
 # Params that are provenance or bookkeeping, not choices worth comparing.
 IGNORED_PARAMS = ("train.log_every_n_steps",)
 LOWER_IS_BETTER = {"test_ppl", "kn_test_ppl", "val_ppl", "train_min"}
+# MLflow refuses to search for more runs than this (its SEARCH_MAX_RESULTS_THRESHOLD).
+MAX_LIMIT = 50_000
+
+
+def parse_limit(text: str) -> int:
+    """`--limit`: a whole number of runs in [1, MAX_LIMIT], else a one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected int, got {text!r}") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be >= 1 and <= {MAX_LIMIT}, got {text.strip()}")
+    return value
 
 
 def metric_value(run: Mapping[str, Any], column: str) -> float | None:
@@ -108,7 +121,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--params", default="params.yaml", help="params file (mlflow section)")
     parser.add_argument("--experiment", help="experiment name (default: from params.yaml)")
     parser.add_argument("--sort", metavar="COLUMN", help=f"one of: {', '.join(KEY_METRICS)}")
-    parser.add_argument("--limit", type=int, default=50, help="at most this many runs (50)")
+    parser.add_argument("--limit", type=parse_limit, default=50, help="at most this many runs (50)")
     parser.add_argument("--all-params", action="store_true", help="show every param")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser

@@ -18,19 +18,10 @@ import onnx
 import pytest
 
 from rnnlm.cli import SUBCOMMANDS, build_parser, main
-from tests.unit.test_export import (
-    build_net,
-    one_torch_thread,  # noqa: F401 (autouse)
-    write_model,
-)
+from tests.unit.test_export import one_torch_thread  # noqa: F401 (autouse)
 from tests.unit.test_inference import identity_model
 
 TEXT = "The president said that we will build a strong nation. Today congress must keep peace."
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model(tmp_path_factory.mktemp("cli") / "model.onnx", build_net("lstm"))
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -39,8 +30,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     return code, out, err
 
 
-def test_generate(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["generate", "--model", str(model_path), "--prompt", "the president", "--seed", "1"]
+def test_generate(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "--model", str(tiny_onnx_model), "--prompt", "the president", "--seed", "1"]
     code, out, err = run_cli(capsys, *args, "--max-tokens", "20")
     assert code == 0 and err == ""
     assert out.startswith("The president ") and out.count("\n") == 1
@@ -52,47 +43,53 @@ def test_generate(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and len(out.splitlines()) == 3
 
 
-def test_generate_greedy(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["generate", "--model", str(model_path), "--temperature", "0", "--max-tokens", "8"]
+def test_generate_greedy(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "--model", str(tiny_onnx_model), "--temperature", "0", "--max-tokens", "8"]
     code, first, _ = run_cli(capsys, *args, "--seed", "1")
     assert code == 0 and run_cli(capsys, *args, "--seed", "2")[1] == first
 
 
 def test_score_file_and_stdin(
-    model_path: Path,
+    tiny_onnx_model: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     text_file = tmp_path / "speech.txt"
     text_file.write_text(TEXT)
-    code, out, _ = run_cli(capsys, "score", "--model", str(model_path), "--json", str(text_file))
+    code, out, _ = run_cli(
+        capsys, "score", "--model", str(tiny_onnx_model), "--json", str(text_file)
+    )
     result = json.loads(out)
     assert code == 0 and result["tokens"] == 19 and result["ppl"] > 1
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode())))
-    code, out, _ = run_cli(capsys, "score", "--model", str(model_path), "--per-sentence", "-")
+    code, out, _ = run_cli(capsys, "score", "--model", str(tiny_onnx_model), "--per-sentence", "-")
     lines = out.splitlines()
     assert code == 0 and len(lines) == 3
     assert lines[1].endswith("Today congress must keep peace.")
     assert lines[2].startswith(f"perplexity {result['ppl']:.2f} over 19 tokens")
 
 
-def test_next(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "next", "--model", str(model_path), "--prompt", "we", "-k", "4")
+def test_next(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(
+        capsys, "next", "--model", str(tiny_onnx_model), "--prompt", "we", "-k", "4"
+    )
     rows = [line.split("\t") for line in out.splitlines()]
     probs = [float(p) for _, p in rows]
     assert code == 0 and len(rows) == 4
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
 
 
-def test_empty_prompt(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_cli(capsys, "generate", "--model", str(model_path), "--seed", "0")
+def test_empty_prompt(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_onnx_model), "--seed", "0")
     assert code == 0 and out.strip() and err == ""
 
 
-def test_only_unknown_words_warn_once(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_only_unknown_words_warn_once(
+    tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run_cli(
-        capsys, "generate", "--model", str(model_path), "--prompt", "zork frobozz zork",
+        capsys, "generate", "--model", str(tiny_onnx_model), "--prompt", "zork frobozz zork",
         "--max-tokens", "30", "--seed", "0",
     )  # fmt: skip
     assert code == 0 and out.startswith("Zork frobozz zork")
@@ -102,11 +99,11 @@ def test_only_unknown_words_warn_once(model_path: Path, capsys: pytest.CaptureFi
 
 
 def test_prompt_longer_than_any_window(
-    model_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     prompt = " ".join(["we will build a strong nation ."] * 200)  # 1400 tokens
     code, out, err = run_cli(
-        capsys, "next", "--model", str(model_path), "--prompt", prompt, "-k", "2"
+        capsys, "next", "--model", str(tiny_onnx_model), "--prompt", prompt, "-k", "2"
     )
     assert code == 0 and len(out.splitlines()) == 2 and err == ""
 
@@ -115,19 +112,19 @@ def test_prompt_longer_than_any_window(
     ("args", "message"),
     [
         (["--temperature", "-1"], "argument --temperature: must be >= 0.0, got -1"),
-        (["--temperature", "nan"], "argument --temperature: expected a number, got 'nan'"),
+        (["--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
         (["--top-k", "-2"], "argument --top-k: must be >= 0, got -2"),
         (["--top-p", "0"], "argument --top-p: must be > 0.0 and <= 1.0, got 0"),
         (["--top-p", "1.5"], "argument --top-p: must be > 0.0 and <= 1.0, got 1.5"),
-        (["--num-samples", "0"], "argument --num-samples: must be >= 1, got 0"),
+        (["--num-samples", "0"], "argument --num-samples: must be >= 1 and <= 1000, got 0"),
         (["--max-tokens", "ten"], "argument --max-tokens: expected int, got 'ten'"),
-        (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+        (["--threads", "0"], "argument --threads: must be >= 1 and <= 1024, got 0"),
     ],
 )
 def test_bad_arguments_exit_2(
-    model_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+    tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
-    code, out, err = run_cli(capsys, "generate", "--model", str(model_path), *args)
+    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_onnx_model), *args)
     assert code == 2 and out == "" and message in err and "Traceback" not in err
 
 
@@ -163,18 +160,22 @@ def test_bad_model_files_exit_1(
 
 
 def test_score_bad_inputs(
-    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run_cli(capsys, "score", "--model", str(model_path), str(tmp_path / "no.txt"))
+    code, _, err = run_cli(
+        capsys, "score", "--model", str(tiny_onnx_model), str(tmp_path / "no.txt")
+    )
     assert code == 1 and err == f"rnnlm: error: {tmp_path / 'no.txt'}: no such file\n"
     (tmp_path / "empty.txt").write_text("\n\n")
-    code, _, err = run_cli(capsys, "score", "--model", str(model_path), str(tmp_path / "empty.txt"))
+    code, _, err = run_cli(
+        capsys, "score", "--model", str(tiny_onnx_model), str(tmp_path / "empty.txt")
+    )
     assert code == 1 and "nothing to score: the text has no words" in err
-    code, _, err = run_cli(capsys, "score", "--model", str(model_path), str(tmp_path))
+    code, _, err = run_cli(capsys, "score", "--model", str(tiny_onnx_model), str(tmp_path))
     assert code == 1 and "is a directory" in err
 
 
-def test_default_model_path_and_usage(
+def test_default_tiny_onnx_model_and_usage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -200,7 +201,9 @@ def test_subcommands_are_pluggable(capsys: pytest.CaptureFixture[str]) -> None:
         SUBCOMMANDS.remove(add_hello)
 
 
-def test_console_script_has_no_traceback_and_no_torch(model_path: Path, tmp_path: Path) -> None:
+def test_console_script_has_no_traceback_and_no_torch(
+    tiny_onnx_model: Path, tmp_path: Path
+) -> None:
     """The inference path (inference + cli) must never import torch or lightning."""
     code = textwrap.dedent(
         """
@@ -214,7 +217,7 @@ def test_console_script_has_no_traceback_and_no_torch(model_path: Path, tmp_path
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(model_path)], capture_output=True, text=True
+        [sys.executable, "-c", code, str(tiny_onnx_model)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     bad = subprocess.run(
