@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -136,7 +137,8 @@ class TrainParams:
     min_lr: float = field(default=1e-5, metadata=_range(0.0))
     early_stopping_patience: int = field(default=3, metadata=_range(1))
     cell_overrides: dict[str, CellOverrides] = field(default_factory=dict)
-    accelerator: str = "auto"
+    # Lightning's built-in accelerators; `auto` picks CUDA or MPS when present, else the CPU.
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu", "hpu"] = "auto"
     devices: int | str = "auto"
     strategy: str = "auto"
     num_nodes: int = field(default=1, metadata=_range(1))
@@ -264,7 +266,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            # YAML's .nan slips past every range check (all comparisons are false), and .inf
+            # (or an int beyond any float) is no setting: refuse them here.
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise ConfigError(f"{key} = {value!r}: expected a finite number")
     elif tp is str:
         if isinstance(value, str) and value.strip():
             return value

@@ -6,10 +6,15 @@ in params.yaml (or in `dvc exp run -S`) is found from the message alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import fnmatch
 import re
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -362,3 +367,144 @@ def test_stage_argparser_accepts_only_params(monkeypatch: pytest.MonkeyPatch) ->
         parser.parse_args(["--lr", "0.1"])
     monkeypatch.setenv("RNNLM_PARAMS", "exp/params.yaml")
     assert stage_argparser("test").parse_args([]).params == Path("exp/params.yaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One key of params.yaml: its dotted name, its place in the parsed YAML, its annotation."""
+
+    key: str
+    path: tuple[str, ...]
+    annotation: Any
+    metadata: Mapping[str, Any]
+
+
+def walk_keys(cls: type, raw: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[Leaf]:
+    """Every field of `cls` and of the sections inside it. A mapping-valued key (a dict of
+    sections or of strings) also gives one leaf per entry that `raw` holds, so a key added to
+    a dataclass or to params.yaml is walked without touching this test."""
+    hints = typing.get_type_hints(cls)
+    leaves = []
+    for f in dataclasses.fields(cls):
+        here, tp = (*path, f.name), hints[f.name]
+        leaves.append(Leaf(".".join(here), here, tp, f.metadata))
+        value = raw.get(f.name) or {}
+        if dataclasses.is_dataclass(tp):
+            leaves += walk_keys(tp, value, here)
+        elif typing.get_origin(tp) is dict:
+            entry_tp = typing.get_args(tp)[1]
+            for name in value:
+                entry = (*here, name)
+                leaves.append(Leaf(".".join(entry), entry, entry_tp, {}))
+                if dataclasses.is_dataclass(entry_tp):
+                    leaves += walk_keys(entry_tp, value[name], entry)
+    return leaves
+
+
+REAL_RAW = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
+LEAVES = walk_keys(Params, REAL_RAW)
+# Keys whose value is free text (names, paths, URLs, prompts): any non-blank string. A new
+# string key belongs here or, when it has a fixed set of values, gets a Literal type.
+FREE_TEXT_KEYS = (
+    "paths.*", "corpus.name", "corpus.index_url", "train.strategy", "mlflow.experiment_name",
+    "mlflow.tracking_uri", "export.registered_model_name",
+    "evaluate.sample_prompts.*",
+)  # fmt: skip
+# Values refused by a section's own check (__post_init__) rather than by the key's type.
+CHECKED_AFTER_TYPES: dict[str, list[tuple[str, object]]] = {
+    "train.devices": [("not allowed", "gpu"), ("below range", 0)],
+}
+
+
+def _options(tp: Any) -> set[Any]:
+    """The types (or Literal types) a value may have, null left out."""
+    union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    return set(typing.get_args(tp) if union else [tp]) - {type(None)}
+
+
+def bad_values(leaf: Leaf) -> list[tuple[str, object]]:
+    """(what is wrong, value) pairs that params.yaml must refuse for `leaf`."""
+    tp = leaf.annotation
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
+        return [("wrong type", value) for value in ("x", 5, [1], True)]
+    options = _options(tp)
+    literals = [o for o in options if typing.get_origin(o) is Literal]
+    numbers = options & {int, float}
+    bad: list[tuple[str, object]] = [("wrong type", [1]), ("wrong type", {"x": 1})]
+    if bool not in options:
+        bad.append(("wrong type", True))
+    if not options & {str, Path} and not literals:
+        bad.append(("wrong type", "x"))
+    if not numbers:
+        bad.append(("wrong type", 42))
+    if options & {str, Path}:
+        bad.append(("blank", "  "))
+    bad += [("not allowed", "no-such-choice") for _ in literals]
+    if float in numbers:
+        bad += [("not finite", value) for value in (float("nan"), float("inf"), -float("inf"))]
+    bad += CHECKED_AFTER_TYPES.get(leaf.key, [])
+    if numbers and leaf.metadata:
+        kind = float if float in numbers else int
+        step = 1e-6 if kind is float else 1
+        lo, hi = leaf.metadata.get("lo"), leaf.metadata.get("hi")
+        if lo is not None:
+            bad.append(("below range", kind(lo if leaf.metadata["lo_open"] else lo - step)))
+        if hi is not None:
+            bad.append(("above range", kind(hi + step * max(1, abs(hi)))))
+    return bad
+
+
+def with_value(raw: Mapping[str, Any], path: tuple[str, ...], value: object) -> dict[str, Any]:
+    """A deep copy of `raw` with the key at `path` set to `value`."""
+    out = copy.deepcopy(dict(raw))
+    node = out
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return out
+
+
+def test_the_walk_reaches_every_key() -> None:
+    walked = {leaf.key for leaf in LEAVES}
+    assert set(as_flat_dict(load_params(PARAMS_YAML))) <= walked
+    assert {"train.cell_overrides.rnn_tanh.lr", "evaluate.sample_prompts.nation"} <= walked
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    """A number with no bounds is an unchecked knob: give the new field `_range(...)`."""
+    unbounded = [
+        leaf.key
+        for leaf in LEAVES
+        if _options(leaf.annotation) and _options(leaf.annotation) <= {int, float}
+        if leaf.metadata.get("lo") is None and leaf.metadata.get("hi") is None
+    ]
+    assert unbounded == []
+
+
+def test_string_keys_are_choices_or_known_free_text() -> None:
+    free = [
+        leaf.key
+        for leaf in LEAVES
+        if _options(leaf.annotation) & {str, Path}
+        if not any(fnmatch.fnmatch(leaf.key, pattern) for pattern in FREE_TEXT_KEYS)
+        if leaf.key not in CHECKED_AFTER_TYPES
+    ]
+    assert free == [], "a Literal of the allowed values, or add the key to FREE_TEXT_KEYS"
+
+
+@pytest.mark.parametrize("leaf", LEAVES, ids=[leaf.key for leaf in LEAVES])
+def test_every_key_refuses_bad_values_naming_the_key(leaf: Leaf) -> None:
+    """Each key of the real params.yaml, set to a wrong type, a value out of its range or not
+    among its choices (everything else as shipped), stops parsing with its dotted name."""
+    assert parse_params(REAL_RAW) is not None  # the rest of the file is valid
+    for what, value in bad_values(leaf):
+        message = refused(with_value(REAL_RAW, leaf.path, value))
+        assert f"params.yaml: {leaf.key} = {value!r}: " in message, (what, message)
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", "1" + "0" * 400])
+def test_yaml_special_numbers_are_refused(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS_YAML.read_text(encoding="utf-8").replace("lr: 0.005", f"lr: {text}"))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: train.lr = ")):
+        load_params(path)
