@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from rnnlm import resume, tracking
 from rnnlm.config import (
@@ -547,6 +547,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     except OSError as err:  # disk full, unwritable models/ or metrics/
         log.error("%s", describe_os_error(err))
+        raise SystemExit(1) from None
+    except MisconfigurationException as err:  # e.g. train.devices: 4 on a machine with 2 GPUs
+        log.error("Lightning cannot train with these train params: %s", " ".join(str(err).split()))
         raise SystemExit(1) from None
 
 

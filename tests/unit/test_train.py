@@ -16,7 +16,7 @@ import torch
 from rnnlm import tracking, train
 from rnnlm.config import CellOverrides, MlflowParams, Params
 from rnnlm.files import md5_file
-from tests.fixtures import unused_port
+from tests.fixtures import unused_port, write_full_params
 
 
 def _client(params: Params) -> mlflow.MlflowClient:
@@ -124,6 +124,20 @@ def test_testing_the_best_checkpoint_keeps_the_whole_curve_and_training_time(
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     # Counted once: the test's checkpoint load is not a resume adding its time again.
     assert metrics["train_time_s"] <= elapsed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_trainer_settings_lightning_refuses_fail_in_one_line(
+    processed_tiny: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = dataclasses.replace(processed_tiny.train, accelerator="cuda", devices=2, strategy="ddp")
+    params_file = write_full_params(dataclasses.replace(processed_tiny, train=t), tmp_path / "p")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--params", str(params_file)])
+    assert exit_info.value.code == 1
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "cannot train with these train params: `CUDAAccelerator` can not run" in record.message
+    assert "\n" not in record.message and record.exc_info is None
 
 
 @pytest.mark.parametrize(
