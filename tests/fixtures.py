@@ -544,3 +544,14 @@ def write_full_params(params: Params, path: Path) -> Path:
     raw = json.loads(json.dumps(dataclasses.asdict(params), default=str))
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
+
+
+def prepare_tiny_project(root: Path) -> Params:
+    """`make_tiny_params(root)` with `tinycorpus` downloaded from a folder mirror and tokenized:
+    for module-scoped fixtures, which cannot use the function-scoped ones of conftest."""
+    mirror = build_nltk_mirror(root / "mirror", {TINY_ID: encode_docs(make_tiny_corpus_docs())})
+    params = make_tiny_params(root)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(download.MIRROR_ENV, str(mirror))
+        prepare_tiny_data(params)
+    return params

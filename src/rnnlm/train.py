@@ -291,6 +291,11 @@ def quiet_lightning(interactive: bool) -> None:
     # EpochSummary): Lightning's advice to add sync_dist does not apply.
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # A resume reuses models/checkpoints/ on purpose, and continues an interrupted epoch
+    # exactly (resume.Resumable restores the position, hidden state and RNG), whatever
+    # Lightning's generic check of the data loader concludes.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def run(
@@ -346,7 +351,12 @@ def run(
         resume.fingerprint(model_p, t, md5),
         tracked.run_id if tracked else None,
     )
-    trainer, checkpoint = build_trainer(t, checkpoint_dir, logger, summary, resumable)
+    try:
+        trainer, checkpoint = build_trainer(t, checkpoint_dir, logger, summary, resumable)
+    except BaseException:
+        if tracked is not None:  # created a moment ago: it must not stay RUNNING forever
+            tracked.set_status("FAILED")
+        raise
     try:
         trainer.fit(
             module,

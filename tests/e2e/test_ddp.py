@@ -34,17 +34,8 @@ import torch.nn.functional as F
 from rnnlm import export, train
 from rnnlm.config import Params
 from rnnlm.datamodule import batchify, lm_pairs, load_split
-from rnnlm.download import MIRROR_ENV
 from tests.e2e._pipeline import TAIL
-from tests.fixtures import (
-    TINY_ID,
-    build_nltk_mirror,
-    encode_docs,
-    make_tiny_corpus_docs,
-    make_tiny_params,
-    prepare_tiny_data,
-    write_full_params,
-)
+from tests.fixtures import prepare_tiny_project, write_full_params
 
 pytestmark = pytest.mark.e2e
 
@@ -55,13 +46,7 @@ EXIT_GRACE_S = 10  # for rank 1 to be gone once rank 0 has exited
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Params:
     """The tiny corpus, downloaded from a folder mirror and tokenized once."""
-    root = tmp_path_factory.mktemp("ddp")
-    mirror = build_nltk_mirror(root / "mirror", {TINY_ID: encode_docs(make_tiny_corpus_docs())})
-    params = make_tiny_params(root)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(MIRROR_ENV, str(mirror))
-        prepare_tiny_data(params)
-    return params
+    return prepare_tiny_project(tmp_path_factory.mktemp("ddp"))
 
 
 def ddp_params(data: Params, root: Path, batch_size: int, eval_batch_size: int) -> Params:

@@ -26,17 +26,8 @@ import pytest
 import torch
 
 from rnnlm.config import Params
-from rnnlm.download import MIRROR_ENV
 from tests.e2e._pipeline import TAIL
-from tests.fixtures import (
-    TINY_ID,
-    build_nltk_mirror,
-    encode_docs,
-    make_tiny_corpus_docs,
-    make_tiny_params,
-    prepare_tiny_data,
-    write_full_params,
-)
+from tests.fixtures import prepare_tiny_project, write_full_params
 
 pytestmark = pytest.mark.e2e
 
@@ -47,12 +38,7 @@ STARTUP_TIMEOUT_S = 120  # imports + first epoch, on a busy 2-core CI machine
 def slow_epochs(tmp_path_factory: pytest.TempPathFactory) -> Params:
     """The tiny corpus, prepared once; two epochs of 1 x 2-token windows (seconds each),
     with dropout so that the RNG state matters."""
-    root = tmp_path_factory.mktemp("resume")
-    mirror = build_nltk_mirror(root / "mirror", {TINY_ID: encode_docs(make_tiny_corpus_docs())})
-    p = make_tiny_params(root)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(MIRROR_ENV, str(mirror))
-        prepare_tiny_data(p)
+    p = prepare_tiny_project(tmp_path_factory.mktemp("resume"))
     return dataclasses.replace(
         p,
         model=dataclasses.replace(p.model, dropout=0.3, embedding_dropout=0.1),
