@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +282,26 @@ def build_trainer(
     return trainer, checkpoint
 
 
+def check_launcher_world(t: TrainParams, env: Mapping[str, str] = os.environ) -> None:
+    """torchrun/srun started the processes: their count must be devices x num_nodes.
+
+    Lightning checks it too, but only once training starts and with a traceback per process.
+    """
+    if isinstance(t.devices, str):  # auto: Lightning counts the devices itself
+        return
+    expected = t.devices * t.num_nodes
+    started = None
+    if "TORCHELASTIC_RUN_ID" in env and "WORLD_SIZE" in env:
+        started, launcher = int(env["WORLD_SIZE"]), "torchrun"
+    elif "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        started, launcher = int(env["SLURM_NTASKS"]), "srun"
+    if started is not None and started != expected:
+        raise TrainError(
+            f"{launcher} started {started} processes but train.devices x train.num_nodes = "
+            f"{t.devices} x {t.num_nodes} = {expected}: make them agree"
+        )
+
+
 def quiet_lightning(interactive: bool) -> None:
     """Keep CI logs to our own lines: Lightning's banners and tips only on a terminal."""
     if not interactive:
@@ -310,6 +331,7 @@ def run(
     """Train, test the best checkpoint, write outputs, track the run; return the final metrics."""
     check_inputs(paths.processed_dir)
     t = train_p.for_cell(model_p.cell)
+    check_launcher_world(t)
     quiet_lightning(sys.stderr.isatty() and not os.environ.get("CI"))
     pl.seed_everything(t.seed, workers=True, verbose=False)
     if torch.cuda.is_available():

@@ -228,3 +228,22 @@ def test_unknown_tracking_uri_scheme_is_refused_by_name(uri: str) -> None:
 def test_known_database_schemes_pass_the_scheme_check() -> None:
     for uri in ("postgresql://u@h/db", "mysql+pymysql://u@h/db", "databricks"):
         tracking.check_tracking_uri(uri)  # no I/O for databases: MLflow connects later
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2"}, "torchrun started 2 processes"),
+        ({"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "job"}, "srun started 4 processes"),
+    ],
+)
+def test_launcher_world_that_disagrees_with_train_devices_is_refused_by_name(
+    tiny_params: Params, env: dict[str, str], message: str
+) -> None:
+    t = dataclasses.replace(tiny_params.train, devices=1, num_nodes=1)
+    with pytest.raises(train.TrainError, match=message) as err:
+        train.check_launcher_world(t, env)
+    assert "train.devices x train.num_nodes = 1 x 1 = 1" in str(err.value)
+    train.check_launcher_world(dataclasses.replace(t, devices=int(env.get("WORLD_SIZE", 4))), env)
+    train.check_launcher_world(t, {"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "interactive"})
+    train.check_launcher_world(dataclasses.replace(t, devices="auto"), env)
