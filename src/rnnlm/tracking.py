@@ -117,8 +117,26 @@ def _client(uri: str):  # -> mlflow.MlflowClient
     # Fail fast instead of MLflow's default minutes of retries against a dead server.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point mlflow's fluent API at `uri` for the block only.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which every later subprocess and
+    stage would inherit (and which wins over params.yaml): it is undone on the way out.
+    """
+    import mlflow
+
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # clears mlflow's global and the variable
+        if env_before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 def git_info(root: Path) -> dict[str, str]:
@@ -260,6 +278,14 @@ class TrackedRun:
             def __init__(self, logged_until: dict[str, int], **kwargs: Any) -> None:
                 super().__init__(**kwargs)
                 self.logged_until = logged_until
+
+            @property
+            def experiment(self):  # -> MlflowClient
+                if self._initialized:
+                    return self._mlflow_client
+                # Lightning calls mlflow.set_tracking_uri here: keep it from leaking.
+                with _fluent_tracking_uri(self._tracking_uri):
+                    return MLFlowLogger.experiment.fget(self)
 
             def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
                 if step is not None:
@@ -467,29 +493,31 @@ def log_onnx_model(
         def schema(specs: Sequence[tuple[str, str, tuple[int, ...]]]) -> Schema:
             return Schema([TensorSpec(np.dtype(t), tuple(shape), n) for n, t, shape in specs])
 
-        _client(tracked.uri)  # sets the tracking URI mlflow's fluent API uses
-        model = onnx.load(str(model_path))
-        with mlflow.start_run(run_id=tracked.run_id):
-            info = mlflow.onnx.log_model(
-                model,
-                name=name,
-                signature=ModelSignature(inputs=schema(inputs), outputs=schema(outputs)),
-                input_example=dict(input_example),
-                save_as_external_data=False,  # one self-contained .onnx file, as exported
-                params={k: str(v) for k, v in (params or {}).items()} or None,
-                onnx_execution_providers=["CPUExecutionProvider"],
-            )
-            if metrics:
-                mlflow.log_metrics(dict(metrics), model_id=info.model_id)
-        result = {"model_uri": info.model_uri, "model_id": info.model_id}
-        if registered_model_name:
-            version = mlflow.register_model(
-                info.model_uri,
-                registered_model_name,
-                tags={"mlflow_run_id": tracked.run_id},
-            )
-            result["registered_model"] = registered_model_name
-            result["registered_version"] = str(version.version)
+        _client(tracked.uri)  # the retry settings
+        # The fluent API (start_run, log_model, register_model) reads a process-wide URI.
+        with _fluent_tracking_uri(tracked.uri):
+            model = onnx.load(str(model_path))
+            with mlflow.start_run(run_id=tracked.run_id):
+                info = mlflow.onnx.log_model(
+                    model,
+                    name=name,
+                    signature=ModelSignature(inputs=schema(inputs), outputs=schema(outputs)),
+                    input_example=dict(input_example),
+                    save_as_external_data=False,  # one self-contained .onnx file, as exported
+                    params={k: str(v) for k, v in (params or {}).items()} or None,
+                    onnx_execution_providers=["CPUExecutionProvider"],
+                )
+                if metrics:
+                    mlflow.log_metrics(dict(metrics), model_id=info.model_id)
+            result = {"model_uri": info.model_uri, "model_id": info.model_id}
+            if registered_model_name:
+                version = mlflow.register_model(
+                    info.model_uri,
+                    registered_model_name,
+                    tags={"mlflow_run_id": tracked.run_id},
+                )
+                result["registered_model"] = registered_model_name
+                result["registered_version"] = str(version.version)
     except Exception as err:  # MLflow raises many types; all mean "could not log"
         raise TrackingError(f"MLflow: logging {model_path.name} failed: {err}") from err
     log.info(

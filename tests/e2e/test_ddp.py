@@ -210,14 +210,18 @@ def test_perplexity_is_over_the_whole_split_as_one_process_computes_it(ddp_run: 
         assert metrics[key] == pytest.approx(expected, rel=1e-5), split
 
 
+def test_only_unequal_shards_are_warned_about(ddp_run: DdpRun) -> None:
+    warned = "train.batch_size = 3 is not a multiple of the 2 processes" in ddp_run.log
+    assert warned == bool(ddp_run.params.train.batch_size % 2)
+
+
+@pytest.mark.parametrize("ddp_run", [(4, 2)], ids=["even-shards"], indirect=True)
 def test_even_shards_train_as_one_process_with_the_same_batch_size(
     ddp_run: DdpRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """DDP averages the processes' gradients: with equal shards, that is the whole batch's."""
+    """DDP averages the processes' gradients: with equal shards, that is the whole batch's
+    (unequal shards weigh rows differently from one process, and say so: test above)."""
     params = ddp_run.params
-    if params.train.batch_size % 2:
-        assert "train.batch_size = 3 is not a multiple of the 2 processes" in ddp_run.log
-        pytest.skip("unequal shards weigh rows differently from one process (and say so)")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("RNNLM_PROJECT_ROOT", str(tmp_path))
     one = ddp_params(params, tmp_path, params.train.batch_size, params.train.eval_batch_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -257,13 +258,18 @@ def torch_stream_ppl(net: RNNLM, stream: np.ndarray) -> float:
     return float(torch.exp(nll))
 
 
-def test_run_end_to_end_logs_and_registers(trained_layout: Params) -> None:
+def test_run_end_to_end_logs_and_registers(
+    trained_layout: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
 
     params = trained_layout
     paths = params.paths
     p = ExportParams(latency_tokens=20, registered_model_name="tiny-lm")
     metrics = export.run_from_params(dataclasses.replace(params, export=p))
+    # mlflow.set_tracking_uri exports the variable; later stages and subprocesses would
+    # inherit it and log to this store whatever their params say.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
     onnx_path, int8_path = paths.models_dir / "model.onnx", paths.models_dir / "model.int8.onnx"
     assert onnx_path.is_file() and int8_path.is_file()
@@ -292,11 +298,10 @@ def test_run_end_to_end_logs_and_registers(trained_layout: Params) -> None:
     )
     assert model.generate("the nation", max_tokens=5, seed=1)[0].startswith("The nation")
 
-    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
     versions = client.search_model_versions("name = 'tiny-lm'")
     assert [str(v.version) for v in versions] == ["1"] and written["registered_version"] == "1"
-    logged = mlflow.get_logged_model(written["model_id"])
+    logged = client.get_logged_model(written["model_id"])
     assert logged.source_run_id == run_id
     assert versions[0].run_id == run_id
     run = client.get_run(run_id)
@@ -308,6 +313,7 @@ def test_run_end_to_end_logs_and_registers(trained_layout: Params) -> None:
     )
     assert LanguageModel(local).vocab == model.vocab  # the logged file is self-contained
     assert logged.metrics and {m.key for m in logged.metrics} >= {"onnx/val_ppl"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri)  # for models:/ URIs
     info = mlflow.models.get_model_info(written["model_uri"])
     assert [spec.name for spec in info.signature.inputs.inputs] == ["tokens", "h0", "c0"]
     assert info.signature.inputs.inputs[0].shape == (-1, -1)

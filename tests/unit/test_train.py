@@ -247,3 +247,12 @@ def test_launcher_world_that_disagrees_with_train_devices_is_refused_by_name(
     train.check_launcher_world(dataclasses.replace(t, devices=int(env.get("WORLD_SIZE", 4))), env)
     train.check_launcher_world(t, {"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "interactive"})
     train.check_launcher_world(dataclasses.replace(t, devices="auto"), env)
+
+
+def test_training_in_process_leaves_no_tracking_uri_behind(trained: tuple[Params, dict]) -> None:
+    """mlflow.set_tracking_uri (Lightning's logger calls it) exports MLFLOW_TRACKING_URI: a later
+    stage or subprocess would inherit it and log there whatever its params say."""
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() != trained[0].mlflow.tracking_uri
