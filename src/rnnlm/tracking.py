@@ -450,12 +450,9 @@ def resume_run(ml: MlflowParams, run_id: str) -> TrackedRun | None:
         log.warning("MLflow run %s to resume is not in %s (%s)", run_id, uri, err)
         return None
     tracked = TrackedRun(uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)
-    try:
-        tracked.set_status("RUNNING")
-        resumes = int(run.data.tags.get("rnnlm.resumes", "0")) + 1
-        tracked.set_tags({"rnnlm.resumes": str(resumes)})
-    except Exception as err:
-        raise TrackingError(f"MLflow tracking store {uri}: {err}") from err
+    tracked.set_status("RUNNING")  # no spool yet: a failure raises TrackingError
+    resumes = int(run.data.tags.get("rnnlm.resumes", "0")) + 1
+    tracked.set_tags({"rnnlm.resumes": str(resumes)})
     log.info("MLflow run %s continued (resume %d) at %s", run_id, resumes, uri)
     return tracked
 

@@ -354,9 +354,8 @@ def run(
 
     md5 = data_md5(paths)
     checkpoint_dir = paths.models_dir / "checkpoints"
-    point = resume.find_resume_point(
-        checkpoint_dir, resume.fingerprint(model_p, t, md5), t.resume, is_global_zero()
-    )
+    fingerprint = resume.fingerprint(model_p, t, md5)
+    point = resume.find_resume_point(checkpoint_dir, fingerprint, t.resume, is_global_zero())
 
     # The run is created before any file is written: an unreachable store fails fast here.
     tracked = None
@@ -368,10 +367,7 @@ def run(
 
     summary = EpochSummary()
     resumable = resume.Resumable(
-        datamodule,
-        checkpoint_dir,
-        resume.fingerprint(model_p, t, md5),
-        tracked.run_id if tracked else None,
+        datamodule, checkpoint_dir, fingerprint, tracked.run_id if tracked else None
     )
     try:
         trainer, checkpoint = build_trainer(t, checkpoint_dir, logger, summary, resumable)
@@ -394,12 +390,13 @@ def run(
         )[0]
     except (resume.TrainingInterrupted, SIGTERMException) as err:
         if tracked is not None:
-            mark_killed(tracked)
+            # Shown as KILLED (not FAILED) until resumed; spooled if the store went away.
+            tracked.set_status("KILLED")
         if isinstance(err, resume.TrainingInterrupted):
             raise
         # Lightning's own SIGTERM handling (outside the training loop, e.g. during the test).
         raise resume.TrainingInterrupted(
-            "SIGTERM", checkpoint_dir / resume.LAST, trainer.current_epoch, trainer.global_step
+            "SIGTERM", resumable.checkpoint, trainer.current_epoch, trainer.global_step
         ) from None
     train_time = resumable.train_seconds()
 
@@ -482,14 +479,6 @@ def tracking_run(
         }
     )
     return tracked
-
-
-def mark_killed(tracked: tracking.TrackedRun) -> None:
-    """An interrupted run shows as KILLED (not FAILED) until it is resumed."""
-    try:
-        tracked.set_status("KILLED")
-    except Exception as err:  # the store may be what went away; the checkpoint is what counts
-        log.warning("could not mark MLflow run %s as interrupted: %s", tracked.run_id, err)
 
 
 def write_outputs(
