@@ -218,6 +218,8 @@ class Resumable(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()
+        # Stop the clock: testing the best checkpoint afterwards is not training time.
+        self._elapsed_before, self._segment_start = self.train_seconds(), None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
