@@ -3,7 +3,8 @@
 - `tiny_docs`: a synthetic corpus, file name -> text (one Latin-1 document, a README).
 - `tiny_mirror`: a temporary folder laid out like the NLTK data server, holding `tinycorpus`.
 - `http_mirror`: the base URL of a loopback HTTP server serving `tiny_mirror`.
-- `shared_mirror`: the shared offline NLTK mirror beside the project (skips when absent).
+- `shared_mirror`: the offline NLTK mirror with state_union and inaugural: RNNLM_NLTK_MIRROR
+  when it names a folder, else ../shared/nltk_data beside the project (skips when neither).
 - `tiny_params`: a small `Params` for `tinycorpus`, every path and the MLflow store under tmp_path.
 - `processed_tiny`: `tiny_params` after the download and tokenize stages ran on `tiny_mirror`.
 - `project_copy`: the project's files (tracked, plus untracked but not ignored) in a fresh git
@@ -16,7 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -69,12 +70,41 @@ def http_mirror(tiny_mirror: Path) -> Iterator[str]:
         yield server.url
 
 
+def find_shared_mirror(environ: Mapping[str, str] = os.environ) -> Path | str:
+    """The NLTK mirror with state_union and inaugural: a folder, or why there is none.
+
+    RNNLM_NLTK_MIRROR wins (a folder, its index.xml or a file:// URL, read as the download
+    stage reads it), else `../shared/nltk_data` beside the project.
+    """
+    named = environ.get(download.MIRROR_ENV, "").strip()
+    if named:
+        try:
+            source = download.resolve_source("", named)
+        except download.DownloadError as err:
+            return f"{download.MIRROR_ENV}: {err}"
+        if not source.local:
+            return f"{download.MIRROR_ENV} = {named!r} is a URL; these tests read a folder"
+        root = Path(source.root)
+    else:
+        root = SHARED_MIRROR
+    if not (root / "index.xml").is_file():
+        where = f"{download.MIRROR_ENV} = {named!r}" if named else "beside the project"
+        return f"no NLTK mirror at {root} ({where}): no index.xml"
+    return root.resolve()
+
+
+# Read once, from the environment pytest started in: tests may unset the variable for
+# themselves (test_download isolates every test from the developer's shell).
+_SHARED_MIRROR_FOUND = find_shared_mirror()
+
+
 @pytest.fixture
 def shared_mirror() -> Path:
-    """The shared offline NLTK mirror (state_union, inaugural) beside the project."""
-    if not (SHARED_MIRROR / "index.xml").is_file():
-        pytest.skip(f"shared NLTK mirror not found at {SHARED_MIRROR}")
-    return SHARED_MIRROR
+    """The shared offline NLTK mirror (state_union, inaugural): RNNLM_NLTK_MIRROR, else the one
+    beside the project; the test is skipped, saying why, when neither holds one."""
+    if isinstance(_SHARED_MIRROR_FOUND, str):
+        pytest.skip(_SHARED_MIRROR_FOUND)
+    return _SHARED_MIRROR_FOUND
 
 
 @pytest.fixture

@@ -790,3 +790,19 @@ def test_progress_bar_only_on_a_terminal() -> None:
     quiet.update(5)
     quiet.close(10)
     assert plain.getvalue() == ""
+
+
+def test_shared_mirror_for_the_tests_honours_the_environment(
+    tiny_mirror: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import find_shared_mirror
+
+    assert find_shared_mirror({download.MIRROR_ENV: str(tiny_mirror)}) == tiny_mirror.resolve()
+    index = f"file://{tiny_mirror / 'index.xml'}"
+    assert find_shared_mirror({download.MIRROR_ENV: index}) == tiny_mirror.resolve()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    reason = find_shared_mirror({download.MIRROR_ENV: str(empty)})
+    assert isinstance(reason, str) and f"no NLTK mirror at {empty}" in reason
+    reason = find_shared_mirror({download.MIRROR_ENV: "http://127.0.0.1:9/"})
+    assert isinstance(reason, str) and "is a URL" in reason
