@@ -8,17 +8,23 @@ STAMP := $(VENV)/.rnnlm-installed
 # dvc.yaml's commands say `python -m rnnlm...`: the venv's python must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast e2e lint format clean-venv mlflow-ui mlflow-server
+.PHONY: install repro test test-fast e2e lint format clean-venv mlflow-ui mlflow-server exps
 
 install: $(STAMP)
 
 # Re-runs only when the dependency spec changes, so a second `make` is instant.
+# pip prints a line per package it collects, downloads or installs, so a first install (several
+# minutes: torch alone is ~200 MB) shows where it is; later runs skip this recipe entirely.
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rnnlm needs Python >= 3.11, found " + sys.version.split()[0])'
+	@echo "==> [1/3] virtual environment $(VENV)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@echo "==> [2/3] pip"
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	@echo "==> [3/3] rnnlm and its dependencies, pinned by constraints.txt (first time: minutes)"
+	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e '.[dev]'
 	@touch $@
+	@echo "==> installed; next time this step is skipped until pyproject.toml or constraints.txt change"
 
 repro: install
 	$(BIN)/dvc repro
@@ -40,17 +46,27 @@ format: install
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
+# The UI on the project's store; another port: make mlflow-ui MLFLOW_PORT=5001
+MLFLOW_PORT ?= 5000
 mlflow-ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
+		--default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # A local tracking server (SQLite backend, proxied artifacts); then, in another shell:
 #   MLFLOW_TRACKING_URI=http://127.0.0.1:5000 make repro
 # Another port: make mlflow-server MLFLOW_PORT=5001
-MLFLOW_PORT ?= 5000
 mlflow-server: install
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
 		--artifacts-destination ./mlruns/server-artifacts --serve-artifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# Experiments side by side in a terminal: the params that differ and the headline metrics.
+# `dvc exp show` alone lists every param, metric and dependency hash (over 140 columns).
+EXPS_KEEP := ^(val_ppl|test/onnx_ppl|test/kn_ppl|epochs|train_time_s)$$
+EXPS_DROP := ^(data|models|src|metrics)/|^(train|validation|test)\.(documents|sentences|tokens|oov_rate)$$|^vocab_size$$|^(parity|onnx|int8)/|^(best_epoch|devices|test_loss|val_loss|tokens_per_s|test_ppl)$$|^test/(tokens|oov_rate|pytorch_ppl|onnx_pytorch_rel_diff|unigram_ppl|improvement_over_kn_pct)$$
+exps: install
+	@$(BIN)/dvc exp show --no-pager --only-changed --keep '$(EXPS_KEEP)' --drop '$(EXPS_DROP)' \
+		--sort-by test/onnx_ppl --sort-order asc
 
 clean-venv:
 	rm -rf $(VENV)

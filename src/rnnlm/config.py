@@ -33,14 +33,100 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"lo": lo, "hi": hi, "lo_open": lo_open}
 
 
+SPLITS = ("train", "validation", "test")
+
+
 @dataclass(frozen=True)
 class Paths:
-    """Where each stage reads and writes, relative to the project root."""
+    """Where each stage reads and writes, relative to the project root.
+
+    The four folders come from params.yaml; the files the stages exchange are named here and
+    nowhere else (dvc.yaml spells the same names; a test keeps the two in step).
+    """
 
     raw_dir: Path = Path("data/raw")
     processed_dir: Path = Path("data/processed")
     models_dir: Path = Path("models")
     metrics_dir: Path = Path("metrics")
+
+    def corpus_dir(self, corpus_name: str) -> Path:
+        """download -> tokenize: the extracted corpus package."""
+        return self.raw_dir / corpus_name
+
+    # tokenize -> train, export, evaluate
+    @property
+    def vocab(self) -> Path:
+        return self.processed_dir / "vocab.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.processed_dir / "tokenizer.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.processed_dir / "splits.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.processed_dir / "stats.json"
+
+    def split_ids(self, split: str) -> Path:
+        """The token ids of `split` (one of SPLITS)."""
+        return self.processed_dir / f"{split}.npy"
+
+    # train -> export, evaluate
+    @property
+    def checkpoint(self) -> Path:
+        return self.models_dir / "model.ckpt"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Resume checkpoints of an unfinished training (deleted when it completes)."""
+        return self.models_dir / "checkpoints"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.metrics_dir / "train.json"
+
+    @property
+    def train_run(self) -> Path:
+        """The training's MLflow run id and where it ran (not a metrics file: no numbers)."""
+        return self.metrics_dir / "train_run.json"
+
+    @property
+    def train_curve(self) -> Path:
+        return self.metrics_dir / "train_curve.csv"
+
+    @property
+    def train_curve_png(self) -> Path:
+        return self.metrics_dir / "train_curve.png"
+
+    # export -> evaluate, inference
+    @property
+    def onnx_model(self) -> Path:
+        return self.models_dir / "model.onnx"
+
+    @property
+    def int8_model(self) -> Path:
+        return self.models_dir / "model.int8.onnx"
+
+    @property
+    def export_metrics(self) -> Path:
+        return self.metrics_dir / "export.json"
+
+    @property
+    def export_model(self) -> Path:
+        """The logged model's MLflow id and URI, its registered name and version."""
+        return self.metrics_dir / "export_model.json"
+
+    # evaluate
+    @property
+    def eval_metrics(self) -> Path:
+        return self.metrics_dir / "eval.json"
+
+    @property
+    def samples(self) -> Path:
+        return self.metrics_dir / "samples.txt"
 
 
 @dataclass(frozen=True)
@@ -147,6 +233,8 @@ class TrainParams:
     # without it, and it costs about 8% of CPU training throughput.
     deterministic: bool = False
     log_every_n_steps: int = field(default=50, metadata=_range(1))
+    # Without a terminal (CI, a log file) a progress line is logged this often during an epoch.
+    progress_every_s: float = field(default=30.0, metadata=_range(0.0))
     # Continue an interrupted training from models/checkpoints/last.ckpt when its params and
     # data match these; false: always start afresh (the old checkpoints are deleted).
     resume: bool = True
@@ -183,14 +271,13 @@ class MlflowParams:
 
 @dataclass(frozen=True)
 class ExportParams:
-    """Stage `export`: checkpoint -> ONNX, parity check, optional int8 model, model registry."""
+    """Stage `export`: checkpoint -> ONNX (fp32 and int8), parity check, model registry."""
 
     # torchscript: the only exporter that keeps the time axis dynamic for every cell with
     # torch 2.13 (dynamo freezes it for nn.RNN); the parity check refuses a model that is wrong.
     exporter: Literal["torchscript", "dynamo"] = "torchscript"
     opset: int = field(default=17, metadata=_range(13, 22))
     atol: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
-    quantize: bool = True  # also write models/model.int8.onnx (dynamic int8 weights)
     latency_tokens: int = field(default=300, metadata=_range(1, 100000))
     latency_threads: int = field(default=1, metadata=_range(1, 256))
     registered_model_name: str | None = "rnnlm"  # null: log to MLflow without registering

@@ -2,13 +2,17 @@
 
     models/model.onnx                  the exported model, run with onnxruntime (rnnlm.inference)
     data/processed/{train,test}.npy, vocab.json
-    metrics/train.json                 PyTorch test perplexity and the MLflow run id
+    metrics/train.json                 PyTorch test perplexity
+    metrics/train_run.json             the MLflow run id
+    metrics/export_model.json          the registered model version export created
       -> metrics/eval.json             perplexities (RNN via ONNX, Kneser-Ney, unigram), the
                                        RNN's improvement over Kneser-Ney, the test OOV rate
       -> metrics/samples.txt           generated text: fixed seed, the prompts from params
-      -> MLflow                        the same metrics and both files, in the training run
+      -> MLflow                        the same metrics and both files, in the training run;
+                                       the registered version's test_ppl tag, and the alias
+                                       @champion moved to it when it beats the champion
 
-The RNN's test perplexity is that of the shipped artifact: the ONNX model through
+The RNN's test perplexity `test/onnx_ppl` is that of the shipped artifact: the ONNX model through
 `LanguageModel.score_ids`, over the whole test stream with the state carried. It must agree
 with the PyTorch test perplexity of the `train` stage within `evaluate.tolerance` (relative),
 or the stage fails: a gap means the exported graph or the inference code is not the model that
@@ -60,9 +64,6 @@ from rnnlm.tokenization import split_stats
 
 log = logging.getLogger(__name__)
 
-ONNX_NAME = "model.onnx"  # written by the export stage (export.ONNX_NAME)
-METRICS_NAME = "eval.json"
-SAMPLES_NAME = "samples.txt"
 ARTIFACT_DIR = "evaluation"  # folder of the MLflow run's artifacts
 
 
@@ -141,22 +142,42 @@ def format_samples(
     return "\n".join(lines) + "\n"
 
 
-def read_train_metrics(metrics_dir: Path) -> tuple[str, float]:
-    """The MLflow run id and the PyTorch test perplexity from metrics/train.json."""
-    path = metrics_dir / "train.json"
+def read_train_test_ppl(paths: Paths) -> float:
+    """The PyTorch test perplexity of the best checkpoint, from metrics/train.json."""
+    path = paths.train_metrics
     try:
         train = read_json(path)
     except (FileNotFoundError, ValueError) as err:
         raise EvaluateError(str(err)) from None
-    missing = [k for k in ("run_id", "test_ppl") if not isinstance(train, dict) or k not in train]
-    if missing:
-        raise EvaluateError(f"{path}: no {' or '.join(missing)} (run the train stage first)")
-    return str(train["run_id"]), float(train["test_ppl"])
+    value = train.get("test_ppl") if isinstance(train, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise EvaluateError(f"{path}: no test_ppl (run the train stage first)")
+    return float(value)
+
+
+def read_registered_version(paths: Paths) -> tuple[str, str] | None:
+    """(registered model name, version) the export stage created; None when not registered."""
+    path = paths.export_model
+    try:
+        record = read_json(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise EvaluateError(str(err)) from None
+    if not isinstance(record, dict):
+        raise EvaluateError(f"{path}: expected a JSON object (run the export stage first)")
+    name, version = record.get("registered_model"), record.get("registered_version")
+    if name is None and version is None:
+        return None
+    if not isinstance(name, str) or not isinstance(version, str):
+        raise EvaluateError(
+            f"{path}: registered_model = {name!r}, registered_version = {version!r}: "
+            "expected two strings (run the export stage again)"
+        )
+    return name, version
 
 
 def load_inputs(paths: Paths) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Vocabulary, train and test streams; EvaluateError naming any missing file."""
-    files = [paths.processed_dir / n for n in ("vocab.json", "train.npy", "test.npy")]
+    files = [paths.vocab, paths.split_ids("train"), paths.split_ids("test")]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise EvaluateError(f"missing {', '.join(missing)} (run the tokenize stage first)")
@@ -196,9 +217,11 @@ def run(
         eval_batch_size: `train.eval_batch_size`, the row layout of the PyTorch test figure.
     """
     vocab, train, test = load_inputs(paths)
-    run_id, torch_ppl = read_train_metrics(paths.metrics_dir)
-    model_path = paths.models_dir / ONNX_NAME
+    torch_ppl = read_train_test_ppl(paths)
+    model_path = paths.onnx_model
     lm = load_model(model_path, vocab)
+    run_id = tracking.read_run_id(paths.train_run)
+    registered = read_registered_version(paths)
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before the work
 
     start = time.perf_counter()
@@ -216,8 +239,8 @@ def run(
     )
     stats = split_stats(test, n_docs=0)
     metrics: dict[str, Any] = {
-        "test/rnn_ppl": round(rnn_ppl, 4),
-        "test/rnn_ppl_pytorch": torch_ppl,
+        "test/onnx_ppl": round(rnn_ppl, 4),
+        "test/pytorch_ppl": torch_ppl,
         "test/onnx_pytorch_rel_diff": float(f"{rel_diff:.3g}"),
         "test/kn_ppl": round(kn_ppl, 4),
         "test/unigram_ppl": round(unigram_ppl, 4),
@@ -233,8 +256,10 @@ def run(
         f"temperature {p.sample_temperature:g}"
     )
     with staged_files(paths.metrics_dir) as staged:
-        write_json_atomic(staged / METRICS_NAME, metrics)
-        write_text_atomic(staged / SAMPLES_NAME, format_samples(samples, p.sample_prompts, header))
+        write_json_atomic(staged / paths.eval_metrics.name, metrics)
+        write_text_atomic(
+            staged / paths.samples.name, format_samples(samples, p.sample_prompts, header)
+        )
 
     tracked.log_metrics(metrics)
     tracked.set_tags(
@@ -246,8 +271,20 @@ def run(
             ),
         }
     )
-    tracked.log_artifact(paths.metrics_dir / METRICS_NAME, ARTIFACT_DIR)
-    tracked.log_artifact(paths.metrics_dir / SAMPLES_NAME, ARTIFACT_DIR)
+    tracked.log_artifact(paths.eval_metrics, ARTIFACT_DIR)
+    tracked.log_artifact(paths.samples, ARTIFACT_DIR)
+    if registered is not None:
+        name, version = registered
+        tracking.record_test_perplexity(
+            tracked,
+            name,
+            version,
+            rnn_ppl,
+            description=(
+                f"{lm.cell} {lm.hidden_dim}x{lm.num_layers}: test perplexity {rnn_ppl:.2f} "
+                f"(Kneser-Ney {p.kn_order}-gram {kn_ppl:.2f}); MLflow run {run_id}"
+            ),
+        )
     log.info(
         "test perplexity: RNN (ONNX) %.2f [%.1fs; PyTorch %.2f, %.2g%% apart], Kneser-Ney "
         "order %d %.2f [%.1fs], unigram %.2f; RNN vs KN %+.1f%%; OOV %.2f%%",

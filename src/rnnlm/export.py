@@ -1,9 +1,10 @@
 """Stage `export`: models/model.ckpt -> models/model.onnx (+ model.int8.onnx), metrics/export.json.
 
-    models/model.ckpt + data/processed/{vocab,tokenizer}.json + metrics/train.json (run id)
+    models/model.ckpt + data/processed/{vocab,tokenizer}.json + metrics/train_run.json (run id)
       -> models/model.onnx        tokens (batch, time) int64, h0[, c0] -> logits, h1[, c1]
-      -> models/model.int8.onnx   only when export.quantize (dynamic int8 weights)
+      -> models/model.int8.onnx   the same with dynamic int8 weights
       -> metrics/export.json      parity error, sizes, per-token latency, validation perplexity
+      -> metrics/export_model.json  the logged model's id and URI, its registered version
       -> MLflow                   ONNX flavor logged to the training run, registered by name
 
 The network is rebuilt from the checkpoint (loaded with weights_only=True) and exported with the
@@ -18,9 +19,9 @@ The model is self-contained: vocabulary, tokenizer and provenance travel in its 
 schema is in rnnlm.inference). Everything is written to a staging folder first and moved into
 models/ only when every check passed, so a failed export leaves models/ as it was.
 
-The int8 model is not a DVC out (DVC outs cannot be optional): it is written when
-`export.quantize` is true and removed when it is false, so no stale copy survives; its size,
-speed-up and perplexity change are in metrics/export.json, and it is logged to the MLflow run.
+The int8 model is a DVC out like model.onnx, so the two always come from the same checkpoint:
+`dvc checkout`, `dvc exp apply` and `dvc pull` restore them together. Its size, speed-up and
+perplexity change are in metrics/export.json, and it is logged to the MLflow run.
 
 Run via `dvc repro export`, or directly: `python -m rnnlm.export [--params params.yaml]`.
 """
@@ -65,6 +66,7 @@ from rnnlm.files import (
     write_json_atomic,
 )
 from rnnlm.inference import (
+    CONVENTIONS_KEY,
     FORMAT_KEY,
     FORMAT_VERSION,
     IO_KEY,
@@ -76,6 +78,7 @@ from rnnlm.inference import (
     TOKENS_INPUT,
     VOCAB_KEY,
     LanguageModel,
+    conventions,
     io_metadata,
     state_io_names,
 )
@@ -84,10 +87,6 @@ from rnnlm.text import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "model.ckpt"
-ONNX_NAME = "model.onnx"
-INT8_NAME = "model.int8.onnx"
-METRICS_NAME = "export.json"
 MLFLOW_MODEL_NAME = "onnx"  # the logged model's name in the run
 
 # (batch, time) of the example the exporter traces. The parity check runs at shapes that differ
@@ -373,6 +372,9 @@ def build_metadata(
         VOCAB_KEY: dump(list(vocab)),
         TOKENIZER_KEY: dump(dict(tokenizer)),
         PROVENANCE_KEY: dump(dict(provenance)),
+        CONVENTIONS_KEY: dump(
+            conventions(bool(tokenizer["lowercase"]), str(tokenizer["paragraphs"]))
+        ),
         PRECISION_KEY: precision,
     }
 
@@ -449,26 +451,14 @@ def model_metrics(
     }
 
 
-def read_run_id(metrics_dir: Path) -> str:
-    """The training run's MLflow id, from metrics/train.json."""
-    try:
-        train = read_json(metrics_dir / "train.json")
-    except (FileNotFoundError, ValueError) as err:
-        raise ExportError(str(err)) from None
-    run_id = train.get("run_id") if isinstance(train, dict) else None
-    if not run_id:
-        raise ExportError(f"{metrics_dir / 'train.json'}: no run_id (run the train stage first)")
-    return str(run_id)
-
-
-def load_processed(processed_dir: Path) -> tuple[list[str], dict[str, Any], np.ndarray]:
+def load_processed(paths: Paths) -> tuple[list[str], dict[str, Any], np.ndarray]:
     """Vocabulary, tokenizer dict and validation stream written by the tokenize stage."""
     try:
-        vocab = list(read_json(processed_dir / "vocab.json")["tokens"])
-        tokenizer = read_json(processed_dir / "tokenizer.json")
-        validation = np.load(processed_dir / "validation.npy", allow_pickle=False)
+        vocab = list(read_json(paths.vocab)["tokens"])
+        tokenizer = read_json(paths.tokenizer)
+        validation = np.load(paths.split_ids("validation"), allow_pickle=False)
     except (FileNotFoundError, KeyError, ValueError) as err:
-        raise ExportError(f"{processed_dir}: {err} (run the tokenize stage first)") from None
+        raise ExportError(f"{paths.processed_dir}: {err} (run the tokenize stage first)") from None
     return vocab, tokenizer, validation.astype(np.int64)
 
 
@@ -491,6 +481,54 @@ def input_example(config: RNNLMConfig, length: int = 4) -> dict[str, np.ndarray]
     return {TOKENS_INPUT: tokens[None, :], **{name: zeros for name in state_in}}
 
 
+def write_onnx_models(
+    net: RNNLM,
+    folder: Path,
+    vocab: Sequence[str],
+    tokenizer: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    *,
+    exporter: str = "torchscript",
+    opset: int = 17,
+    names: tuple[str, str] = ("model.onnx", "model.int8.onnx"),
+) -> tuple[Path, Path]:
+    """The export sequence: fp32 ONNX, its metadata, the int8 copy, its metadata.
+
+    Used by the stage, the tests and bench/inference.py, so each ships the same files. Parity
+    is checked separately (`verify_parity`): the stage fails on it, a benchmark reports it.
+
+    Returns:
+        The paths of the fp32 and int8 models inside `folder`.
+    """
+    config = net.config
+    fp32, int8 = folder / names[0], folder / names[1]
+    doc = (
+        f"rnnlm {config.cell} {config.hidden_dim}x{config.num_layers} language model, vocabulary "
+        f"of {len(vocab)} (metadata rnnlm.vocab). A stream starts with <eos> from a zero state; "
+        "text becomes ids as metadata rnnlm.conventions says"
+    )
+    export_onnx(net, fp32, exporter, opset)
+    metadata = build_metadata(config, vocab, tokenizer, provenance)
+    attach_metadata(fp32, metadata, doc)
+    quantize_model(fp32, int8, config.cell)
+    attach_metadata(int8, {**metadata, PRECISION_KEY: "int8"}, doc + ", int8 weights")
+    return fp32, int8
+
+
+def provenance_of(p: ExportParams, run_id: str, digest: str) -> dict[str, Any]:
+    """Where the model comes from: MLflow run, code version, params, exporter."""
+    git = tracking.git_info(tracking.project_root())
+    return {
+        "mlflow_run_id": run_id,
+        "git_commit": git.get("git.commit", "unknown"),
+        "git_dirty": git.get("git.dirty", "unknown"),
+        "params_digest": digest,
+        "exporter": p.exporter,
+        "opset": p.opset,
+        "torch": torch.__version__,
+    }
+
+
 def run(
     p: ExportParams,
     paths: Paths,
@@ -504,54 +542,45 @@ def run(
             that of the model configuration stored in the checkpoint.
 
     Returns:
-        The metrics written to metrics/export.json.
+        The metrics written to metrics/export.json, and the logged model's record
+        (model_uri, model_id, registered_model, registered_version) of export_model.json.
     """
-    net = load_checkpoint(paths.models_dir / CHECKPOINT)
+    net = load_checkpoint(paths.checkpoint)
     config = net.config
-    vocab, tokenizer, validation = load_processed(paths.processed_dir)
-    run_id = read_run_id(paths.metrics_dir)
+    vocab, tokenizer, validation = load_processed(paths)
+    run_id = tracking.read_run_id(paths.train_run)
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before any work
     if digest is None:
         digest = params_digest(dataclasses.asdict(config))
-    git = tracking.git_info(tracking.project_root())
-    provenance = {
-        "mlflow_run_id": run_id,
-        "git_commit": git.get("git.commit", "unknown"),
-        "git_dirty": git.get("git.dirty", "unknown"),
-        "params_digest": digest,
-        "exporter": p.exporter,
-        "opset": p.opset,
-        "torch": torch.__version__,
-    }
-    doc = f"rnnlm {config.cell} {config.hidden_dim}x{config.num_layers}, vocab {len(vocab)}"
+    provenance = provenance_of(p, run_id, digest)
 
     with staged_files(paths.models_dir) as staged:
-        fp32 = staged / ONNX_NAME
-        export_onnx(net, fp32, p.exporter, p.opset)
-        metadata = build_metadata(config, vocab, tokenizer, provenance)
-        attach_metadata(fp32, metadata, doc)
+        fp32, int8 = write_onnx_models(
+            net,
+            staged,
+            vocab,
+            tokenizer,
+            provenance,
+            exporter=p.exporter,
+            opset=p.opset,
+            names=(paths.onnx_model.name, paths.int8_model.name),
+        )
         parity = verify_parity(net, fp32, p.atol)
         log.info("parity with PyTorch: max |difference| %.2g (atol %g)", parity["max"], p.atol)
         metrics: dict[str, Any] = {
-            "exporter": p.exporter,
-            "opset": p.opset,
             "parity/max_abs_err": parity["max"],
             "parity/step_max_abs_err": max(v for k, v in parity.items() if k.startswith("step/")),
             **model_metrics(fp32, "onnx", validation, p),
+            **model_metrics(int8, "int8", validation, p),
         }
-        if p.quantize:
-            int8 = staged / INT8_NAME
-            quantize_model(fp32, int8, config.cell)
-            attach_metadata(int8, {**metadata, PRECISION_KEY: "int8"}, doc + ", int8 weights")
-            metrics.update(model_metrics(int8, "int8", validation, p))
-            metrics["int8/speedup"] = round(
-                metrics["onnx/ms_per_token"] / metrics["int8/ms_per_token"], 3
-            )
-            metrics["int8/val_ppl_change_pct"] = round(
-                100 * (metrics["int8/val_ppl"] / metrics["onnx/val_ppl"] - 1), 4
-            )
+        metrics["int8/speedup"] = round(
+            metrics["onnx/ms_per_token"] / metrics["int8/ms_per_token"], 3
+        )
+        metrics["int8/val_ppl_change_pct"] = round(
+            100 * (metrics["int8/val_ppl"] / metrics["onnx/val_ppl"] - 1), 4
+        )
         inputs, outputs = signature_specs(config)
-        logged = tracking.log_onnx_model(
+        record = tracking.log_onnx_model(
             tracked,
             fp32,
             name=MLFLOW_MODEL_NAME,
@@ -560,28 +589,24 @@ def run(
             inputs=inputs,
             outputs=outputs,
             params={f"export.{k}": v for k, v in as_flat_dict(p).items()},
-            metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            metrics=metrics,
         )
-        if p.quantize:
-            tracked.log_artifact(staged / INT8_NAME, "onnx_int8")
-        metrics.update(logged)
-    if not p.quantize:
-        (paths.models_dir / INT8_NAME).unlink(missing_ok=True)  # no stale int8 model
-    write_json_atomic(paths.metrics_dir / METRICS_NAME, metrics)
+        tracked.log_artifact(int8, "onnx_int8")
+    with staged_files(paths.metrics_dir) as staged:
+        write_json_atomic(staged / paths.export_metrics.name, metrics)
+        write_json_atomic(staged / paths.export_model.name, record)
     log.info(
-        "exported %s: %.1f MB, %.3f ms/token, val ppl %.2f%s",
-        paths.models_dir / ONNX_NAME,
+        "exported %s: %.1f MB, %.3f ms/token, val ppl %.2f; int8 %.1f MB, %.2fx faster, "
+        "val ppl %+.2f%%",
+        paths.onnx_model,
         metrics["onnx/size_mb"],
         metrics["onnx/ms_per_token"],
         metrics["onnx/val_ppl"],
-        (
-            f"; int8 {metrics['int8/size_mb']:.1f} MB, {metrics['int8/speedup']:.2f}x faster, "
-            f"val ppl {metrics['int8/val_ppl_change_pct']:+.2f}%"
-            if p.quantize
-            else ""
-        ),
+        metrics["int8/size_mb"],
+        metrics["int8/speedup"],
+        metrics["int8/val_ppl_change_pct"],
     )
-    return metrics
+    return {**metrics, **record}
 
 
 def run_from_params(params: Params) -> dict[str, Any]:

@@ -50,8 +50,9 @@ VOCAB_KEY = "rnnlm.vocab"  # the token list in id order
 TOKENIZER_KEY = "rnnlm.tokenizer"  # TextTokenizer.to_dict()
 PROVENANCE_KEY = "rnnlm.provenance"  # run id, git commit, params digest, exporter, opset
 PRECISION_KEY = "rnnlm.precision"  # "fp32" or "int8"
+CONVENTIONS_KEY = "rnnlm.conventions"  # how text becomes the model's input: see conventions()
 REQUIRED_KEYS = (FORMAT_KEY, MODEL_KEY, IO_KEY, VOCAB_KEY, TOKENIZER_KEY)
-_JSON_KEYS = (*REQUIRED_KEYS, PROVENANCE_KEY)
+_JSON_KEYS = (*REQUIRED_KEYS, PROVENANCE_KEY, CONVENTIONS_KEY)
 
 TOKENS_INPUT = "tokens"
 LOGITS_OUTPUT = "logits"
@@ -94,6 +95,43 @@ def io_metadata(state_names: Sequence[str]) -> dict[str, Any]:
         "state": list(state_names),
         "state_in": state_in,
         "state_out": state_out,
+    }
+
+
+def conventions(lowercase: bool, paragraphs: str) -> dict[str, Any]:
+    """What an outside client needs to feed the model without reading rnnlm's source.
+
+    Stored as the `rnnlm.conventions` metadata entry; `rnnlm.tokenizer` holds the parameters
+    (Punkt's learned abbreviations etc.) these steps use.
+    """
+    return {
+        "text_to_tokens": [
+            f"split the text into paragraphs ({paragraphs!r}: "
+            + ("each non-empty line" if paragraphs == "line" else "blocks between blank lines")
+            + ")",
+            "split each paragraph into sentences with nltk.tokenize.PunktSentenceTokenizer "
+            "built from rnnlm.tokenizer's punkt parameters",
+            "split each sentence into words with nltk.tokenize.NLTKWordTokenizer"
+            + (", after lowercasing it" if lowercase else " (case kept)"),
+            f"close every sentence with {EOS}",
+        ],
+        "lowercase": lowercase,
+        "word_tokenizer": "nltk.tokenize.NLTKWordTokenizer",
+        "sentence_splitter": "nltk.tokenize.PunktSentenceTokenizer",
+        "ids": f"position in rnnlm.vocab; a word not in it is {UNK} (id {UNK_ID})",
+        "unknown_token": UNK,
+        "unknown_id": UNK_ID,
+        "sentence_end_token": EOS,
+        "sentence_end_id": EOS_ID,
+        "stream_start": (
+            f"a stream starts at a sentence boundary: feed {EOS} (id {EOS_ID}) first, from a "
+            "zero state, so that the first word is predicted too"
+        ),
+        "state": (
+            "pass the returned state back with the next tokens to continue the stream; zeros "
+            "of shape (num_layers, batch, hidden_dim) start one"
+        ),
+        "output": "logits over rnnlm.vocab; softmax gives p(next token | stream so far)",
     }
 
 
@@ -402,6 +440,7 @@ class LanguageModel:
         """Read the configuration, vocabulary, tokenizer and I/O names; check them."""
         self.config: dict[str, Any] = dict(meta[MODEL_KEY])
         self.provenance: dict[str, Any] = dict(meta.get(PROVENANCE_KEY, {}))
+        self.conventions: dict[str, Any] = dict(meta.get(CONVENTIONS_KEY, {}))
         self.precision: str = meta[PRECISION_KEY]
         self.vocab: list[str] = [str(token) for token in meta[VOCAB_KEY]]
         self.stoi = {token: i for i, token in enumerate(self.vocab)}

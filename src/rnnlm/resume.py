@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 LAST = "last.ckpt"
 STATE_KEY = "rnnlm_resume"  # our part of a Lightning checkpoint
 # Params that do not change what is trained: a changed value still resumes.
-NOT_FINGERPRINTED = {"train.resume"}
+NOT_FINGERPRINTED = {"train.resume", "train.progress_every_s"}
 HOW_TO_START_AFRESH = (
     "start afresh with train.resume=false (`dvc exp run -S train.resume=false`, or "
     "`python -m rnnlm.train --no-resume`)"

@@ -22,11 +22,11 @@ from typing import Any
 
 # Column name -> MLflow metric key. The first present key of a tuple wins.
 KEY_METRICS: dict[str, tuple[str, ...]] = {
-    "test_ppl": ("test/rnn_ppl", "test/ppl"),  # the shipped ONNX model's, else PyTorch's
+    "test_ppl": ("test/onnx_ppl", "test/ppl"),  # the shipped ONNX model's, else PyTorch's
     "kn_test_ppl": ("test/kn_ppl",),
     "vs_kn_pct": ("test/improvement_over_kn_pct",),
-    "val_ppl": ("best/val_ppl",),
-    "epochs": ("best/epoch",),
+    "val_ppl": ("val/best_ppl",),
+    "epochs": ("val/best_epoch",),
     "train_min": ("train/time_s",),
     "tokens_per_s": ("train/mean_tokens_per_s",),
 }
@@ -55,7 +55,7 @@ def metric_value(run: Mapping[str, Any], column: str) -> float | None:
             if column == "train_min":
                 return value / 60.0
             if column == "epochs":
-                return int(value) + 1  # best/epoch is 0-based
+                return int(value) + 1  # val/best_epoch is 0-based
             return value
     return None
 

@@ -24,12 +24,34 @@ from pathlib import Path
 from typing import Any
 
 from rnnlm.config import MlflowParams
+from rnnlm.files import read_json
 
 log = logging.getLogger(__name__)
 
 # DVC runs queued and --temp experiments in <root>/.dvc/tmp/exps/<name>/ (DVC >= 2.x).
 _DVC_EXP_COPY = re.compile(r"^(?P<root>.*?)/\.dvc/tmp/exps/")
 SERVER_CHECK_TIMEOUT_S = 5.0
+# MLflow 3's UI opens an experiment on its GenAI pages (traces, evaluations) unless this tag says
+# it holds model-training runs; "custom_model_development" is the UI's value for those.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows as an experiment's description
+EXPERIMENT_DESCRIPTION = (
+    "Recurrent language models (GRU, LSTM, vanilla RNN) trained by the rnnlm DVC pipeline. "
+    "One run per training: params, per-step and per-epoch curves, the ONNX model and its "
+    "evaluation. Headline metrics: test/ppl (the shipped ONNX model's test perplexity), "
+    "val/best_ppl, and the count-based baselines test/kn_ppl and test/unigram_ppl."
+)
+REGISTERED_MODEL_DESCRIPTION = (
+    "Recurrent language models exported by the rnnlm pipeline as self-contained ONNX files "
+    "(vocabulary and tokenizer in the model's metadata; run them with onnxruntime, no torch). "
+    "Each version carries tags corpus and test_ppl; the alias @champion is the version with "
+    "the lowest test perplexity on its corpus, moved by the evaluate stage only when a new "
+    "version beats it."
+)
+CHAMPION_ALIAS = "champion"
+# Run tags a registered version carries too, so the registry says what each version is.
+VERSION_TAGS_FROM_RUN = ("corpus", "cell")
 # Database stores MLflow accepts besides sqlite (a driver may follow a "+": mysql+pymysql://).
 DATABASE_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "databricks"}
 
@@ -139,20 +161,39 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
+# What defines a run, for the dirty flag: the code, its dependencies and the pipeline's params
+# and stages. dvc.lock and the outputs are left out: `dvc repro` rewrites them before a stage
+# runs, so counting them would make every run "dirty" and the flag say nothing.
+DEFINING_PATHS = ("src", "params.yaml", "dvc.yaml", "pyproject.toml", "constraints.txt")
+_DIRTY_FILES_SHOWN = 10
+
+
 def git_info(root: Path) -> dict[str, str]:
-    """Commit and dirty flag of the code, when it is a git checkout."""
+    """Commit of the code and whether the files that define a run differ from it.
+
+    `git.dirty` is "true" when a file under DEFINING_PATHS is modified, staged or new (an
+    untracked module under src/ changes what runs as much as an edited one); `git.dirty_files`
+    names them (the first few).
+    """
 
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
+        ).stdout
 
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=all", "--", *DEFINING_PATHS)
     except (OSError, subprocess.SubprocessError):
         return {"git.commit": "unknown"}
-    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
+    info = {"git.commit": commit, "git.dirty": str(bool(changed)).lower()}
+    if changed:
+        more = len(changed) - _DIRTY_FILES_SHOWN
+        info["git.dirty_files"] = ", ".join(changed[:_DIRTY_FILES_SHOWN]) + (
+            f" and {more} more" if more > 0 else ""
+        )
+    return info
 
 
 def dvc_experiment_tags() -> dict[str, str]:
@@ -410,10 +451,22 @@ def start_run(ml: MlflowParams, run_name: str, tags: Mapping[str, str]) -> Track
             experiment = client.get_experiment_by_name(ml.experiment_name)
             if experiment is None:
                 experiment_id = client.create_experiment(
-                    ml.experiment_name, artifact_location=default_artifact_location(uri, root)
+                    ml.experiment_name,
+                    artifact_location=default_artifact_location(uri, root),
+                    tags={
+                        EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+                        DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION,
+                    },
                 )
             else:
                 experiment_id = experiment.experiment_id
+                # A store made before these tags existed, or by hand: the UI reads them.
+                if EXPERIMENT_KIND_TAG not in experiment.tags:
+                    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                if DESCRIPTION_TAG not in experiment.tags:
+                    client.set_experiment_tag(
+                        experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION
+                    )
         run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
     except Exception as err:  # MLflow raises many types; all mean "the store is unusable"
         if isinstance(err, TrackingError):
@@ -421,6 +474,18 @@ def start_run(ml: MlflowParams, run_name: str, tags: Mapping[str, str]) -> Track
         raise TrackingError(f"MLflow tracking store {uri}: {err}") from err
     log.info("MLflow run %s in experiment %r at %s", run.info.run_id, ml.experiment_name, uri)
     return TrackedRun(uri=uri, run_id=run.info.run_id, experiment_id=experiment_id)
+
+
+def read_run_id(record: Path) -> str:
+    """The training's MLflow run id, from the record the train stage writes (train_run.json)."""
+    try:
+        data = read_json(record)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrackingError(str(err)) from None
+    run_id = data.get("run_id") if isinstance(data, dict) else None
+    if not isinstance(run_id, str) or not run_id:
+        raise TrackingError(f"{record}: no run_id (run the train stage first)")
+    return run_id
 
 
 def attach_run(ml: MlflowParams, run_id: str) -> TrackedRun:
@@ -431,7 +496,7 @@ def attach_run(ml: MlflowParams, run_id: str) -> TrackedRun:
         run = _client(uri).get_run(run_id)
     except Exception as err:
         raise TrackingError(
-            f"MLflow run {run_id} (metrics/train.json) not found at {uri}: it was logged to "
+            f"MLflow run {run_id} (metrics/train_run.json) not found at {uri}: it was logged to "
             "another store (e.g. the local mlruns/ of whoever trained this model). Point "
             "MLFLOW_TRACKING_URI at that store, or retrain (`dvc repro -f -s train`) to log a "
             f"run of your own ({type(err).__name__})"
@@ -477,7 +542,8 @@ def log_onnx_model(
     new version of that registered model is created from it.
 
     Returns:
-        {"model_uri": ..., "model_id": ..., "registered_version": ... (when registered)}.
+        {"model_uri": ..., "model_id": ..., "registered_model": ..., "registered_version": ...}
+        (the last two None when not registered).
     """
     try:
         import mlflow
@@ -506,13 +572,27 @@ def log_onnx_model(
                 )
                 if metrics:
                     mlflow.log_metrics(dict(metrics), model_id=info.model_id)
-            result = {"model_uri": info.model_uri, "model_id": info.model_id}
+            result = {
+                "model_uri": info.model_uri,
+                "model_id": info.model_id,
+                "registered_model": None,
+                "registered_version": None,
+            }
             if registered_model_name:
+                client = tracked.client
+                run_tags = client.get_run(tracked.run_id).data.tags
                 version = mlflow.register_model(
                     info.model_uri,
                     registered_model_name,
-                    tags={"mlflow_run_id": tracked.run_id},
+                    tags={
+                        "mlflow_run_id": tracked.run_id,
+                        **{k: run_tags[k] for k in VERSION_TAGS_FROM_RUN if k in run_tags},
+                    },
                 )
+                if not client.get_registered_model(registered_model_name).description:
+                    client.update_registered_model(
+                        registered_model_name, description=REGISTERED_MODEL_DESCRIPTION
+                    )
                 result["registered_model"] = registered_model_name
                 result["registered_version"] = str(version.version)
     except Exception as err:  # MLflow raises many types; all mean "could not log"
@@ -525,6 +605,69 @@ def log_onnx_model(
         f", registered {registered_model_name} v{result['registered_version']}"
         if registered_model_name
         else "",
+    )
+    return result
+
+
+def _tagged_ppl(version: Any) -> float | None:
+    """A registered version's `test_ppl` tag as a number; None when absent or not a number."""
+    try:
+        value = float(version.tags.get("test_ppl", "nan"))
+    except ValueError:
+        return None
+    return value if value == value else None  # NaN: not scored
+
+
+def record_test_perplexity(
+    tracked: TrackedRun, name: str, version: str, test_ppl: float, description: str
+) -> dict[str, Any]:
+    """Tag version `version` of registered model `name` with its test perplexity, and point
+    the alias @champion at the best version of the champion's corpus.
+
+    The champion is recomputed from every version's tags (lowest `test_ppl` among the versions
+    of the same `corpus` tag, the older on a tie), so it moves only when a version beats it and
+    concurrent experiments converge on the same answer. The first scored version of a model
+    becomes champion; versions of another corpus than the champion's never displace it (their
+    perplexities are not comparable: train those under another `export.registered_model_name`).
+
+    Returns:
+        {"champion_version": ..., "is_champion": bool, "champion_corpus": ...}.
+    """
+    try:
+        client = tracked.client
+        client.set_model_version_tag(name, version, "test_ppl", f"{test_ppl:.4f}")
+        client.update_model_version(name, version, description=description)
+        try:
+            champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+        except Exception:  # MLflow raises RestException/MlflowException: no such alias yet
+            champion = None
+        mine = client.get_model_version(name, version)
+        corpus = (champion or mine).tags.get("corpus")
+        scored = [
+            (ppl, int(v.version), v)
+            for v in client.search_model_versions(f"name = '{name}'")
+            if v.tags.get("corpus") == corpus and (ppl := _tagged_ppl(v)) is not None
+        ]
+        best = min(scored, key=lambda item: item[:2])[2]
+        if champion is None or str(champion.version) != str(best.version):
+            client.set_registered_model_alias(name, CHAMPION_ALIAS, str(best.version))
+    except Exception as err:  # MLflow raises many types; all mean "could not record"
+        raise TrackingError(
+            f"MLflow: recording the test perplexity of {name} v{version} failed: {err}"
+        ) from err
+    result = {
+        "champion_version": str(best.version),
+        "is_champion": str(best.version) == str(version),
+        "champion_corpus": corpus,
+    }
+    log.info(
+        "registered model %s v%s: test ppl %.2f; @%s is v%s (corpus %s)",
+        name,
+        version,
+        test_ppl,
+        CHAMPION_ALIAS,
+        result["champion_version"],
+        corpus,
     )
     return result
 

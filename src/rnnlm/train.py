@@ -5,8 +5,9 @@ Trains the recurrent LM with truncated BPTT on whatever accelerator Lightning fi
 whole test stream and records everything in one MLflow run:
 
     models/model.ckpt          best checkpoint (Lightning format, loads with weights_only=True)
-    metrics/train.json         final metrics + the MLflow run id (export/evaluate log to it)
-    metrics/train_curve.csv    per-epoch curve (dvc plots)
+    metrics/train.json         final metrics (numbers only: a DVC metrics file)
+    metrics/train_run.json     the MLflow run id (export/evaluate log to it), accelerator
+    metrics/train_curve.csv    per-epoch curve (dvc plots), and as a picture train_curve.png
 
 Run via `dvc repro train`, or directly: `python -m rnnlm.train [--params params.yaml]`.
 """
@@ -21,7 +22,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -36,6 +36,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 
 from rnnlm import resume, tracking
 from rnnlm.config import (
+    SPLITS,
     ConfigError,
     MlflowParams,
     ModelParams,
@@ -59,9 +60,12 @@ from rnnlm.lit_module import LitRNNLM
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "model.ckpt"
 CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_time_s", "tokens_per_s")
-PROCESSED_FILES = ("vocab.json", "tokenizer.json", "train.npy", "validation.npy", "test.npy")
+
+
+def processed_files(paths: Paths) -> list[Path]:
+    """The tokenize outputs training reads (their MD5s fingerprint a resumable checkpoint)."""
+    return [paths.vocab, paths.tokenizer, *(paths.split_ids(split) for split in SPLITS)]
 
 
 class TrainError(RuntimeError):
@@ -170,6 +174,66 @@ class EpochSummary(pl.Callback):
         )
 
 
+class ProgressLog(pl.Callback):
+    """A progress line every `every_s` seconds of training, for logs without a terminal.
+
+    Lightning's progress bar needs a TTY: under CI, `dvc queue`, nohup or `make repro > log`
+    an epoch of several minutes would otherwise pass without a line. Each line gives the epoch,
+    the step within it, tokens/s since the epoch started, the latest loss and the epoch's ETA.
+    Throughput is this process's (the epoch summary gives the whole job's under DDP).
+    """
+
+    def __init__(self, every_s: float, clock: Any = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._epoch_start = 0.0
+        self._last = 0.0
+        self._tokens = 0
+        self._first_batch = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._epoch_start = self._last = self._clock()
+        self._tokens = 0
+        self._first_batch = -1  # set at the first batch: a resumed epoch starts mid-way
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if self._first_batch < 0:
+            self._first_batch = idx
+        self._tokens += batch[1].numel()
+        now = self._clock()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        done, total = idx + 1, trainer.num_training_batches
+        elapsed = max(now - self._epoch_start, 1e-9)
+        batches_done = done - self._first_batch
+        eta = elapsed / batches_done * (total - done) if isinstance(total, int) else math.nan
+        log.info(
+            "epoch %d: step %d/%s (%.0f%%), %.0f tokens/s, loss %.3f, epoch ETA %s",
+            trainer.current_epoch,
+            done,
+            total,
+            100.0 * done / total if isinstance(total, int) and total else math.nan,
+            self._tokens / elapsed,
+            float(outputs["loss"]),
+            format_duration(eta),
+        )
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 4 min 05 s, 2 h 03 min; '?' when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def curve_csv(rows: list[dict[str, float]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(
@@ -182,7 +246,7 @@ def curve_csv(rows: list[dict[str, float]]) -> str:
 
 
 def plot_curve(rows: list[dict[str, float]], path: Path) -> None:
-    """The training curve as a PNG (MLflow artifact)."""
+    """The training curve as a PNG (metrics/train_curve.png, an MLflow artifact too)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,6 +259,8 @@ def plot_curve(rows: list[dict[str, float]], path: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="loss (nats/token)", title="Loss")
     ax_loss.legend()
     ax_ppl.plot(epochs, [r["val_ppl"] for r in rows], "o-", color="tab:orange")
+    ax_ppl.xaxis.get_major_locator().set_params(integer=True)
+    ax_loss.xaxis.get_major_locator().set_params(integer=True)
     ax_ppl.set(xlabel="epoch", ylabel="perplexity", title="Validation perplexity")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -211,16 +277,16 @@ def is_global_zero() -> bool:
     return all(int(os.environ.get(name) or 0) == 0 for name in ranks)
 
 
-def check_inputs(processed_dir: Path) -> None:
-    missing = [name for name in PROCESSED_FILES if not (processed_dir / name).exists()]
+def check_inputs(paths: Paths) -> None:
+    missing = [path.name for path in processed_files(paths) if not path.exists()]
     if missing:
         raise TrainError(
-            f"{processed_dir}: missing {', '.join(missing)} (run the tokenize stage first)"
+            f"{paths.processed_dir}: missing {', '.join(missing)} (run the tokenize stage first)"
         )
 
 
 def data_md5(paths: Paths) -> dict[str, str]:
-    return {name: md5_file(paths.processed_dir / name) for name in PROCESSED_FILES}
+    return {path.name: md5_file(path) for path in processed_files(paths)}
 
 
 def run_tags(model_p: ModelParams, corpus_name: str, md5: dict[str, str]) -> dict[str, str]:
@@ -256,6 +322,8 @@ def build_trainer(
         EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience),
         summary,
     ]
+    if not interactive and is_global_zero():  # a terminal has Lightning's progress bar
+        callbacks.append(ProgressLog(t.progress_every_s))
     if resumable is not None:
         callbacks.append(resumable)  # last: its checkpoints include the others' step
     trainer = pl.Trainer(
@@ -329,7 +397,7 @@ def run(
     extra_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train, test the best checkpoint, write outputs, track the run; return the final metrics."""
-    check_inputs(paths.processed_dir)
+    check_inputs(paths)
     t = train_p.for_cell(model_p.cell)
     check_launcher_world(t)
     quiet_lightning(sys.stderr.isatty() and not os.environ.get("CI"))
@@ -353,7 +421,7 @@ def run(
     )
 
     md5 = data_md5(paths)
-    checkpoint_dir = paths.models_dir / "checkpoints"
+    checkpoint_dir = paths.checkpoints_dir
     fingerprint = resume.fingerprint(model_p, t, md5)
     point = resume.find_resume_point(checkpoint_dir, fingerprint, t.resume, is_global_zero())
 
@@ -405,7 +473,6 @@ def run(
     assert tracked is not None
     best_row = min(summary.rows, key=lambda r: r["val_loss"])
     metrics = {
-        "run_id": tracked.run_id,
         "epochs": len(summary.rows),
         "best_epoch": best_row["epoch"],
         "val_loss": round(best_row["val_loss"], 6),
@@ -416,11 +483,15 @@ def run(
         "tokens_per_s": round(
             sum(r.get("tokens_per_s", 0.0) for r in summary.rows) / len(summary.rows), 1
         ),
-        "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
         "devices": trainer.num_devices * trainer.num_nodes,
     }
-    write_outputs(paths, Path(best_path), metrics, summary.rows)
-    log_run(tracked, paths, metrics, summary.rows, params_file)
+    run_record = {
+        "run_id": tracked.run_id,
+        "experiment_id": tracked.experiment_id,
+        "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+    }
+    write_outputs(paths, Path(best_path), metrics, run_record, summary.rows)
+    log_run(tracked, paths, metrics, run_record, params_file)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if tracked.offline_error:
         log.warning(
@@ -441,7 +512,7 @@ def run(
         train_time,
         tracked.run_id,
     )
-    return metrics
+    return {**metrics, **run_record}
 
 
 def tracking_run(
@@ -482,42 +553,44 @@ def tracking_run(
 
 
 def write_outputs(
-    paths: Paths, best_checkpoint: Path, metrics: dict[str, Any], rows: list[dict[str, float]]
+    paths: Paths,
+    best_checkpoint: Path,
+    metrics: dict[str, Any],
+    run_record: dict[str, Any],
+    rows: list[dict[str, float]],
 ) -> None:
     with staged_files(paths.models_dir) as staged:
-        shutil.copyfile(best_checkpoint, staged / CHECKPOINT)
+        shutil.copyfile(best_checkpoint, staged / paths.checkpoint.name)
     with staged_files(paths.metrics_dir) as staged:
-        write_text_atomic(staged / "train_curve.csv", curve_csv(rows))
-        write_json_atomic(staged / "train.json", metrics)
+        write_text_atomic(staged / paths.train_curve.name, curve_csv(rows))
+        plot_curve(rows, staged / paths.train_curve_png.name)
+        write_json_atomic(staged / paths.train_metrics.name, metrics)
+        write_json_atomic(staged / paths.train_run.name, run_record)
 
 
 def log_run(
     tracked: tracking.TrackedRun,
     paths: Paths,
     metrics: dict[str, Any],
-    rows: list[dict[str, float]],
+    run_record: dict[str, Any],
     params_file: Path | None,
 ) -> None:
     """Final metrics, tags and artifacts (per-step/epoch metrics came from Lightning's logger)."""
-    tracked.set_tags({"accelerator": metrics["accelerator"], "devices": str(metrics["devices"])})
+    tracked.set_tags({"accelerator": run_record["accelerator"], "devices": str(metrics["devices"])})
     tracked.log_metrics(
         {
-            "best/val_loss": metrics["val_loss"],
-            "best/val_ppl": metrics["val_ppl"],
-            "best/epoch": metrics["best_epoch"],
+            "val/best_loss": metrics["val_loss"],
+            "val/best_ppl": metrics["val_ppl"],
+            "val/best_epoch": metrics["best_epoch"],
             "train/time_s": metrics["train_time_s"],
             "train/mean_tokens_per_s": metrics["tokens_per_s"],
         }
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        plot = Path(tmp) / "training_curve.png"
-        plot_curve(rows, plot)
-        tracked.log_artifact(plot, "training")
-    tracked.log_artifact(paths.metrics_dir / "train_curve.csv", "training")
-    tracked.log_artifact(paths.metrics_dir / "train.json", "training")
-    tracked.log_artifact(paths.processed_dir / "vocab.json", "data")
-    tracked.log_artifact(paths.processed_dir / "tokenizer.json", "data")
-    tracked.log_artifact(paths.models_dir / CHECKPOINT, "checkpoint")
+    for path in (paths.train_curve_png, paths.train_curve, paths.train_metrics, paths.train_run):
+        tracked.log_artifact(path, "training")
+    tracked.log_artifact(paths.vocab, "data")
+    tracked.log_artifact(paths.tokenizer, "data")
+    tracked.log_artifact(paths.checkpoint, "checkpoint")
     if params_file is not None and params_file.exists():
         tracked.log_artifact(params_file, "config")
 

@@ -7,10 +7,13 @@
 - `run_ok` / `dvc`: run a command, fail with the tail of its output unless it exits 0.
 - `declared_outputs`: every out, metric and plot of dvc.yaml, templated from params.yaml.
 - `commit_all`: commit the copy's working tree (the baseline `dvc exp run` needs).
+- `exp_show_revs`, `metric_file`, `param`, `committed_json`: read `dvc exp show --json` and
+  the files an experiment committed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -44,7 +47,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
         "devices": 1,
         "log_every_n_steps": 5,
     },
-    "export": {"quantize": True, "latency_tokens": 5, "latency_threads": 1},
+    "export": {"latency_tokens": 5, "latency_threads": 1},
     "evaluate": {
         "sample_prompts": {"nation": "The state of the union"},
         "sample_tokens": 5,
@@ -68,7 +71,6 @@ def write_tiny_params(project: Path) -> dict[str, Any]:
             else:
                 target.unlink(missing_ok=True)
     (project / "dvc.lock").unlink(missing_ok=True)
-    (project / "models" / "model.int8.onnx").unlink(missing_ok=True)
     path = project / "params.yaml"
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     for section, values in TINY_OVERRIDES.items():
@@ -197,3 +199,30 @@ def cached_outputs(project: Path) -> list[str]:
                         re.sub(r"\$\{([^}]+)\}", lambda m: _lookup(params, m[1].strip()), path)
                     )
     return names
+
+
+def exp_show_revs(exp_show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Experiment name -> its `data` (params, metrics, and `rev`, the experiment's commit) from
+    `dvc exp show --json`."""
+    found: dict[str, dict[str, Any]] = {}
+    for baseline in exp_show:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                found[rev["name"]] = {**rev["data"], "rev": rev["rev"]}
+    return found
+
+
+def metric_file(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """The values of metrics file `name` in one revision of `dvc exp show --json`."""
+    return data["metrics"][name]["data"]
+
+
+def param(data: dict[str, Any], section: str, key: str) -> Any:
+    return data["params"]["params.yaml"]["data"][section][key]
+
+
+def committed_json(project: Path, data: dict[str, Any], name: str) -> dict[str, Any]:
+    """A `cache: false` JSON output as an experiment committed it (`data` from exp_show_revs):
+    the run records (metrics/train_run.json, ...) are not metrics, so `dvc exp show` omits them."""
+    shown = run_ok(["git", "show", f"{data['rev']}:{name}"], cwd=project, env=dict(os.environ))
+    return json.loads(shown.stdout)

@@ -109,7 +109,11 @@ class DdpRun:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return json.loads((self.params.paths.metrics_dir / "train.json").read_text())
+        paths = self.params.paths
+        return {
+            **json.loads(paths.train_metrics.read_text()),
+            **json.loads(paths.train_run.read_text()),
+        }
 
     def curve(self) -> list[dict[str, float]]:
         path = self.params.paths.metrics_dir / "train_curve.csv"
@@ -171,7 +175,9 @@ def test_both_processes_exit_cleanly_and_leave_nothing_behind(ddp_run: DdpRun) -
     assert ddp_run.log.count("best epoch") == 1, ddp_run.log[-TAIL:]
     paths = ddp_run.params.paths
     assert sorted(p.name for p in paths.models_dir.iterdir()) == ["model.ckpt"]  # no checkpoints/
-    assert sorted(p.name for p in paths.metrics_dir.iterdir()) == ["train.json", "train_curve.csv"]
+    assert sorted(p.name for p in paths.metrics_dir.iterdir()) == [
+        "train.json", "train_curve.csv", "train_curve.png", "train_run.json",
+    ]  # fmt: skip
 
 
 def test_one_mlflow_run_from_rank_0(ddp_run: DdpRun) -> None:

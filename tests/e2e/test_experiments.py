@@ -3,23 +3,29 @@
 After a baseline `dvc repro` (committed), runs one experiment in the workspace
 (`dvc exp run -S model.cell=gru`) and one in a temporary copy under `.dvc/tmp/exps/`
 (`dvc exp run --temp -S train.seed=3`). The `--temp` one must log to the project's own
-mlruns/mlflow.db (tracking.project_root), not to a store inside `.dvc/tmp`. Then checks the
-three MLflow runs and their DVC tags, `dvc exp show`, and `rnnlm runs` side by side.
+mlruns/mlflow.db (tracking.project_root), not to a store inside `.dvc/tmp`, and leave the
+workspace alone. Then checks the three MLflow runs and their DVC tags, `dvc exp show` (and the
+compact `make exps`), `dvc plots diff` against the baseline, `rnnlm runs` side by side, and
+that the README's way back from a workspace experiment restores both ONNX models.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from rnnlm.inference import LanguageModel
 from tests.e2e._pipeline import (
     BIN,
     commit_all,
+    committed_json,
     dvc,
+    exp_show_revs,
     experiment_runs,
+    metric_file,
+    param,
     pipeline_env,
     repro_log,
     run_ok,
@@ -32,23 +38,13 @@ pytestmark = pytest.mark.e2e
 TRAINED = ("train", "export", "evaluate")  # the stages an experiment's override reruns
 
 
-def exp_show_revs(exp_show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Experiment name -> its `data` (params, metrics) from `dvc exp show --json`."""
-    found: dict[str, dict[str, Any]] = {}
-    for baseline in exp_show:
-        for experiment in baseline.get("experiments") or []:
-            for rev in experiment.get("revs") or []:
-                found[rev["name"]] = rev["data"]
-    return found
-
-
-def metric_file(data: dict[str, Any], name: str) -> dict[str, Any]:
-    """The values of metrics file `name` in one revision of `dvc exp show --json`."""
-    return data["metrics"][name]["data"]
-
-
-def param(data: dict[str, Any], section: str, key: str) -> Any:
-    return data["params"]["params.yaml"]["data"][section][key]
+def model_run_ids(project: Path) -> tuple[str, str]:
+    """The MLflow run each shipped ONNX model (fp32, int8) was exported from."""
+    models = project / "models"
+    return tuple(  # type: ignore[return-value]
+        LanguageModel(models / name).provenance["mlflow_run_id"]
+        for name in ("model.onnx", "model.int8.onnx")
+    )
 
 
 def test_dvc_experiments_share_one_mlflow_store(project_copy: Path, http_mirror: str) -> None:
@@ -60,14 +56,22 @@ def test_dvc_experiments_share_one_mlflow_store(project_copy: Path, http_mirror:
     set_git_identity(project)
     baseline_rev = run_ok(["git", "rev-parse", "HEAD"], cwd=project, env=env).stdout.strip()
 
+    baseline_models = model_run_ids(project)
+    assert baseline_models[0] == baseline_models[1]
+
     result = dvc(project, env, "exp", "run", "-S", "model.cell=gru")
     log = result.stdout + result.stderr
     for stage in TRAINED:
         assert f"Running stage '{stage}'" in log, log[-4000:]
     assert "Running stage 'tokenize'" not in log
+    # A workspace experiment replaces the models, both of them (int8 is an out too).
+    workspace_models = model_run_ids(project)
+    assert workspace_models[0] == workspace_models[1] != baseline_models[0]
+
     result = dvc(project, env, "exp", "run", "--temp", "-S", "train.seed=3")
     log = result.stdout + result.stderr
     assert "Running stage 'train'" in log, log[-4000:]
+    assert model_run_ids(project) == workspace_models  # --temp leaves the workspace alone
 
     # No second store: the --temp run resolved the project root from .dvc/tmp/exps/<name>/.
     stray = list((project / ".dvc" / "tmp").rglob("mlflow.db")) + list(
@@ -82,7 +86,7 @@ def test_dvc_experiments_share_one_mlflow_store(project_copy: Path, http_mirror:
     assert settings[0] == ("lstm", "1234")  # the committed baseline
     assert settings[1][0] == "gru"
     assert settings[2][1] == "3"
-    assert all("test/rnn_ppl" in r.data.metrics for r in runs)  # evaluate logged to each
+    assert all("test/onnx_ppl" in r.data.metrics for r in runs)  # evaluate logged to each
 
     baseline_run, *exp_runs = runs
     assert "dvc.exp_name" not in baseline_run.data.tags
@@ -98,8 +102,10 @@ def test_dvc_experiments_share_one_mlflow_store(project_copy: Path, http_mirror:
         data = shown[name]
         train = metric_file(data, "metrics/train.json")
         evaluate = metric_file(data, "metrics/eval.json")
-        assert train["run_id"] == run.info.run_id  # DVC's experiment and MLflow's run agree
-        assert evaluate["test/rnn_ppl"] == pytest.approx(run.data.metrics["test/rnn_ppl"])
+        # DVC's experiment and MLflow's run (found by its dvc.exp_name tag) agree.
+        assert committed_json(project, data, "metrics/train_run.json")["run_id"] == run.info.run_id
+        assert train["val_ppl"] == pytest.approx(run.data.metrics["val/best_ppl"])
+        assert evaluate["test/onnx_ppl"] == pytest.approx(run.data.metrics["test/onnx_ppl"])
         assert param(data, "model", "cell") == run.data.params["model.cell"]
         assert str(param(data, "train", "seed")) == run.data.params["train.seed"]
 
@@ -118,3 +124,33 @@ def test_dvc_experiments_share_one_mlflow_store(project_copy: Path, http_mirror:
     assert set(rule) <= {"-", " "}
     assert len(data_rows) == 3, table
     assert {row.split()[0] for row in data_rows} == {r.info.run_id[:8] for r in runs}
+
+    # The compact view fits a terminal: changed params and headline metrics, no hashes.
+    venv = BIN.parent  # this venv, already installed: `-o` keeps make from installing again
+    make = [
+        "make",
+        "--no-print-directory",
+        f"VENV={venv}",
+        "-o",
+        f"{venv}/.rnnlm-installed",
+        "exps",
+    ]
+    view = run_ok(make, cwd=project, env={**env, "COLUMNS": "200"}).stdout
+    header = next(line for line in view.splitlines() if "Experiment" in line)
+    for column in ("model.cell", "train.seed", "val_ppl", "test/onnx_ppl", "test/kn_ppl"):
+        assert column in header, view
+    assert "src/rnnlm" not in view and "run_id" not in view and "parity/" not in view, view
+    assert max(len(line) for line in view.splitlines()) <= 200, view
+
+    # Learning curves of the --temp experiment against the committed baseline.
+    temp_name = next(name for name in exp_names if name != exp_names[0])
+    diff = json.loads(dvc(project, env, "plots", "diff", "HEAD", temp_name, "--json").stdout)
+    chart = diff["data"]["validation perplexity"][0]["content"]
+    revs = {row["rev"] for row in chart["data"]["values"]}
+    assert revs == {"HEAD", temp_name}, revs
+
+    # The README's way back from a workspace experiment: both models return to the baseline's.
+    run_ok(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics"], cwd=project, env=env)
+    dvc(project, env, "checkout")
+    assert model_run_ids(project) == baseline_models
+    assert json.loads(dvc(project, env, "status", "--json").stdout) == {}

@@ -51,8 +51,9 @@ def check_run(client: MlflowClient, project: Path, tmp: Path) -> str:
     assert len(runs) == 1, [r.info.run_id for r in runs]
     run = runs[0]
     train = json.loads((project / "metrics" / "train.json").read_text(encoding="utf-8"))
+    train_run = json.loads((project / "metrics" / "train_run.json").read_text(encoding="utf-8"))
     evaluate = json.loads((project / "metrics" / "eval.json").read_text(encoding="utf-8"))
-    assert run.info.run_id == train["run_id"]
+    assert run.info.run_id == train_run["run_id"]
     assert run.info.status == "FINISHED"
     # Proxied artifacts: clients upload and download through the server, never to a path.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
@@ -62,8 +63,8 @@ def check_run(client: MlflowClient, project: Path, tmp: Path) -> str:
     assert params["train.max_epochs"] == "2" and params["train.seed"] == "1234"
     metrics = run.data.metrics
     assert metrics["test/ppl"] == pytest.approx(train["test_ppl"], rel=1e-4)
-    assert metrics["best/val_ppl"] == pytest.approx(train["val_ppl"])
-    assert metrics["test/rnn_ppl"] == pytest.approx(evaluate["test/rnn_ppl"])
+    assert metrics["val/best_ppl"] == pytest.approx(train["val_ppl"])
+    assert metrics["test/onnx_ppl"] == pytest.approx(evaluate["test/onnx_ppl"])
     assert "parity/max_abs_err" in metrics  # export's
 
     run_id = run.info.run_id
@@ -76,7 +77,7 @@ def check_run(client: MlflowClient, project: Path, tmp: Path) -> str:
     listed = {a.path for a in client.list_artifacts(run_id)}
     assert {"training", "data", "checkpoint", "config"} <= listed, listed
     assert {a.path for a in client.list_artifacts(run_id, "training")} >= {
-        "training/training_curve.png",
+        "training/train_curve.png",
         "training/train_curve.csv",
     }
     downloads = tmp / "downloads"
@@ -89,14 +90,14 @@ def check_run(client: MlflowClient, project: Path, tmp: Path) -> str:
     for artifact, original in expected.items():
         local = Path(client.download_artifacts(run_id, artifact, str(downloads)))
         assert local.read_bytes() == original.read_bytes(), artifact
-    plot = Path(client.download_artifacts(run_id, "training/training_curve.png", str(downloads)))
+    plot = Path(client.download_artifacts(run_id, "training/train_curve.png", str(downloads)))
     assert plot.read_bytes().startswith(b"\x89PNG")
     return run_id
 
 
 def check_model(client: MlflowClient, project: Path, run_id: str, tmp: Path) -> None:
     """The ONNX model logged from the run, and version 1 of `rnnlm` registered from it."""
-    export = json.loads((project / "metrics" / "export.json").read_text(encoding="utf-8"))
+    export = json.loads((project / "metrics" / "export_model.json").read_text(encoding="utf-8"))
     logged = client.get_logged_model(export["model_id"])
     assert logged.source_run_id == run_id
     assert logged.artifact_location.startswith("mlflow-artifacts:/"), logged.artifact_location
@@ -118,6 +119,8 @@ def check_model(client: MlflowClient, project: Path, run_id: str, tmp: Path) -> 
     assert [str(v.version) for v in versions] == ["1"]
     assert versions[0].run_id == run_id  # the training run is the version's source run
     assert export["model_id"] in versions[0].source, versions[0].source  # models:/<model_id>
+    champion = client.get_model_version_by_alias("rnnlm", "champion")  # through the server too
+    assert str(champion.version) == "1" and float(champion.tags["test_ppl"]) > 1
 
 
 def check_server_down(project: Path, env: dict[str, str], server: MlflowServer) -> None:

@@ -29,14 +29,17 @@ from tests.e2e._pipeline import (
     BIN,
     EXPERIMENT,
     commit_all,
+    committed_json,
     dvc,
+    exp_show_revs,
+    metric_file,
     mlflow_client,
+    param,
     pipeline_env,
     repro_log,
     set_git_identity,
     write_tiny_params,
 )
-from tests.e2e.test_experiments import exp_show_revs, metric_file, param
 from tests.fixtures import MlflowServer, mlflow_server
 
 pytestmark = pytest.mark.e2e
@@ -140,7 +143,7 @@ def test_queued_experiments_run_in_parallel(
         assert run.info.status == "FINISHED", (name, run.info.status)
         assert run.data.params["train.seed"] == str(SEEDS[name])
         assert run.info.run_name == name
-        assert "test/ppl" in run.data.metrics and "test/rnn_ppl" in run.data.metrics
+        assert "test/ppl" in run.data.metrics and "test/onnx_ppl" in run.data.metrics
     # Two workers: some runs overlapped in time (each run spans its train stage).
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
@@ -153,9 +156,15 @@ def test_queued_experiments_run_in_parallel(
     shown = exp_show_revs(json.loads(dvc(project, env, "exp", "show", "--json").stdout))
     for name, run in by_name.items():
         data = shown[name]
-        assert metric_file(data, "metrics/train.json")["run_id"] == run.info.run_id
+        assert committed_json(project, data, "metrics/train_run.json")["run_id"] == run.info.run_id
         assert param(data, "train", "seed") == SEEDS[name]
-        registered = metric_file(data, "metrics/export.json")["registered_version"]
-        assert {v.run_id for v in versions if str(v.version) == str(registered)} == {
-            run.info.run_id
-        }
+        registered = committed_json(project, data, "metrics/export_model.json")
+        assert {
+            v.run_id for v in versions if str(v.version) == registered["registered_version"]
+        } == {run.info.run_id}
+        test_ppl = metric_file(data, "metrics/eval.json")["test/onnx_ppl"]
+        assert test_ppl == pytest.approx(run.data.metrics["test/onnx_ppl"])
+    # @champion: the best of the concurrently evaluated versions, whichever finished last.
+    scored = {str(v.version): float(v.tags["test_ppl"]) for v in versions}
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")
+    assert scored[str(champion.version)] == min(scored.values()), (champion.version, scored)

@@ -55,7 +55,7 @@ def test_server_lost_mid_training_then_relogged(processed_tiny: Params, tmp_path
     assert (params.paths.models_dir / "model.ckpt").is_file()
     metrics = json.loads((params.paths.metrics_dir / "train.json").read_text())
     assert metrics["epochs"] == 2
-    run_id = metrics["run_id"]
+    run_id = json.loads(params.paths.train_run.read_text())["run_id"]
     spool = tmp_path / "mlruns" / "unsent" / f"{run_id}.jsonl"
     warning = next(line for line in log.splitlines() if "went away" in line)
     assert str(spool) in warning and "rnnlm relog" in warning
@@ -78,7 +78,7 @@ def test_server_lost_mid_training_then_relogged(processed_tiny: Params, tmp_path
         assert run.info.status == "FINISHED"
         val_steps = [m.step for m in client.get_metric_history(run_id, "val/ppl")]
         assert len(val_steps) == 2 and val_steps == sorted(set(val_steps))
-        assert run.data.metrics["best/val_ppl"] == pytest.approx(metrics["val_ppl"])
+        assert run.data.metrics["val/best_ppl"] == pytest.approx(metrics["val_ppl"])
         train_steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
         assert train_steps == sorted(set(train_steps))  # nothing twice
         artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoint")}

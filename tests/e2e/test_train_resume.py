@@ -95,7 +95,12 @@ def interrupt_mid_epoch(params: Params, params_file: Path, signum: int) -> tuple
 
 
 def train_json(params: Params) -> dict[str, Any]:
-    return json.loads((params.paths.metrics_dir / "train.json").read_text())
+    """metrics/train.json with the run id of metrics/train_run.json."""
+    paths = params.paths
+    return {
+        **json.loads(paths.train_metrics.read_text()),
+        **json.loads(paths.train_run.read_text()),
+    }
 
 
 def curve(params: Params) -> list[dict[str, str]]:

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from rnnlm.config import (
+    SPLITS,
     CellOverrides,
     ConfigError,
     CorpusParams,
@@ -106,6 +107,40 @@ def test_dvc_yaml_params_cover_sections_and_templates_resolve() -> None:
     assert templates, "dvc.yaml should take its paths from params.yaml"
     for ref in templates:
         assert ref.strip() in flat, f"dvc.yaml uses ${{{ref}}}, which Params lacks"
+
+
+def _dvc_yaml_files() -> dict[str, set[str]]:
+    """Stage -> the paths dvc.yaml declares as its outs and metrics, templated from params."""
+    flat = as_flat_dict(load_params(PARAMS_YAML))
+    stages = yaml.safe_load(DVC_YAML.read_text(encoding="utf-8"))["stages"]
+    declared: dict[str, set[str]] = {}
+    for name, stage in stages.items():
+        entries = [*stage.get("outs", []), *stage.get("metrics", [])]
+        paths = [e if isinstance(e, str) else next(iter(e)) for e in entries]
+        declared[name] = {
+            re.sub(r"\$\{([^}]+)\}", lambda m: str(flat[m[1].strip()]), path) for path in paths
+        }
+    return declared
+
+
+def test_dvc_yaml_declares_every_file_paths_names() -> None:
+    """Paths is the code's one home for file names; dvc.yaml must spell the same ones."""
+    paths = load_params(PARAMS_YAML).paths
+    expected = {
+        "tokenize": {
+            paths.vocab, paths.tokenizer, paths.splits, paths.stats,
+            *(paths.split_ids(split) for split in SPLITS),
+        },
+        "train": {
+            paths.checkpoint, paths.train_metrics, paths.train_run, paths.train_curve,
+            paths.train_curve_png,
+        },
+        "export": {paths.onnx_model, paths.int8_model, paths.export_metrics, paths.export_model},
+        "evaluate": {paths.eval_metrics, paths.samples},
+    }  # fmt: skip
+    declared = _dvc_yaml_files()
+    for stage, files in expected.items():
+        assert declared[stage] == {str(f) for f in files}, stage
 
 
 def test_missing_file(tmp_path: Path) -> None:

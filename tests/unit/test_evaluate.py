@@ -53,24 +53,25 @@ def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str) -> set[str]:
 
 @pytest.fixture
 def exported(processed_tiny: Params) -> Params:
-    """`processed_tiny` with a trained (2 epochs) and exported (fp32 only) tiny LSTM."""
+    """`processed_tiny` with a trained (2 epochs) and exported tiny LSTM, registered as `tiny`."""
     train.run_from_params(processed_tiny)
-    p = ExportParams(quantize=False, latency_tokens=5, registered_model_name=None)
+    p = ExportParams(latency_tokens=5, registered_model_name="tiny")
     export.run(p, processed_tiny.paths, processed_tiny.mlflow)
     return processed_tiny
 
 
 def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -> None:
     paths = exported.paths
-    train_metrics = json.loads((paths.metrics_dir / "train.json").read_text())
+    train_metrics = json.loads(paths.train_metrics.read_text())
+    run_id = json.loads(paths.train_run.read_text())["run_id"]
     metrics = evaluate.run(EVAL_PARAMS, paths, exported.mlflow)
 
     written = json.loads((paths.metrics_dir / "eval.json").read_text())
     assert written == metrics
     # The shipped ONNX model reproduces PyTorch's test perplexity (train stage) within 0.1%.
     torch_ppl = train_metrics["test_ppl"]
-    assert metrics["test/rnn_ppl_pytorch"] == torch_ppl
-    assert metrics["test/rnn_ppl"] == pytest.approx(torch_ppl, rel=1e-3)
+    assert metrics["test/pytorch_ppl"] == torch_ppl
+    assert metrics["test/onnx_ppl"] == pytest.approx(torch_ppl, rel=1e-3)
     assert metrics["test/onnx_pytorch_rel_diff"] < 1e-4
     # Baselines on the same split and vocabulary, recomputed here from the processed files.
     vocab = json.loads((paths.processed_dir / "vocab.json").read_text())["tokens"]
@@ -85,7 +86,7 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     )
     assert 1 < metrics["test/kn_ppl"] < metrics["test/unigram_ppl"] < len(vocab)
     assert metrics["test/improvement_over_kn_pct"] == pytest.approx(
-        100 * (1 - metrics["test/rnn_ppl"] / expected_kn), abs=1e-3
+        100 * (1 - metrics["test/onnx_ppl"] / expected_kn), abs=1e-3
     )
     stats = json.loads((paths.processed_dir / "stats.json").read_text())
     assert metrics["test/oov_rate"] == stats["test"]["oov_rate"] > 0
@@ -93,7 +94,7 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
 
     # Samples: a header, each prompt, its samples; reproducible from the seed.
     samples = (paths.metrics_dir / "samples.txt").read_text()
-    assert "seed 11" in samples and train_metrics["run_id"] in samples
+    assert "seed 11" in samples and run_id in samples
     lm = LanguageModel(paths.models_dir / "model.onnx")
     for name, prompt in EVAL_PARAMS.sample_prompts.items():
         assert f"## {name}: {prompt!r}" in samples
@@ -104,7 +105,7 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
 
     # The same metrics, both files and the baseline's settings are in the training run.
     client = mlflow.MlflowClient(exported.mlflow.tracking_uri)
-    run = client.get_run(train_metrics["run_id"])
+    run = client.get_run(run_id)
     for key, value in metrics.items():
         assert run.data.metrics[key] == pytest.approx(value), key
     assert run.data.metrics["test/ppl"] == pytest.approx(torch_ppl, rel=1e-4)  # from train
@@ -114,6 +115,13 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
         "evaluation/eval.json",
         "evaluation/samples.txt",
     }
+    # The registered version says what it is and how good; the first one is the champion.
+    version = client.get_model_version("tiny", "1")
+    assert float(version.tags["test_ppl"]) == pytest.approx(metrics["test/onnx_ppl"], abs=1e-4)
+    assert version.tags["corpus"] == "tinycorpus" and version.tags["cell"] == "lstm"
+    assert "test perplexity" in version.description and run_id in version.description
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
+    assert "champion" in client.get_registered_model("tiny").description
 
     # With train.eval_batch_size > 1 the check compares like with like (rows, zero states).
     net = export.load_checkpoint(paths.models_dir / "model.ckpt")
@@ -124,7 +132,7 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
         json.dumps({**train_metrics, "test_ppl": round(rows_ppl, 4)})
     )
     rows_metrics = evaluate.run(EVAL_PARAMS, paths, exported.mlflow, eval_batch_size=3)
-    assert rows_metrics["test/rnn_ppl"] == metrics["test/rnn_ppl"]  # still the whole stream
+    assert rows_metrics["test/onnx_ppl"] == metrics["test/onnx_ppl"]  # still the whole stream
     assert rows_metrics["test/onnx_pytorch_rel_diff"] < 1e-4
 
     # A PyTorch figure 0.2% away fails the stage and leaves its outputs as they were.
@@ -156,23 +164,19 @@ def test_improvement_and_samples_format() -> None:
     assert text == "# header\n\n## a: 'the prompt'\n1. One.\n2. Two.\n"
 
 
-def test_onnx_file_name_matches_the_export_stage() -> None:
-    assert evaluate.ONNX_NAME == export.ONNX_NAME
-
-
 def test_missing_inputs_are_named(processed_tiny: Params, tmp_path: Path) -> None:
     paths, ml = processed_tiny.paths, processed_tiny.mlflow
     with pytest.raises(evaluate.EvaluateError, match=r"train\.json: not found"):
         evaluate.run(EVAL_PARAMS, paths, ml)
     (paths.metrics_dir).mkdir(parents=True, exist_ok=True)
-    (paths.metrics_dir / "train.json").write_text(json.dumps({"run_id": "abc"}))
+    (paths.metrics_dir / "train.json").write_text(json.dumps({"epochs": 2}))
     with pytest.raises(evaluate.EvaluateError, match=r"no test_ppl \(run the train stage first\)"):
         evaluate.run(EVAL_PARAMS, paths, ml)
-    (paths.metrics_dir / "train.json").write_text(json.dumps({"run_id": "abc", "test_ppl": 5.0}))
+    (paths.metrics_dir / "train.json").write_text(json.dumps({"test_ppl": 5.0}))
     with pytest.raises(evaluate.EvaluateError, match=r"not found \(run the export stage first\)"):
         evaluate.run(EVAL_PARAMS, paths, ml)
     # A model exported from another vocabulary is refused before anything is scored.
-    write_model(paths.models_dir / "model.onnx", build_net())
+    write_model(paths.onnx_model, build_net())
     with pytest.raises(evaluate.EvaluateError, match=r"vocabulary .* is not data/processed"):
         evaluate.run(EVAL_PARAMS, paths, ml)
     (paths.processed_dir / "test.npy").unlink()
@@ -186,9 +190,36 @@ def test_main_reports_a_missing_model(
 ) -> None:
     paths = processed_tiny.paths
     paths.metrics_dir.mkdir(parents=True, exist_ok=True)
-    (paths.metrics_dir / "train.json").write_text(json.dumps({"run_id": "abc", "test_ppl": 5.0}))
+    (paths.metrics_dir / "train.json").write_text(json.dumps({"test_ppl": 5.0}))
     params_file = write_stage_params(processed_tiny, tmp_path / "params.yaml")
     with pytest.raises(SystemExit) as exit_:
         evaluate.main(["--params", str(params_file)])
     assert exit_.value.code == 1
     assert "ONNX model not found (run the export stage first)" in caplog.text
+
+
+def test_champion_moves_only_to_a_better_version_of_the_same_corpus(tmp_path: Path) -> None:
+    from rnnlm import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("lm")
+    corpora = ["union", "union", "union", "inaugural", "union"]
+    for corpus in corpora:
+        client.create_model_version("lm", source=str(tmp_path), tags={"corpus": corpus})
+    tracked = tracking.TrackedRun(uri=uri, run_id="unused", experiment_id="0")
+
+    def record(version: str, ppl: float) -> str:
+        result = tracking.record_test_perplexity(tracked, "lm", version, ppl, f"v{version}")
+        champion = str(client.get_model_version_by_alias("lm", tracking.CHAMPION_ALIAS).version)
+        assert result["champion_version"] == champion
+        assert result["is_champion"] == (champion == version)
+        return champion
+
+    assert record("1", 80.0) == "1"  # the first scored version
+    assert record("2", 85.0) == "1"  # worse: the champion stays
+    assert record("3", 75.0) == "3"  # better: it moves
+    assert record("4", 50.0) == "3"  # another corpus is not comparable
+    assert record("5", 75.0) == "3"  # a tie keeps the older version
+    assert client.get_model_version("lm", "2").tags["test_ppl"] == "85.0000"
+    assert client.get_model_version("lm", "4").description == "v4"

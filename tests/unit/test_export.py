@@ -243,7 +243,7 @@ def trained_layout(processed_tiny: Params) -> Params:
     save_lightning_checkpoint(build_net("lstm", len(vocab), 16, 1), paths.models_dir / "model.ckpt")
     tracked = tracking.start_run(processed_tiny.mlflow, "train-run", {"stage": "train"})
     paths.metrics_dir.mkdir(parents=True, exist_ok=True)
-    (paths.metrics_dir / "train.json").write_text(json.dumps({"run_id": tracked.run_id}))
+    paths.train_run.write_text(json.dumps({"run_id": tracked.run_id}))
     return processed_tiny
 
 
@@ -276,9 +276,13 @@ def test_run_end_to_end_logs_and_registers(
     assert sorted(f.name for f in paths.models_dir.iterdir()) == [
         "model.ckpt", "model.int8.onnx", "model.onnx",
     ]  # fmt: skip
-    written = json.loads((paths.metrics_dir / "export.json").read_text())
-    assert written == json.loads(json.dumps(metrics))
-    assert written["parity/max_abs_err"] < 1e-4 and written["exporter"] == "torchscript"
+    written = json.loads(paths.export_metrics.read_text())
+    record = json.loads(paths.export_model.read_text())
+    assert {**written, **record} == json.loads(json.dumps(metrics))
+    # A DVC metrics file holds numbers only: ids and URIs are in the model record.
+    assert all(isinstance(v, int | float) for v in written.values()), written
+    assert set(record) == {"model_uri", "model_id", "registered_model", "registered_version"}
+    assert written["parity/max_abs_err"] < 1e-4
     assert written["onnx/size_mb"] > written["int8/size_mb"] > 0
     assert written["onnx/ms_per_token"] > 0 and written["int8/speedup"] > 0
     assert abs(written["int8/val_ppl_change_pct"]) < 5
@@ -288,8 +292,9 @@ def test_run_end_to_end_logs_and_registers(
     assert written["onnx/val_ppl"] == pytest.approx(torch_stream_ppl(net, validation), rel=1e-4)
 
     model = LanguageModel(onnx_path)
-    run_id = json.loads((paths.metrics_dir / "train.json").read_text())["run_id"]
+    run_id = json.loads(paths.train_run.read_text())["run_id"]
     assert model.provenance["mlflow_run_id"] == run_id
+    assert model.conventions["stream_start"].startswith("a stream starts at a sentence boundary")
     assert model.provenance["params_digest"] == export.params_digest(
         {
             **as_flat_dict(params.model, "model."),
@@ -300,8 +305,9 @@ def test_run_end_to_end_logs_and_registers(
 
     client = mlflow.MlflowClient(params.mlflow.tracking_uri)
     versions = client.search_model_versions("name = 'tiny-lm'")
-    assert [str(v.version) for v in versions] == ["1"] and written["registered_version"] == "1"
-    logged = client.get_logged_model(written["model_id"])
+    assert [str(v.version) for v in versions] == ["1"] and record["registered_version"] == "1"
+    assert "champion" in client.get_registered_model("tiny-lm").description
+    logged = client.get_logged_model(record["model_id"])
     assert logged.source_run_id == run_id
     assert versions[0].run_id == run_id
     run = client.get_run(run_id)
@@ -314,12 +320,12 @@ def test_run_end_to_end_logs_and_registers(
     assert LanguageModel(local).vocab == model.vocab  # the logged file is self-contained
     assert logged.metrics and {m.key for m in logged.metrics} >= {"onnx/val_ppl"}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri)  # for models:/ URIs
-    info = mlflow.models.get_model_info(written["model_uri"])
+    info = mlflow.models.get_model_info(record["model_uri"])
     assert [spec.name for spec in info.signature.inputs.inputs] == ["tokens", "h0", "c0"]
     assert info.signature.inputs.inputs[0].shape == (-1, -1)
     assert info.saved_input_example_info is not None
     example = export.input_example(net.config)
-    predicted = mlflow.pyfunc.load_model(written["model_uri"]).predict(example)
+    predicted = mlflow.pyfunc.load_model(record["model_uri"]).predict(example)
     assert predicted["logits"].shape == (1, 4, len(model.vocab))
 
 
@@ -335,17 +341,21 @@ def test_failed_parity_leaves_models_untouched(trained_layout: Params) -> None:
     assert sorted(p.name for p in paths.models_dir.parent.rglob("*")) == before
 
 
-def test_without_quantize_no_stale_int8_and_no_registration(trained_layout: Params) -> None:
+def test_int8_model_is_replaced_with_the_model_and_nothing_is_registered_without_a_name(
+    trained_layout: Params,
+) -> None:
     import mlflow
 
     paths = trained_layout.paths
-    (paths.models_dir / "model.int8.onnx").write_bytes(b"stale")
-    p = ExportParams(quantize=False, latency_tokens=5, registered_model_name=None)
+    paths.int8_model.write_bytes(b"int8 model of another experiment")
+    p = ExportParams(latency_tokens=5, registered_model_name=None)
     metrics = export.run(p, paths, trained_layout.mlflow)
-    assert (paths.models_dir / "model.onnx").is_file()
-    assert not (paths.models_dir / "model.int8.onnx").exists()
-    assert not any(key.startswith("int8/") for key in metrics)
-    assert "registered_version" not in metrics
+    fp32, int8 = LanguageModel(paths.onnx_model), LanguageModel(paths.int8_model)
+    assert int8.precision == "int8" and fp32.precision == "fp32"
+    assert int8.provenance == fp32.provenance  # the same checkpoint, the same run
+    assert metrics["int8/val_ppl"] > 1
+    assert metrics["registered_version"] is None
+    assert json.loads(paths.export_model.read_text())["registered_model"] is None
     client = mlflow.MlflowClient(tracking_uri=trained_layout.mlflow.tracking_uri)
     assert client.search_registered_models() == []
 

@@ -6,6 +6,9 @@ import collections
 import csv
 import dataclasses
 import json
+import logging
+import math
+import re
 import time
 from pathlib import Path
 
@@ -46,8 +49,13 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
     paths = params.paths
     assert (paths.models_dir / "model.ckpt").is_file()
     assert not (paths.models_dir / "checkpoints").exists()
-    on_disk = json.loads((paths.metrics_dir / "train.json").read_text())
-    assert on_disk == metrics
+    on_disk = json.loads(paths.train_metrics.read_text())
+    record = json.loads(paths.train_run.read_text())
+    assert {**on_disk, **record} == metrics
+    # A DVC metrics file holds numbers only: ids and names are in the run record.
+    assert all(isinstance(v, int | float) for v in on_disk.values()), on_disk
+    assert set(record) == {"run_id", "experiment_id", "accelerator"}
+    assert paths.train_curve_png.read_bytes().startswith(b"\x89PNG")
     assert metrics["epochs"] == params.train.max_epochs
     # Two epochs on a 177-word vocabulary: well below uniform guessing.
     assert 1.0 < metrics["test_ppl"] < 60 and 1.0 < metrics["val_ppl"] < 60
@@ -67,6 +75,9 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
     assert run.info.status == "FINISHED"
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == params.mlflow.experiment_name
+    # MLflow 3's UI opens a model-training experiment on its runs, with a description.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "test/ppl" in experiment.tags["mlflow.note.content"]
 
     assert run.data.params["model.cell"] == "lstm"
     assert run.data.params["train.batch_size"] == str(params.train.batch_size)
@@ -74,7 +85,15 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
     assert run.data.params["corpus.name"] == "tinycorpus"
     assert "model/cell" not in run.data.params  # Lightning's hparams are not logged twice
 
-    for key in ("val/loss", "val/ppl", "test/ppl", "train/loss", "train/lr", "epoch"):
+    for key in (
+        "val/loss",
+        "val/ppl",
+        "val/best_ppl",
+        "test/ppl",
+        "train/loss",
+        "train/lr",
+        "epoch",
+    ):
         assert key in run.data.metrics, key
     for key in ("train/epoch_time_s", "train/tokens_per_s"):
         assert run.data.metrics[key] > 0
@@ -96,8 +115,10 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
         "config/params.yaml",
         "data/vocab.json",
         "data/tokenizer.json",
-        "training/training_curve.png",
+        "training/train_curve.png",
         "training/train_curve.csv",
+        "training/train.json",
+        "training/train_run.json",
     } <= artifacts
 
 
@@ -178,22 +199,41 @@ def test_global_zero_is_known_from_every_launcher_environment(
     assert train.is_global_zero() is zero
 
 
-def test_dvc_experiment_tags_and_cell_overrides(
-    processed_tiny: Params, monkeypatch: pytest.MonkeyPatch
+def test_dvc_experiment_tags_cell_overrides_and_progress_lines(
+    processed_tiny: Params, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
     p = processed_tiny
     t = dataclasses.replace(
-        p.train, max_epochs=1, cell_overrides={"rnn_tanh": CellOverrides(lr=0.0042)}
+        p.train,
+        max_epochs=1,
+        cell_overrides={"rnn_tanh": CellOverrides(lr=0.0042)},
+        progress_every_s=0.0,  # a progress line after every step
     )
     m = dataclasses.replace(p.model, cell="rnn_tanh")
-    metrics = train.run(m, t, p.mlflow, p.paths, p.corpus.name)
+    with caplog.at_level(logging.INFO, logger="rnnlm.train"):
+        metrics = train.run(m, t, p.mlflow, p.paths, p.corpus.name)
     run = _client(p).get_run(metrics["run_id"])
     assert run.data.tags["dvc.exp_name"] == "brisk-lynx"
     assert run.data.tags["dvc.exp_baseline_rev"] == "abc123"
     assert run.info.run_name == "brisk-lynx"
     assert run.data.params["train.lr"] == "0.0042"
+    # Without a terminal (as here: pytest captures stderr) training says how far it is.
+    progress = [r.getMessage() for r in caplog.records if "epoch ETA" in r.getMessage()]
+    assert progress, "no progress lines"
+    pattern = r"epoch 0: step (\d+)/(\d+) \(\d+%\), [\d.]+ tokens/s, loss [\d.]+, epoch ETA .+"
+    steps = [re.fullmatch(pattern, line) for line in progress]
+    assert all(steps), progress
+    assert [int(m[1]) for m in steps] == list(range(1, len(steps) + 1))  # type: ignore[index]
+    assert int(steps[-1][2]) == len(steps)  # type: ignore[index]
+
+
+def test_progress_durations_read_well() -> None:
+    assert train.format_duration(12.4) == "12 s"
+    assert train.format_duration(245) == "4 min 05 s"
+    assert train.format_duration(7380) == "2 h 03 min"
+    assert train.format_duration(math.nan) == "?"
 
 
 def test_unreachable_tracking_server_fails_fast_and_writes_nothing(
