@@ -72,6 +72,9 @@ def build_model(args: argparse.Namespace) -> tuple[RNNLM, list[str], dict, str]:
             embedding_dim=args.hidden,
             hidden_dim=args.hidden,
             num_layers=args.layers,
+            dropout=0.0,  # inference: dropout is off anyway
+            embedding_dropout=0.0,
+            tie_weights=True,
         )
         net = RNNLM(config).eval()
         vocab = [UNK, EOS, *(f"w{i}" for i in range(2, args.vocab_size))]

@@ -15,7 +15,7 @@ Without --processed, a random token stream with a 7.7k vocabulary stands in for 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import tempfile
 import time
@@ -28,42 +28,63 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from rnnlm import tracking, train
-from rnnlm.config import MlflowParams, TrainParams
+from rnnlm.callbacks import EpochSummary, RunLogger
+from rnnlm.config import MlflowParams, Paths, TrainParams, load_params
 from rnnlm.datamodule import CorpusDataModule, StreamWindows
 from rnnlm.files import save_npy_atomic, write_json_atomic
 from rnnlm.lit_module import LitRNNLM
-from rnnlm.model import detach_state
+from rnnlm.model import RNNLMConfig, detach_state
+from rnnlm.processed import read_vocab
+from rnnlm.text import SPECIAL_TOKENS
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # every value not set below
 
 
-def fake_processed(folder: Path, vocab_size: int, n_tokens: int) -> Path:
+def fake_processed(paths: Paths, vocab_size: int, n_tokens: int) -> Paths:
+    """Random ids in `paths.processed_dir`, laid out as the tokenize stage writes them."""
     rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "vocab.json", {"tokens": [f"w{i}" for i in range(vocab_size)]})
+    tokens = [*SPECIAL_TOKENS, *(f"w{i}" for i in range(len(SPECIAL_TOKENS), vocab_size))]
+    write_json_atomic(paths.vocab, {"tokens": tokens})
     for split, n in (("train", n_tokens), ("validation", 2000), ("test", 2000)):
-        save_npy_atomic(folder / f"{split}.npy", rng.integers(0, vocab_size, n).astype(np.int32))
-    return folder
+        save_npy_atomic(paths.split_ids(split), rng.integers(0, vocab_size, n).astype(np.int32))
+    return paths
 
 
-def model_config(args: argparse.Namespace, vocab_size: int) -> dict:
-    return {
-        "vocab_size": vocab_size,
-        "cell": args.cell,
-        "embedding_dim": args.dim,
-        "hidden_dim": args.dim,
-        "num_layers": args.layers,
-        "dropout": 0.2,
-        "embedding_dropout": 0.0,
-        "tie_weights": args.tie,
-    }
+def model_config(args: argparse.Namespace, vocab_size: int) -> RNNLMConfig:
+    return RNNLMConfig(
+        vocab_size=vocab_size,
+        cell=args.cell,
+        embedding_dim=args.dim,
+        hidden_dim=args.dim,
+        num_layers=args.layers,
+        dropout=0.2,
+        embedding_dropout=0.0,
+        tie_weights=args.tie,
+    )
 
 
-def plain_loop(args: argparse.Namespace, processed: Path, vocab_size: int) -> float:
+def train_params(args: argparse.Namespace) -> TrainParams:
+    """params.yaml's train section with this benchmark's batch, window, optimizer and clip."""
+    return dataclasses.replace(
+        load_params(PARAMS).train,
+        batch_size=args.batch_size,
+        bptt=args.bptt,
+        max_epochs=1000,
+        optimizer="sgd",
+        lr=args.lr,
+        grad_clip=args.clip,
+        accelerator="cpu",
+        devices=1,
+    )
+
+
+def plain_loop(args: argparse.Namespace, processed: Paths, vocab_size: int) -> float:
     """Tokens/s of a hand-written loop: forward, loss, backward, clip, step."""
     torch.manual_seed(args.seed)
-    module = LitRNNLM(model=model_config(args, vocab_size), optimizer="sgd", lr=args.lr)
+    module = LitRNNLM.of(model_config(args, vocab_size), train_params(args))
     net = module.net.train()
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
-    windows = StreamWindows(np.load(processed / "train.npy"), args.batch_size, args.bptt)
+    windows = StreamWindows(np.load(processed.split_ids("train")), args.batch_size, args.bptt)
     state = net.init_state(args.batch_size)
     tokens, start = 0, 0.0
     for step in range(args.warmup + args.steps):
@@ -98,28 +119,19 @@ class StepTimer(pl.Callback):
 
 
 def lightning_loop(
-    args: argparse.Namespace, processed: Path, vocab_size: int, store: Path
+    args: argparse.Namespace, processed: Paths, vocab_size: int, store: Path
 ) -> float:
     torch.manual_seed(args.seed)
-    module = LitRNNLM(model=model_config(args, vocab_size), optimizer="sgd", lr=args.lr)
+    t = train_params(args)
+    module = LitRNNLM.of(model_config(args, vocab_size), t)
     datamodule = CorpusDataModule(processed, args.batch_size, args.bptt)
-    t = TrainParams(
-        batch_size=args.batch_size,
-        bptt=args.bptt,
-        max_epochs=1000,
-        grad_clip=args.clip,
-        accelerator="cpu",
-        devices=1,
-    )
     tracked = tracking.start_run(
         MlflowParams(experiment_name="bench", tracking_uri=f"sqlite:///{store}/mlflow.db"),
         "train-throughput",
         {},
     )
     timer = StepTimer(args.warmup)
-    trainer, _ = train.build_trainer(
-        t, store / "ckpt", tracked.lightning_logger(), train.EpochSummary()
-    )
+    trainer, _ = train.build_trainer(t, store / "ckpt", RunLogger(tracked), EpochSummary())
     # Stopping mid-epoch, there is no validation: drop the callbacks that monitor it (they only
     # act at epoch end, so the per-step path is unchanged).
     trainer.callbacks = [
@@ -152,8 +164,14 @@ def main() -> None:
     train.quiet_lightning(interactive=False)
 
     with tempfile.TemporaryDirectory() as tmp:
-        processed = args.processed or fake_processed(Path(tmp) / "processed", 7751, 200_000)
-        vocab_size = len(json.loads((processed / "vocab.json").read_text())["tokens"])
+        paths = load_params(PARAMS).paths
+        if args.processed:
+            processed = dataclasses.replace(paths, processed_dir=args.processed)
+        else:
+            processed = fake_processed(
+                dataclasses.replace(paths, processed_dir=Path(tmp) / "processed"), 7751, 200_000
+            )
+        vocab_size = len(read_vocab(processed))
         plain, lightning = [], []
         # Alternate the two so that drift in machine load hits both alike.
         for round_ in range(args.rounds):

@@ -482,47 +482,88 @@ def mlflow_server(
         server.stop()
 
 
-def write_stage_params(params: Params, path: Path) -> Path:
-    """A params.yaml holding `params`' paths and tracking URI, for a stage's `main(--params)`."""
-    raw = {
-        "paths": {k: str(v) for k, v in params.paths.__dict__.items()},
-        "mlflow": {"tracking_uri": params.mlflow.tracking_uri},
-    }
-    path.write_text(yaml.safe_dump(raw))
+SHIPPED_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@functools.cache
+def _shipped_raw() -> str:
+    return SHIPPED_PARAMS.read_text(encoding="utf-8")
+
+
+def shipped_raw_with(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The shipped params.yaml, as parsed YAML, with `overrides` (section -> key -> value).
+
+    params.yaml is the one source of values: tests change the keys they care about and take
+    every other from the real file. A key's value is replaced whole (a mapping such as
+    evaluate.sample_prompts included); nothing is validated here.
+    """
+    raw = yaml.safe_load(_shipped_raw())
+    for section, values in overrides.items():
+        raw[section] = {**raw[section], **values}
+    return raw
+
+
+def params_with(overrides: Mapping[str, Mapping[str, Any]], source: str = "tests") -> Params:
+    """The shipped params with `overrides` applied, validated."""
+    return parse_params(shipped_raw_with(overrides), source=source)
+
+
+def write_params(path: Path, overrides: Mapping[str, Mapping[str, Any]]) -> Path:
+    """A params.yaml for a stage's `main`: the shipped file with `overrides`, unvalidated (so
+    a test can also write a bad value or an unknown key)."""
+    path.write_text(yaml.safe_dump(shipped_raw_with(overrides), sort_keys=False), encoding="utf-8")
     return path
+
+
+def shipped_params() -> Params:
+    """The shipped params.yaml as it is."""
+    return params_with({})
+
+
+# The tiny setup every training test uses: a 16-dim LSTM for 2 epochs on `tinycorpus`, quick
+# export and evaluation settings. Paths and the MLflow store are added by make_tiny_params.
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "corpus": {"name": TINY_ID},
+    "model": {
+        "cell": "lstm",
+        "embedding_dim": 16,
+        "hidden_dim": 16,
+        "num_layers": 1,
+        "dropout": 0.0,
+        "embedding_dropout": 0.0,
+        "tie_weights": True,
+    },
+    "train": {
+        "batch_size": 4,
+        "bptt": 8,
+        "eval_batch_size": 1,
+        "eval_bptt": 32,
+        "max_epochs": 2,
+        "lr": 0.01,
+        "accelerator": "cpu",
+        "devices": 1,
+        "log_every_n_steps": 5,
+        "seed": 7,
+    },
+    "export": {"latency_tokens": 5, "latency_threads": 1},
+    "evaluate": {
+        "sample_prompts": {"nation": "The state of the union", "economy": "Our economy"},
+        "sample_tokens": 8,
+        "samples_per_prompt": 2,
+    },
+}
 
 
 def make_tiny_params(root: Path) -> Params:
     """Params for `tinycorpus` with a 16-dim, 1-layer LSTM; every path and the store under root."""
-    return parse_params(
+    return params_with(
         {
+            **TINY_OVERRIDES,
             "paths": {
                 "raw_dir": str(root / "data" / "raw"),
                 "processed_dir": str(root / "data" / "processed"),
                 "models_dir": str(root / "models"),
                 "metrics_dir": str(root / "metrics"),
-            },
-            "corpus": {"name": TINY_ID},
-            "model": {
-                "cell": "lstm",
-                "embedding_dim": 16,
-                "hidden_dim": 16,
-                "num_layers": 1,
-                "dropout": 0.0,
-                "embedding_dropout": 0.0,
-                "tie_weights": True,
-            },
-            "train": {
-                "batch_size": 4,
-                "bptt": 8,
-                "eval_batch_size": 1,
-                "eval_bptt": 32,
-                "max_epochs": 2,
-                "lr": 0.01,
-                "accelerator": "cpu",
-                "devices": 1,
-                "log_every_n_steps": 5,
-                "seed": 7,
             },
             "mlflow": {
                 "experiment_name": "test",

@@ -2,7 +2,7 @@
 
 Both use the RNN's exact data and convention: the training counts come from train.npy alone,
 taken as one token stream (every sentence closed by `<eos>`, `<unk>` an ordinary token), and a
-stream is scored like `datamodule.lm_pairs` scores it: every token is predicted, and the history
+stream is scored like `streams.lm_pairs` scores it: every token is predicted, and the history
 before the first token is `<eos>` (repeated for the longer histories of higher orders).
 
     probs = fit_unigram(train, vocab_size)            # (counts + 1) / (tokens + vocab_size)
@@ -30,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 
+from rnnlm.streams import check_token_ids, padded_history
 from rnnlm.text import EOS_ID
 
 # Discounts are kept in [MIN_DISCOUNT, k] for count level k: a discount of zero would leave no
@@ -127,7 +128,7 @@ class KneserNey:
         if len(stream) == 0:
             return np.zeros(0)
         pad = self.order - 1
-        ids = gram_ids(self.keys, _pad(stream, pad), self.vocab_size, self.order)
+        ids = gram_ids(self.keys, padded_history(stream, pad), self.vocab_size, self.order)
         first = self.orders[1]
         prob = first.alpha[stream] + first.gamma[0] / self.vocab_size
         for n in range(2, self.order + 1):
@@ -147,7 +148,7 @@ class KneserNey:
         A history shorter than order-1 is left-padded with `<eos>` (a stream's start).
         """
         pad = self.order - 1
-        hist = _pad(_check_ids(np.asarray(history, dtype=np.int64), self.vocab_size), pad)
+        hist = padded_history(_check_ids(np.asarray(history, dtype=np.int64), self.vocab_size), pad)
         hist = hist[len(hist) - pad :] if pad else hist[:0]
         first = self.orders[1]
         prob = first.alpha + first.gamma[0] / self.vocab_size
@@ -187,7 +188,7 @@ def fit_kneser_ney(
     if len(stream) == 0:
         raise ValueError("cannot fit a Kneser-Ney model on an empty stream")
     pad = order - 1
-    padded = _pad(stream, pad)
+    padded = padded_history(stream, pad)
     keys: dict[int, np.ndarray] = {}
     ids: dict[int, np.ndarray] = {1: padded}
     for k in range(2, order + 1):
@@ -263,23 +264,8 @@ def _search(sorted_keys: np.ndarray, queries: np.ndarray, valid: np.ndarray | bo
     return np.where(found, clipped, -1)
 
 
-def _pad(stream: np.ndarray, n: int) -> np.ndarray:
-    """`n` `<eos>` ids, then `stream` (int64): the history a stream starts from."""
-    return np.concatenate([np.full(n, EOS_ID, dtype=np.int64), stream.astype(np.int64)])
-
-
 def _check_ids(stream: np.ndarray, vocab_size: int) -> np.ndarray:
-    """`stream` as a 1-D int64 array of ids in [0, vocab_size), or ValueError."""
-    stream = np.asarray(stream)
-    if stream.ndim != 1:
-        raise ValueError(f"expected a 1-D stream of token ids, got shape {stream.shape}")
-    if len(stream) and not np.issubdtype(stream.dtype, np.integer):
-        raise ValueError(f"token ids must be integers, got {stream.dtype}")
-    stream = stream.astype(np.int64)
-    if len(stream) and (stream.min() < 0 or stream.max() >= vocab_size):
-        raise ValueError(
-            f"token ids must lie in [0, {vocab_size}), got {stream.min()}..{stream.max()}"
-        )
+    """`stream` as a 1-D int64 array of ids in [0, vocab_size) (empty allowed), or ValueError."""
     if vocab_size <= EOS_ID:
         raise ValueError(f"vocab_size = {vocab_size}: must include <unk> and <eos>")
-    return stream
+    return check_token_ids(stream, vocab_size, allow_empty=True)

@@ -257,7 +257,8 @@ def add_relog(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _relog(args: argparse.Namespace) -> int:
-    from rnnlm.tracking import TrackingError, relog_unsent, unsent_dir
+    from rnnlm.spool import relog_unsent, unsent_dir
+    from rnnlm.tracking import TrackingError
 
     try:
         sent = relog_unsent(args.tracking_uri)

@@ -8,10 +8,8 @@ only the sections it needs (see dvc.yaml's `params:` lists).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import os
 import types
 import typing
 from collections.abc import Mapping
@@ -21,10 +19,12 @@ from typing import Any, Literal
 
 import yaml
 
+from rnnlm.errors import RnnlmError
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(RnnlmError, ValueError):
     """A params.yaml problem, with the offending key and value in the message."""
 
 
@@ -44,10 +44,10 @@ class Paths:
     nowhere else (dvc.yaml spells the same names; a test keeps the two in step).
     """
 
-    raw_dir: Path = Path("data/raw")
-    processed_dir: Path = Path("data/processed")
-    models_dir: Path = Path("models")
-    metrics_dir: Path = Path("metrics")
+    raw_dir: Path
+    processed_dir: Path
+    models_dir: Path
+    metrics_dir: Path
 
     def corpus_dir(self, corpus_name: str) -> Path:
         """download -> tokenize: the extracted corpus package."""
@@ -133,27 +133,27 @@ class Paths:
 class CorpusParams:
     """Stage `download`: which NLTK corpus package and where to get it."""
 
-    name: str = "state_union"
+    name: str
     # The NLTK data server's index; RNNLM_NLTK_MIRROR (a folder or URL) takes precedence.
-    index_url: str = "https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/index.xml"
-    timeout_s: float = field(default=30.0, metadata=_range(0, 3600, lo_open=True))
-    retries: int = field(default=4, metadata=_range(0, 20))
+    index_url: str
+    timeout_s: float = field(metadata=_range(0, 3600, lo_open=True))
+    retries: int = field(metadata=_range(0, 20))
 
 
 @dataclass(frozen=True)
 class TokenizeParams:
     """Stage `tokenize`: tokenization, vocabulary and the by-document split rule."""
 
-    lowercase: bool = True
+    lowercase: bool
     # `line`: each non-empty line is a paragraph; `blank_line`: blank lines separate paragraphs.
-    paragraphs: Literal["line", "blank_line"] = "line"
-    max_size: int = field(default=10000, metadata=_range(3))
-    min_freq: int = field(default=2, metadata=_range(1))
+    paragraphs: Literal["line", "blank_line"]
+    max_size: int = field(metadata=_range(3))
+    min_freq: int = field(metadata=_range(1))
     # Documents sorted by file name; index i goes to test when i % split_every == test_remainder,
     # to validation when i % split_every == val_remainder, to train otherwise.
-    split_every: int = field(default=10, metadata=_range(3))
-    val_remainder: int = field(default=8, metadata=_range(0))
-    test_remainder: int = field(default=9, metadata=_range(0))
+    split_every: int = field(metadata=_range(3))
+    val_remainder: int = field(metadata=_range(0))
+    test_remainder: int = field(metadata=_range(0))
 
     def __post_init__(self) -> None:
         for key in ("val_remainder", "test_remainder"):
@@ -176,13 +176,13 @@ Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
 class ModelParams:
     """Stage `train`: the network (see model.py)."""
 
-    cell: Cell = "lstm"
-    embedding_dim: int = field(default=256, metadata=_range(1, 65536))
-    hidden_dim: int = field(default=256, metadata=_range(1, 65536))
-    num_layers: int = field(default=1, metadata=_range(1, 16))
-    dropout: float = field(default=0.5, metadata=_range(0.0, 0.95))
-    embedding_dropout: float = field(default=0.1, metadata=_range(0.0, 0.95))
-    tie_weights: bool = True
+    cell: Cell
+    embedding_dim: int = field(metadata=_range(1, 65536))
+    hidden_dim: int = field(metadata=_range(1, 65536))
+    num_layers: int = field(metadata=_range(1, 16))
+    dropout: float = field(metadata=_range(0.0, 0.95))
+    embedding_dropout: float = field(metadata=_range(0.0, 0.95))
+    tie_weights: bool
 
     def __post_init__(self) -> None:
         if self.tie_weights and self.embedding_dim != self.hidden_dim:
@@ -197,6 +197,7 @@ class ModelParams:
 class CellOverrides:
     """Per-cell training settings that replace the `train` values for that cell only."""
 
+    # Absent (null): the `train` value applies.
     lr: float | None = field(default=None, metadata=_range(0.0, 100.0, lo_open=True))
     grad_clip: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
 
@@ -205,39 +206,39 @@ class CellOverrides:
 class TrainParams:
     """Stage `train`: optimisation, truncated BPTT and the Lightning Trainer."""
 
-    seed: int = field(default=1234, metadata=_range(0, 2**32 - 1))
-    batch_size: int = field(default=32, metadata=_range(1))
-    bptt: int = field(default=35, metadata=_range(1))
-    eval_batch_size: int = field(default=1, metadata=_range(1))
-    eval_bptt: int = field(default=256, metadata=_range(1))
-    max_epochs: int = field(default=10, metadata=_range(1))
-    max_time_min: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = field(default=2e-3, metadata=_range(0.0, 100.0, lo_open=True))
-    weight_decay: float = field(default=0.0, metadata=_range(0.0))
-    grad_clip: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
-    lr_factor: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
-    lr_patience: int = field(default=0, metadata=_range(0))
+    seed: int = field(metadata=_range(0, 2**32 - 1))
+    batch_size: int = field(metadata=_range(1))
+    bptt: int = field(metadata=_range(1))
+    eval_batch_size: int = field(metadata=_range(1))
+    eval_bptt: int = field(metadata=_range(1))
+    max_epochs: int = field(metadata=_range(1))
+    max_time_min: float | None = field(metadata=_range(0.0, lo_open=True))
+    optimizer: Literal["adamw", "adam", "sgd"]
+    lr: float = field(metadata=_range(0.0, 100.0, lo_open=True))
+    weight_decay: float = field(metadata=_range(0.0))
+    grad_clip: float = field(metadata=_range(0.0, lo_open=True))
+    lr_factor: float = field(metadata=_range(0.0, 1.0, lo_open=True))
+    lr_patience: int = field(metadata=_range(0))
     # Relative val-loss improvement below which an epoch counts as a plateau.
-    lr_threshold: float = field(default=1e-4, metadata=_range(0.0, 1.0))
-    min_lr: float = field(default=1e-5, metadata=_range(0.0))
-    early_stopping_patience: int = field(default=3, metadata=_range(1))
-    cell_overrides: dict[str, CellOverrides] = field(default_factory=dict)
+    lr_threshold: float = field(metadata=_range(0.0, 1.0))
+    min_lr: float = field(metadata=_range(0.0))
+    early_stopping_patience: int = field(metadata=_range(1))
+    cell_overrides: dict[str, CellOverrides]
     # Lightning's built-in accelerators; `auto` picks CUDA or MPS when present, else the CPU.
-    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu", "hpu"] = "auto"
-    devices: int | str = "auto"
-    strategy: str = "auto"
-    num_nodes: int = field(default=1, metadata=_range(1))
-    precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu", "hpu"]
+    devices: int | str
+    strategy: str
+    num_nodes: int = field(metadata=_range(1))
+    precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"]
     # torch.use_deterministic_algorithms: needed for bitwise-repeatable CUDA runs; CPU runs repeat
     # without it, and it costs about 8% of CPU training throughput.
-    deterministic: bool = False
-    log_every_n_steps: int = field(default=50, metadata=_range(1))
+    deterministic: bool
+    log_every_n_steps: int = field(metadata=_range(1))
     # Without a terminal (CI, a log file) a progress line is logged this often during an epoch.
-    progress_every_s: float = field(default=30.0, metadata=_range(0.0))
+    progress_every_s: float = field(metadata=_range(0.0))
     # Continue an interrupted training from models/checkpoints/last.ckpt when its params and
     # data match these; false: always start afresh (the old checkpoints are deleted).
-    resume: bool = True
+    resume: bool
 
     def __post_init__(self) -> None:
         for cell in self.cell_overrides:
@@ -264,9 +265,9 @@ class TrainParams:
 class MlflowParams:
     """Where runs are tracked. MLFLOW_TRACKING_URI, when set, wins over `tracking_uri`."""
 
-    experiment_name: str = "rnnlm"
+    experiment_name: str
     # null: SQLite under the project's mlruns/ (sqlite:///<root>/mlruns/mlflow.db).
-    tracking_uri: str | None = None
+    tracking_uri: str | None
 
 
 @dataclass(frozen=True)
@@ -275,12 +276,12 @@ class ExportParams:
 
     # torchscript: the only exporter that keeps the time axis dynamic for every cell with
     # torch 2.13 (dynamo freezes it for nn.RNN); the parity check refuses a model that is wrong.
-    exporter: Literal["torchscript", "dynamo"] = "torchscript"
-    opset: int = field(default=17, metadata=_range(13, 22))
-    atol: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
-    latency_tokens: int = field(default=300, metadata=_range(1, 100000))
-    latency_threads: int = field(default=1, metadata=_range(1, 256))
-    registered_model_name: str | None = "rnnlm"  # null: log to MLflow without registering
+    exporter: Literal["torchscript", "dynamo"]
+    opset: int = field(metadata=_range(13, 22))
+    atol: float = field(metadata=_range(0.0, 1.0, lo_open=True))
+    latency_tokens: int = field(metadata=_range(1, 100000))
+    latency_threads: int = field(metadata=_range(1, 256))
+    registered_model_name: str | None  # null: log to MLflow without registering
 
 
 @dataclass(frozen=True)
@@ -288,32 +289,30 @@ class EvaluateParams:
     """Stage `evaluate`: test perplexity of the ONNX model, count-based baselines, samples."""
 
     # Largest allowed |ONNX - PyTorch| / PyTorch test perplexity; beyond it the stage fails.
-    tolerance: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
-    kn_order: int = field(default=3, metadata=_range(1, 10))
+    tolerance: float = field(metadata=_range(0.0, 1.0, lo_open=True))
+    kn_order: int = field(metadata=_range(1, 10))
     # modified: discounts D1, D2, D3+ per order (Chen & Goodman); single: one D per order.
-    kn_discount: Literal["modified", "single"] = "modified"
+    kn_discount: Literal["modified", "single"]
     # Samples: name -> prompt, each continued `samples_per_prompt` times from one seed.
-    sample_prompts: dict[str, str] = field(
-        default_factory=lambda: {"nation": "The state of the union", "economy": "Our economy"}
-    )
-    sample_tokens: int = field(default=40, metadata=_range(1, 10000))
-    samples_per_prompt: int = field(default=2, metadata=_range(1, 100))
-    sample_temperature: float = field(default=1.0, metadata=_range(0.0))
-    sample_seed: int = field(default=1234, metadata=_range(0, 2**32 - 1))
+    sample_prompts: dict[str, str]
+    sample_tokens: int = field(metadata=_range(1, 10000))
+    samples_per_prompt: int = field(metadata=_range(1, 100))
+    sample_temperature: float = field(metadata=_range(0.0))
+    sample_seed: int = field(metadata=_range(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
 class Params:
     """Every section of params.yaml."""
 
-    paths: Paths = field(default_factory=Paths)
-    corpus: CorpusParams = field(default_factory=CorpusParams)
-    tokenize: TokenizeParams = field(default_factory=TokenizeParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    mlflow: MlflowParams = field(default_factory=MlflowParams)
-    export: ExportParams = field(default_factory=ExportParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    paths: Paths
+    corpus: CorpusParams
+    tokenize: TokenizeParams
+    model: ModelParams
+    train: TrainParams
+    mlflow: MlflowParams
+    export: ExportParams
+    evaluate: EvaluateParams
 
 
 def _type_name(tp: Any) -> str:
@@ -340,8 +339,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
     elif dataclasses.is_dataclass(tp):
-        if value is None:  # a section whose keys are all commented out: its defaults
-            return tp()
+        if value is None:  # a section whose keys are all commented out: each key is missing
+            value = {}
         if isinstance(value, Mapping):
             return build_section(tp, value, prefix=key)
         raise ConfigError(f"{key} = {value!r}: expected a mapping of keys to values")
@@ -401,6 +400,20 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (allowed: {', '.join(fields)})")
+    # params.yaml is the one source of values: a key left out is an error, not a default.
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in raw
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        key = f"{prefix}.{missing[0]}".lstrip(".")
+        more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(
+            f"{key}: missing{more}; every key must be set (see the shipped params.yaml)"
+        )
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in raw.items():
@@ -412,14 +425,12 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate an already-parsed params mapping; errors are prefixed with `source`."""
-    if raw is None:
+    if raw is None:  # an empty file: every section is missing
         raw = {}
     try:
         return build_section(Params, raw, prefix="")
     except ConfigError as err:
         raise ConfigError(f"{source}: {str(err).lstrip('.')}") from None
-    except TypeError as err:  # a missing required key surfaces as a dataclass TypeError
-        raise ConfigError(f"{source}: {err}") from None
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
@@ -456,15 +467,3 @@ def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
-
-
-def stage_argparser(description: str) -> argparse.ArgumentParser:
-    """The argument parser every stage entry point shares: only `--params`."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument(
-        "--params",
-        type=Path,
-        default=Path(os.environ.get("RNNLM_PARAMS", DEFAULT_PARAMS)),
-        help="parameters file (default: params.yaml)",
-    )
-    return parser

@@ -1,8 +1,7 @@
 """LightningDataModule over the `tokenize` outputs (it never downloads or tokenizes).
 
-Each split is one token stream. For language modelling it becomes (input, target) pairs where
-the target is the stream itself and the input is the stream shifted right by one, starting from
-`<eos>` (the stream starts at a sentence start), so every token of the split is predicted.
+Each split is one token stream. For language modelling it becomes (input, target) pairs with
+the convention of `rnnlm.streams.lm_pairs` (inputs start with `<eos>`, every token is predicted).
 
 Training cuts the stream into `batch_size` parallel streams (rows) and walks them in windows of
 `bptt` tokens, in order: window k+1 continues where window k stopped, which is what lets the
@@ -16,42 +15,17 @@ windows of no row at all, so that every process steps through the same number of
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rnnlm.config import ConfigError
-from rnnlm.files import read_json
-from rnnlm.text import EOS_ID
+from rnnlm.config import ConfigError, Paths
+from rnnlm.processed import read_split, read_vocab
+from rnnlm.streams import batchify, lm_pairs, shard_rows
 
 log = logging.getLogger(__name__)
-
-
-def lm_pairs(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs (`<eos>` then the stream minus its last token) and targets (the stream)."""
-    inputs = np.concatenate([[EOS_ID], stream[:-1]]).astype(np.int64)
-    return inputs, stream.astype(np.int64)
-
-
-def batchify(array: np.ndarray, n_rows: int) -> np.ndarray:
-    """(n,) -> (n_rows, n // n_rows): contiguous pieces of the stream, one a row.
-
-    The last n % n_rows tokens are dropped so that the rows have equal length.
-    """
-    length = len(array) // n_rows
-    if length < 1:
-        raise ValueError(f"a stream of {len(array)} tokens cannot feed {n_rows} parallel rows")
-    return array[: n_rows * length].reshape(n_rows, length)
-
-
-def shard_rows(n_rows: int, rank: int, world_size: int) -> slice:
-    """The rows a process owns under DDP: contiguous, as even as possible."""
-    per_rank, extra = divmod(n_rows, world_size)
-    start = rank * per_rank + min(rank, extra)
-    return slice(start, start + per_rank + (1 if rank < extra else 0))
 
 
 class StreamWindows(Dataset):
@@ -106,33 +80,22 @@ class ResumableSequentialSampler(Sampler[int]):
         return self.n
 
 
-def load_split(processed_dir: Path, split: str) -> np.ndarray:
-    path = Path(processed_dir) / f"{split}.npy"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (run the tokenize stage first)")
-    return np.load(path, allow_pickle=False)
-
-
-def load_vocab(processed_dir: Path) -> list[str]:
-    return list(read_json(Path(processed_dir) / "vocab.json")["tokens"])
-
-
 class CorpusDataModule(pl.LightningDataModule):
     def __init__(
         self,
-        processed_dir: Path,
+        paths: Paths,
         batch_size: int,
         bptt: int,
         eval_batch_size: int = 1,
         eval_bptt: int | None = None,
     ) -> None:
         super().__init__()
-        self.processed_dir = Path(processed_dir)
+        self.paths = paths
         self.batch_size = batch_size
         self.bptt = bptt
         self.eval_batch_size = eval_batch_size
         self.eval_bptt = eval_bptt or bptt
-        self.vocab = load_vocab(self.processed_dir)
+        self.vocab = read_vocab(paths)
         self.datasets: dict[str, StreamWindows] = {}
         self._train_skip = 0
 
@@ -152,7 +115,7 @@ class CorpusDataModule(pl.LightningDataModule):
             ("test", self.eval_batch_size, self.eval_bptt),
         ):
             if split not in self.datasets:
-                stream = load_split(self.processed_dir, split)
+                stream = read_split(self.paths, split, self.vocab_size)
                 self.datasets[split] = StreamWindows(stream, rows, bptt, rank, world)
 
     def _check_shards(self, rank: int, world: int) -> None:

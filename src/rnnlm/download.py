@@ -41,7 +41,9 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, TextIO
 
 from rnnlm import files
-from rnnlm.config import ConfigError, CorpusParams, Paths, load_params, stage_argparser
+from rnnlm.config import CorpusParams, Params, Paths
+from rnnlm.errors import RnnlmError
+from rnnlm.stage import stage_main
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 USER_AGENT = "rnnlm-download/0.1 (+https://www.nltk.org/data.html)"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(RnnlmError):
     """The corpus could not be fetched, verified or extracted; the message says why."""
 
 
@@ -490,23 +492,18 @@ def run(p: CorpusParams, paths: Paths) -> dict[str, object]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point: run the stage; exit 1 with a one-line message on a known failure.
+def run_from_params(params: Params) -> dict[str, object]:
+    return run(params.corpus, params.paths)
 
-    Known failures: the corpus cannot be fetched or verified, bad params, and OSErrors (a full
-    disk, an unwritable data/raw/), reported with the path and the OS's reason.
-    """
-    args = stage_argparser("Stage download: fetch an NLTK corpus into data/raw/.").parse_args(argv)
-    files.configure_logging()
-    try:
-        params = load_params(args.params)
-        run(params.corpus, params.paths)
-    except (DownloadError, ConfigError) as err:
-        log.error("download failed: %s", err)
-        raise SystemExit(1) from None
-    except OSError as err:
-        log.error("download failed: %s", files.describe_os_error(err))
-        raise SystemExit(1) from None
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the stage; exit 1 with one line ("download failed: ...") on a known failure."""
+    stage_main(
+        __doc__,
+        lambda params, args: run_from_params(params),
+        argv,
+        error_prefix="download failed: ",
+    )
 
 
 if __name__ == "__main__":

@@ -42,32 +42,29 @@ import numpy as np
 
 from rnnlm import baselines, tracking
 from rnnlm.config import (
-    ConfigError,
     EvaluateParams,
     MlflowParams,
     Params,
     Paths,
-    load_params,
-    stage_argparser,
 )
+from rnnlm.errors import RnnlmError
 from rnnlm.files import (
-    configure_logging,
-    describe_os_error,
     read_json,
     staged_files,
     write_json_atomic,
     write_text_atomic,
 )
 from rnnlm.inference import LanguageModel, ModelLoadError, token_nll
-from rnnlm.text import EOS_ID
-from rnnlm.tokenization import split_stats
+from rnnlm.processed import read_split, read_vocab
+from rnnlm.stage import stage_main
+from rnnlm.streams import batchify, lm_pairs, split_stats
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "evaluation"  # folder of the MLflow run's artifacts
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(RnnlmError):
     """Inputs are missing or inconsistent, or the ONNX model disagrees with PyTorch."""
 
 
@@ -97,16 +94,15 @@ def improvement_pct(ppl: float, baseline_ppl: float) -> float:
 def score_rows(lm: LanguageModel, stream: np.ndarray, n_rows: int, window: int = 256) -> float:
     """Perplexity of `stream` laid out as training's evaluation does with `n_rows` rows.
 
-    Inputs are `<eos>` then the stream (`datamodule.lm_pairs`); inputs and targets are cut into
-    `n_rows` contiguous rows (the last len % n_rows tokens dropped), each row starting from a
-    zero state and walked in windows with its state carried.
+    Inputs and targets (`streams.lm_pairs`) are cut into `n_rows` contiguous rows
+    (`streams.batchify`: the last len % n_rows tokens dropped), each row starting from a zero
+    state and walked in windows with its state carried.
     """
-    stream = np.asarray(stream, dtype=np.int64)
-    length = len(stream) // n_rows
-    if length < 1:
-        raise EvaluateError(f"a test stream of {len(stream)} tokens cannot fill {n_rows} rows")
-    inputs = np.concatenate([[EOS_ID], stream[:-1]])[: n_rows * length].reshape(n_rows, length)
-    targets = stream[: n_rows * length].reshape(n_rows, length)
+    try:
+        inputs, targets = (batchify(a, n_rows) for a in lm_pairs(stream))
+    except ValueError as err:
+        raise EvaluateError(f"the test split: {err}") from None
+    length = inputs.shape[1]
     state = lm.initial_state(n_rows)
     nll = 0.0
     for start in range(0, length, window):
@@ -175,23 +171,6 @@ def read_registered_version(paths: Paths) -> tuple[str, str] | None:
     return name, version
 
 
-def load_inputs(paths: Paths) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Vocabulary, train and test streams; EvaluateError naming any missing file."""
-    files = [paths.vocab, paths.split_ids("train"), paths.split_ids("test")]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise EvaluateError(f"missing {', '.join(missing)} (run the tokenize stage first)")
-    try:
-        vocab = list(read_json(files[0])["tokens"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise EvaluateError(f"{files[0]}: not a vocabulary file ({err})") from None
-    train, test = (np.load(f, allow_pickle=False).astype(np.int64) for f in files[1:])
-    for path, stream in zip(files[1:], (train, test), strict=True):
-        if len(stream) == 0:
-            raise EvaluateError(f"{path}: the split is empty")
-    return vocab, train, test
-
-
 def load_model(path: Path, vocab: Sequence[str]) -> LanguageModel:
     """The exported model; EvaluateError unless it exists and has the processed vocabulary."""
     if not path.is_file():
@@ -216,7 +195,8 @@ def run(
     Args:
         eval_batch_size: `train.eval_batch_size`, the row layout of the PyTorch test figure.
     """
-    vocab, train, test = load_inputs(paths)
+    vocab = read_vocab(paths)
+    train, test = (read_split(paths, split, len(vocab)) for split in ("train", "test"))
     torch_ppl = read_train_test_ppl(paths)
     model_path = paths.onnx_model
     lm = load_model(model_path, vocab)
@@ -307,16 +287,7 @@ def run_from_params(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_argparser(__doc__.splitlines()[0]).parse_args(argv)
-    configure_logging()
-    try:
-        run_from_params(load_params(args.params))
-    except (ConfigError, EvaluateError, tracking.TrackingError) as err:
-        log.error("%s", err)
-        raise SystemExit(1) from None
-    except OSError as err:  # a full disk, an unwritable folder: path + reason
-        log.error("%s", describe_os_error(err))
-        raise SystemExit(1) from None
+    stage_main(__doc__, lambda params, args: run_from_params(params), argv)
 
 
 if __name__ == "__main__":

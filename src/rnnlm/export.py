@@ -49,19 +49,14 @@ from torch import nn
 
 from rnnlm import tracking
 from rnnlm.config import (
-    ConfigError,
     ExportParams,
     MlflowParams,
     Params,
     Paths,
     as_flat_dict,
-    load_params,
-    stage_argparser,
 )
+from rnnlm.errors import RnnlmError
 from rnnlm.files import (
-    configure_logging,
-    describe_os_error,
-    read_json,
     staged_files,
     write_json_atomic,
 )
@@ -83,6 +78,8 @@ from rnnlm.inference import (
     state_io_names,
 )
 from rnnlm.model import RNNLM, RNNLMConfig, state_names
+from rnnlm.processed import read_split, read_tokenizer, read_vocab
+from rnnlm.stage import stage_main
 from rnnlm.text import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -108,7 +105,7 @@ QUANTIZED_OPS = {
 }
 
 
-class ExportError(RuntimeError):
+class ExportError(RnnlmError):
     """The export cannot run, or produced a model that must not be used."""
 
 
@@ -451,17 +448,6 @@ def model_metrics(
     }
 
 
-def load_processed(paths: Paths) -> tuple[list[str], dict[str, Any], np.ndarray]:
-    """Vocabulary, tokenizer dict and validation stream written by the tokenize stage."""
-    try:
-        vocab = list(read_json(paths.vocab)["tokens"])
-        tokenizer = read_json(paths.tokenizer)
-        validation = np.load(paths.split_ids("validation"), allow_pickle=False)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise ExportError(f"{paths.processed_dir}: {err} (run the tokenize stage first)") from None
-    return vocab, tokenizer, validation.astype(np.int64)
-
-
 def signature_specs(config: RNNLMConfig) -> tuple[list[tuple], list[tuple]]:
     """(name, dtype, shape) of the inputs and outputs, -1 for dynamic dimensions."""
     state_in, state_out = state_io_names(state_names(config.cell))
@@ -547,7 +533,9 @@ def run(
     """
     net = load_checkpoint(paths.checkpoint)
     config = net.config
-    vocab, tokenizer, validation = load_processed(paths)
+    vocab = read_vocab(paths)
+    tokenizer = read_tokenizer(paths)
+    validation = read_split(paths, "validation", len(vocab))
     run_id = tracking.read_run_id(paths.train_run)
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before any work
     if digest is None:
@@ -617,16 +605,7 @@ def run_from_params(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_argparser(__doc__.splitlines()[0]).parse_args(argv)
-    configure_logging()
-    try:
-        run_from_params(load_params(args.params))
-    except (ConfigError, ExportError, tracking.TrackingError) as err:
-        log.error("%s", err)
-        raise SystemExit(1) from None
-    except OSError as err:  # a missing input, a full disk, an unwritable folder: path + reason
-        log.error("%s", describe_os_error(err))
-        raise SystemExit(1) from None
+    stage_main(__doc__, lambda params, args: run_from_params(params), argv)
 
 
 if __name__ == "__main__":

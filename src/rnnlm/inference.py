@@ -12,7 +12,7 @@ params digest). This module defines that metadata schema and is the only reader 
 The network's signature is `tokens (batch, time) int64, h0[, c0] (layers, batch, hidden)
 float32 -> logits (batch, time, vocab), h1[, c1]`. Generation feeds one token per call and
 carries the state (the prefix is never re-run); scoring walks a stream in windows with the state
-carried across them, with the `<eos>`-start convention of `datamodule.lm_pairs`.
+carried across them, with the `<eos>`-start convention of `streams.lm_pairs`.
 
 Imports numpy, onnxruntime and `rnnlm.text` only: never torch, lightning or mlflow, so that the
 CLI starts fast and runs where only onnxruntime is installed. Used by `rnnlm.cli` (the `rnnlm`
@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from rnnlm.errors import RnnlmError, short_repr
+from rnnlm.streams import check_token_ids, lm_pairs
 from rnnlm.text import EOS, EOS_ID, UNK, UNK_ID, TextTokenizer, detokenize
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ _FLAT_CDF_MAX = 256
 State = tuple[np.ndarray, ...]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RnnlmError):
     """The model file is missing, not ONNX, or not an rnnlm model."""
 
 
@@ -194,16 +196,10 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _shown(value: object, width: int = 60) -> str:
-    """repr(value), cut to `width` characters: an error message stays one short line."""
-    text = repr(value)
-    return text if len(text) <= width else f"{text[: width - 3]}..."
-
-
 def check_text(name: str, value: object) -> None:
     """Raise ValueError unless the argument `name` is a str (a prompt or a text to score)."""
     if not isinstance(value, str):
-        raise ValueError(f"{name} = {_shown(value)}: expected str, got {type(value).__name__}")
+        raise ValueError(f"{name} = {short_repr(value)}: expected str, got {type(value).__name__}")
 
 
 def check_sampling(
@@ -216,23 +212,23 @@ def check_sampling(
 ) -> None:
     """Raise ValueError, naming the argument, for values `generate` cannot honour."""
     if not (_is_real(temperature) and math.isfinite(temperature)):
-        raise ValueError(f"temperature = {_shown(temperature)}: must be a finite number >= 0")
+        raise ValueError(f"temperature = {short_repr(temperature)}: must be a finite number >= 0")
     if temperature < 0:
         raise ValueError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
     if not _is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k = {_shown(top_k)}: must be an integer >= 0 (0 = no limit)")
+        raise ValueError(f"top_k = {short_repr(top_k)}: must be an integer >= 0 (0 = no limit)")
     if not (_is_real(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"top_p = {_shown(top_p)}: must be in (0, 1] (1 = no limit)")
+        raise ValueError(f"top_p = {short_repr(top_p)}: must be in (0, 1] (1 = no limit)")
     if not _is_int(max_tokens) or not 0 <= max_tokens <= MAX_TOKENS:
         raise ValueError(
-            f"max_tokens = {_shown(max_tokens)}: must be an integer in [0, {MAX_TOKENS}]"
+            f"max_tokens = {short_repr(max_tokens)}: must be an integer in [0, {MAX_TOKENS}]"
         )
     if not _is_int(num_samples) or not 1 <= num_samples <= MAX_SAMPLES:
         raise ValueError(
-            f"num_samples = {_shown(num_samples)}: must be an integer in [1, {MAX_SAMPLES}]"
+            f"num_samples = {short_repr(num_samples)}: must be an integer in [1, {MAX_SAMPLES}]"
         )
     if seed is not None and (not _is_int(seed) or seed < 0):
-        raise ValueError(f"seed = {_shown(seed)}: must be an integer >= 0 or None")
+        raise ValueError(f"seed = {short_repr(seed)}: must be an integer >= 0 or None")
 
 
 def _draw(cdf: list[float], target: float, p: np.ndarray) -> int:
@@ -326,29 +322,6 @@ def sample_next(
     return choice
 
 
-def as_token_ids(stream: Iterable[int] | np.ndarray, vocab_size: int) -> np.ndarray:
-    """`stream` as a 1-D int64 array of ids in [0, vocab_size); ValueError saying what is wrong.
-
-    Floats are refused rather than truncated: 1.7 is no token id.
-    """
-    try:
-        ids = np.asarray(stream if isinstance(stream, np.ndarray) else list(stream))
-    except (TypeError, ValueError) as err:  # not iterable, ragged nesting
-        raise ValueError(
-            f"stream = {_shown(stream)}: expected a sequence of token ids ({err})"
-        ) from None
-    if ids.ndim != 1:
-        raise ValueError(f"stream: expected one sequence of token ids, got shape {ids.shape}")
-    if ids.size == 0:
-        raise ValueError("nothing to score: the stream is empty")
-    if ids.dtype.kind not in "iu":
-        raise ValueError(f"stream: token ids must be integers, got dtype {ids.dtype}")
-    low, high = ids.min(), ids.max()
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"stream: token ids must lie in [0, {vocab_size}), got {low}..{high}")
-    return ids.astype(np.int64, copy=False)
-
-
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """-log softmax(logits)[target] per position, float64; logits (n, vocab), targets (n,)."""
     x = logits.astype(np.float64)
@@ -375,7 +348,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     if threads is not None:
         if not _is_int(threads) or not 1 <= threads <= MAX_THREADS:
             raise ValueError(
-                f"threads = {_shown(threads)}: must be an integer in [1, {MAX_THREADS}] "
+                f"threads = {short_repr(threads)}: must be an integer in [1, {MAX_THREADS}] "
                 "(None: onnxruntime decides)"
             )
         options.intra_op_num_threads = threads
@@ -547,7 +520,7 @@ class LanguageModel:
         ids, unknown = self.encode_words(tokens)
         if unknown:
             distinct = list(dict.fromkeys(unknown))
-            shown = ", ".join(_shown(w, 40) for w in distinct[:_UNKNOWN_SHOWN])
+            shown = ", ".join(short_repr(w, 40) for w in distinct[:_UNKNOWN_SHOWN])
             if len(distinct) > _UNKNOWN_SHOWN:
                 shown += f" and {len(distinct) - _UNKNOWN_SHOWN} more"
             log.warning(
@@ -620,7 +593,7 @@ class LanguageModel:
     def score_ids(self, stream: Iterable[int] | np.ndarray, window: int = WINDOW) -> ScoreResult:
         """NLL and perplexity of a whole token stream, state carried from start to end.
 
-        Same convention as training's evaluation (`datamodule.lm_pairs`): the input starts
+        Same convention as training's evaluation (`streams.lm_pairs`): the input starts
         with `<eos>` and every token of `stream` is predicted.
         """
         nll = self.token_nlls(stream, window)
@@ -628,10 +601,10 @@ class LanguageModel:
 
     def token_nlls(self, stream: Iterable[int] | np.ndarray, window: int = WINDOW) -> np.ndarray:
         """-log p(token | everything before it) for each token of `stream`, float64."""
-        stream = as_token_ids(stream, self.vocab_size)
+        stream = check_token_ids(stream, self.vocab_size)
         if not _is_int(window) or window < 1:
-            raise ValueError(f"window = {_shown(window)}: must be an integer >= 1")
-        inputs = np.concatenate([[EOS_ID], stream[:-1]]).astype(np.int64)
+            raise ValueError(f"window = {short_repr(window)}: must be an integer >= 1")
+        inputs, _ = lm_pairs(stream)
         nll = np.empty(len(stream), dtype=np.float64)
         state = self.initial_state(1)
         for start in range(0, len(stream), window):

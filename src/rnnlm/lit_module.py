@@ -10,6 +10,7 @@ paths.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rnnlm.config import TrainParams
 from rnnlm.model import RNNLM, RNNLMConfig, State, detach_state
 
 
@@ -24,13 +26,13 @@ class LitRNNLM(pl.LightningModule):
     def __init__(
         self,
         model: dict[str, Any],
-        optimizer: str = "adamw",
-        lr: float = 2e-3,
-        weight_decay: float = 0.0,
-        lr_factor: float = 0.5,
-        lr_patience: int = 0,
-        lr_threshold: float = 1e-4,
-        min_lr: float = 1e-5,
+        optimizer: str,
+        lr: float,
+        weight_decay: float,
+        lr_factor: float,
+        lr_patience: int,
+        lr_threshold: float,
+        min_lr: float,
     ) -> None:
         super().__init__()
         # Plain dicts and numbers only, so checkpoints load with torch.load(weights_only=True).
@@ -40,9 +42,19 @@ class LitRNNLM(pl.LightningModule):
         self._nll_sum: dict[str, Tensor] = {}
         self._token_count: dict[str, Tensor] = {}
 
-    @property
-    def config(self) -> RNNLMConfig:
-        return self.net.config
+    @classmethod
+    def of(cls, config: RNNLMConfig, t: TrainParams) -> LitRNNLM:
+        """The module for network `config`, optimised as the `train` params say."""
+        return cls(
+            model=asdict(config),
+            optimizer=t.optimizer,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            lr_factor=t.lr_factor,
+            lr_patience=t.lr_patience,
+            lr_threshold=t.lr_threshold,
+            min_lr=t.min_lr,
+        )
 
     def forward(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         return self.net(ids, state)

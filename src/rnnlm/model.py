@@ -11,26 +11,36 @@ evaluation, ONNX export and incremental generation share this one code path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
+from rnnlm.config import Cell, ModelParams
+
 State = tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
 class RNNLMConfig:
+    """The network's shape: params.yaml's `model` section and the vocabulary size.
+
+    Stored as a plain dict in checkpoints (LitRNNLM's hyperparameters) and in the ONNX
+    metadata; every field is required, the values come from params.yaml.
+    """
+
     vocab_size: int
-    cell: Cell = "lstm"
-    embedding_dim: int = 256
-    hidden_dim: int = 256
-    num_layers: int = 1
-    dropout: float = 0.5  # on the recurrent layers' outputs (and between layers)
-    embedding_dropout: float = 0.1  # on the embeddings fed to the first layer
-    tie_weights: bool = True
+    cell: Cell
+    embedding_dim: int
+    hidden_dim: int
+    num_layers: int
+    dropout: float  # on the recurrent layers' outputs (and between layers)
+    embedding_dropout: float  # on the embeddings fed to the first layer
+    tie_weights: bool
+
+    @classmethod
+    def of(cls, model: ModelParams, vocab_size: int) -> RNNLMConfig:
+        return cls(vocab_size=vocab_size, **asdict(model))
 
 
 def state_names(cell: Cell) -> tuple[str, ...]:

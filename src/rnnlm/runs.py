@@ -133,10 +133,18 @@ def run_command(args: argparse.Namespace) -> str:
     from pathlib import Path
 
     from rnnlm import tracking
-    from rnnlm.config import MlflowParams, load_params
+    from rnnlm.config import ConfigError, MlflowParams, load_params
 
     params_path = Path(args.params)
-    ml = load_params(params_path).mlflow if params_path.exists() else MlflowParams()
+    if params_path.exists():
+        ml = load_params(params_path).mlflow
+    elif args.experiment:  # outside a project: the store comes from MLFLOW_TRACKING_URI
+        ml = MlflowParams(experiment_name=args.experiment, tracking_uri=None)
+    else:
+        raise ConfigError(
+            f"{params_path}: parameters file not found: run from the project root, or pass "
+            "--params FILE or --experiment NAME"
+        )
     if args.experiment:
         ml = dataclasses.replace(ml, experiment_name=args.experiment)
     runs = tracking.search_runs(ml, max_results=args.limit)

@@ -21,20 +21,17 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from rnnlm.config import ConfigError, Paths, TokenizeParams, load_params, stage_argparser
+from rnnlm.config import SPLITS, Params, Paths, TokenizeParams
+from rnnlm.errors import RnnlmError
 from rnnlm.files import (
-    configure_logging,
-    describe_os_error,
     save_npy_atomic,
     staged_files,
     write_json_atomic,
 )
+from rnnlm.stage import stage_main
+from rnnlm.streams import split_stats
 from rnnlm.text import (
-    EOS_ID,
     SPECIAL_TOKENS,
-    UNK_ID,
     TextTokenizer,
     decode_document,
     encode,
@@ -45,7 +42,6 @@ from rnnlm.text import (
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 # Every file the stage writes into processed_dir (dvc.yaml declares the same list).
 OUTPUTS = (
     "vocab.json",
@@ -58,7 +54,7 @@ OUTPUTS = (
 NON_DOCUMENTS = frozenset({"README", "README.txt", "LICENSE", "LICENSE.txt", "CONTENTS"})
 
 
-class TokenizeError(RuntimeError):
+class TokenizeError(RnnlmError):
     """The raw corpus cannot be tokenized (missing, empty, or too small to split)."""
 
 
@@ -106,19 +102,6 @@ def build_vocab(counts: Counter[str], min_freq: int, max_size: int) -> list[str]
     words = [w for w, c in counts.items() if c >= min_freq and w not in SPECIAL_TOKENS]
     words.sort(key=lambda w: (-counts[w], w))
     return [*SPECIAL_TOKENS, *words[: max_size - len(SPECIAL_TOKENS)]]
-
-
-def split_stats(ids: np.ndarray, n_docs: int, eos_id: int = EOS_ID) -> dict[str, float | int]:
-    """Counts and OOV rate (share of word tokens, EOS excluded, that map to `<unk>`)."""
-    n_sentences = int(np.count_nonzero(ids == eos_id))
-    n_words = len(ids) - n_sentences
-    n_unk = int(np.count_nonzero(ids == UNK_ID))
-    return {
-        "documents": n_docs,
-        "sentences": n_sentences,
-        "tokens": len(ids),
-        "oov_rate": round(n_unk / n_words, 6) if n_words else 0.0,
-    }
 
 
 def tokenize_documents(
@@ -175,18 +158,12 @@ def run(p: TokenizeParams, paths: Paths, corpus_name: str) -> dict[str, object]:
     return stats
 
 
+def run_from_params(params: Params) -> dict[str, object]:
+    return run(params.tokenize, params.paths, params.corpus.name)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = stage_argparser(__doc__.splitlines()[0]).parse_args(argv)
-    configure_logging()
-    try:
-        params = load_params(args.params)
-        run(params.tokenize, params.paths, params.corpus.name)
-    except (ConfigError, TokenizeError) as err:
-        log.error("%s", err)
-        raise SystemExit(1) from None
-    except OSError as err:  # an unreadable corpus, a full disk, an unwritable folder
-        log.error("%s", describe_os_error(err))
-        raise SystemExit(1) from None
+    stage_main(__doc__, lambda params, args: run_from_params(params), argv)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ copy of the repository under `.dvc/tmp/exps/` still log to the project's own sto
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -21,9 +19,10 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rnnlm.config import MlflowParams
+from rnnlm.errors import RnnlmError
 from rnnlm.files import read_json
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ VERSION_TAGS_FROM_RUN = ("corpus", "cell")
 DATABASE_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "databricks"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(RnnlmError):
     """The tracking store cannot be reached or used."""
 
 
@@ -143,7 +142,7 @@ def _client(uri: str):  # -> mlflow.MlflowClient
 
 
 @contextlib.contextmanager
-def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Point mlflow's fluent API at `uri` for the block only.
 
     mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which every later subprocess and
@@ -202,30 +201,39 @@ def dvc_experiment_tags() -> dict[str, str]:
     return {tag: os.environ[env] for env, tag in names.items() if os.environ.get(env)}
 
 
+class Spooler(Protocol):
+    """Where a run's records go while its store is unreachable (`rnnlm.spool.Spool`)."""
+
+    def file(self, run_id: str) -> Path: ...
+
+    def write(self, uri: str, run_id: str, record: dict[str, Any]) -> None: ...
+
+    def summary(self) -> str: ...
+
+
 @dataclass
 class TrackedRun:
     """A run in the tracking store; the handle stages log through.
 
-    With `spool_dir` set (the train stage), losing the store does not stop the stage: the
-    first failed call switches the handle offline, and from then on every record (metrics,
-    tags, params, artifacts, the final status) goes to `<spool_dir>/<run_id>.jsonl` instead,
-    for `rnnlm relog` to send once the store is back. Without it, a failure raises TrackingError.
+    With a `spool` (the train stage), losing the store does not stop the stage: the first
+    failed call switches the handle offline, and from then on every record (metrics, tags,
+    params, artifacts, the final status) goes to the spool instead, for `rnnlm relog` to send
+    once the store is back. Without one, a failure raises TrackingError.
     """
 
     uri: str
     run_id: str
     experiment_id: str
-    spool_dir: Path | None = None
+    spool: Spooler | None = None
     offline_error: str | None = field(default=None, init=False)
-    unsent: list[dict[str, Any]] = field(default_factory=list, init=False)
 
     @property
-    def client(self):  # -> mlflow.MlflowClient
+    def client(self) -> Any:  # an mlflow.MlflowClient
         return _client(self.uri)
 
     @property
     def spool_file(self) -> Path | None:
-        return self.spool_dir / f"{self.run_id}.jsonl" if self.spool_dir else None
+        return self.spool.file(self.run_id) if self.spool else None
 
     def _deliver(self, record: dict[str, Any], send: Callable[[], object]) -> None:
         """Send now, or keep `record` for later when the store is (or just went) unreachable."""
@@ -235,11 +243,12 @@ class TrackedRun:
                 return
             except Exception as err:  # MLflow raises many types; all mean "not logged"
                 self.go_offline(err)
-        self._spool(record)
+        assert self.spool is not None  # go_offline raised otherwise
+        self.spool.write(self.uri, self.run_id, record)
 
     def go_offline(self, err: Exception) -> None:
         """Stop calling the store (each failed call costs its retries); spool from now on."""
-        if self.spool_file is None:
+        if self.spool is None:
             raise TrackingError(f"MLflow tracking store {self.uri}: {err}") from err
         first_line = str(err).splitlines()[0][:300] if str(err) else ""
         self.offline_error = f"{type(err).__name__}: {first_line}"
@@ -251,32 +260,18 @@ class TrackedRun:
             self.spool_file,
         )
 
-    def _spool(self, record: dict[str, Any]) -> None:
-        assert self.spool_file is not None
-        if record["kind"] == "artifact":  # keep a copy: the file may be a temporary one
-            folder = self.spool_file.with_suffix("") / (record["artifact_path"] or "")
-            folder.mkdir(parents=True, exist_ok=True)
-            copy = folder / Path(record["path"]).name
-            shutil.copyfile(record["path"], copy)
-            record = {**record, "path": str(copy)}
-        self.spool_file.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"uri": self.uri, "run_id": self.run_id, **record})
-        with self.spool_file.open("a", encoding="utf-8") as f:  # a line per record: a crash
-            f.write(line + "\n")  # mid-write loses at most that record
-        self.unsent.append(record)
-
     def log_params(self, params: Mapping[str, Any]) -> None:
         values = {k: str(v)[:6000] for k, v in params.items()}
-        self._deliver({"kind": "params", "params": values}, lambda: _send_params(self, values))
+        self._deliver({"kind": "params", "params": values}, lambda: send_params(self, values))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         values = {k: str(v) for k, v in tags.items()}
-        self._deliver({"kind": "tags", "tags": values}, lambda: _send_tags(self, values))
+        self._deliver({"kind": "tags", "tags": values}, lambda: send_tags(self, values))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         items = [[k, float(v), now, int(step)] for k, v in metrics.items()]
-        self._deliver({"kind": "metrics", "metrics": items}, lambda: _send_metrics(self, items))
+        self._deliver({"kind": "metrics", "metrics": items}, lambda: send_metrics(self, items))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         record = {"kind": "artifact", "path": str(path), "artifact_path": artifact_path}
@@ -286,75 +281,11 @@ class TrackedRun:
 
     def set_status(self, status: str) -> None:
         """RUNNING, FINISHED, FAILED or KILLED."""
-        self._deliver({"kind": "status", "status": status}, lambda: _send_status(self, status))
+        self._deliver({"kind": "status", "status": status}, lambda: send_status(self, status))
 
     def unsent_summary(self) -> str:
         """What was not logged, for the stage's closing warning."""
-        steps: dict[str, list[int]] = {}
-        counts: dict[str, int] = {}
-        for record in self.unsent:
-            if record["kind"] == "metrics":
-                for key, _, _, step in record["metrics"]:
-                    steps.setdefault(key, []).append(step)
-            else:
-                counts[record["kind"]] = counts.get(record["kind"], 0) + 1
-        parts = [
-            f"{key} ({len(s)} values, steps {min(s)}-{max(s)})" for key, s in sorted(steps.items())
-        ]
-        parts += [f"{n} {kind} record(s)" for kind, n in sorted(counts.items())]
-        return "; ".join(parts)
-
-    def lightning_logger(self, skip_logged: bool = False):  # -> MLFlowLogger
-        """Lightning's MLflow logger bound to this run (per-step and per-epoch metrics).
-
-        `skip_logged` (a resumed run): values at steps the run already has are dropped, so a
-        segment replayed after a SIGKILL does not log its metrics twice. Logging goes through
-        this handle when the store is lost, so training never stops for it.
-        """
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        tracked = self
-
-        class _RunLogger(MLFlowLogger):
-            def __init__(self, logged_until: dict[str, int], **kwargs: Any) -> None:
-                super().__init__(**kwargs)
-                self.logged_until = logged_until
-
-            @property
-            def experiment(self):  # -> MlflowClient
-                if self._initialized:
-                    return self._mlflow_client
-                # Lightning calls mlflow.set_tracking_uri here: keep it from leaking.
-                with _fluent_tracking_uri(self._tracking_uri):
-                    return MLFlowLogger.experiment.fget(self)
-
-            def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-                if step is not None:
-                    metrics = {
-                        k: v for k, v in metrics.items() if step > self.logged_until.get(k, -1)
-                    }
-                if not metrics:
-                    return
-                if tracked.offline_error is None:
-                    try:
-                        super().log_metrics(metrics, step)
-                        return
-                    except Exception as err:
-                        tracked.go_offline(err)
-                tracked.log_metrics(metrics, step or 0)  # offline now: spooled
-
-            def finalize(self, status: str = "success") -> None:
-                if tracked.offline_error is None:
-                    try:
-                        super().finalize(status)
-                        return
-                    except Exception as err:
-                        tracked.go_offline(err)
-                states = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}
-                tracked.set_status(states.get(status, status.upper()))
-
-        logged_until = self.last_logged_steps() if skip_logged else {}
-        return _RunLogger(logged_until, tracking_uri=self.uri, run_id=self.run_id, log_model=False)
+        return self.spool.summary() if self.spool else ""
 
     def last_logged_steps(self) -> dict[str, int]:
         """Metric key -> the highest step the run has a value for."""
@@ -366,7 +297,7 @@ class TrackedRun:
         }
 
 
-def _send_params(tracked: TrackedRun, params: Mapping[str, str]) -> None:
+def send_params(tracked: TrackedRun, params: Mapping[str, str]) -> None:
     from mlflow.entities import Param
 
     items = [Param(k, v) for k, v in params.items()]
@@ -374,13 +305,13 @@ def _send_params(tracked: TrackedRun, params: Mapping[str, str]) -> None:
         tracked.client.log_batch(tracked.run_id, params=items[i : i + 100])
 
 
-def _send_tags(tracked: TrackedRun, tags: Mapping[str, str]) -> None:
+def send_tags(tracked: TrackedRun, tags: Mapping[str, str]) -> None:
     from mlflow.entities import RunTag
 
     tracked.client.log_batch(tracked.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def _send_metrics(tracked: TrackedRun, items: Sequence[Sequence[Any]]) -> None:
+def send_metrics(tracked: TrackedRun, items: Sequence[Sequence[Any]]) -> None:
     from mlflow.entities import Metric
 
     metrics = [Metric(k, v, ts, step) for k, v, ts, step in items]
@@ -388,60 +319,20 @@ def _send_metrics(tracked: TrackedRun, items: Sequence[Sequence[Any]]) -> None:
         tracked.client.log_batch(tracked.run_id, metrics=metrics[i : i + 1000])
 
 
-def _send_status(tracked: TrackedRun, status: str) -> None:
+def send_status(tracked: TrackedRun, status: str) -> None:
     if status == "RUNNING":
         tracked.client.update_run(tracked.run_id, status=status)
     else:  # a terminal status also sets the run's end time
         tracked.client.set_terminated(tracked.run_id, status)
 
 
-def unsent_dir(root: Path | None = None) -> Path:
-    """Where a train stage keeps what it could not log (git-ignored, beside the local store)."""
-    return (root or project_root()) / "mlruns" / "unsent"
+def start_run(
+    ml: MlflowParams, run_name: str, tags: Mapping[str, str], spool: Spooler | None = None
+) -> TrackedRun:
+    """Create a run in the experiment (created if missing) and return its handle.
 
-
-def relog_unsent(uri_override: str | None = None, root: Path | None = None) -> list[str]:
-    """Send every spooled record to its run; return one line per spool file sent.
-
-    Each file is replayed in order (params, tags, metrics with their original steps and
-    timestamps, artifacts, the final status) and deleted once all of it is in the store.
+    With a `spool`, the handle keeps what it cannot log once the store goes away.
     """
-    done = []
-    for spool in sorted(unsent_dir(root).glob("*.jsonl")):
-        lines = [json.loads(line) for line in spool.read_text(encoding="utf-8").splitlines()]
-        if not lines:
-            spool.unlink()
-            continue
-        uri = uri_override or os.environ.get("MLFLOW_TRACKING_URI") or lines[0]["uri"]
-        check_tracking_uri(uri)
-        tracked = TrackedRun(uri=uri, run_id=lines[0]["run_id"], experiment_id="")
-        try:
-            tracked.client.get_run(tracked.run_id)
-        except Exception as err:
-            raise TrackingError(
-                f"{spool}: run {tracked.run_id} is not in {uri} ({err}); set "
-                "MLFLOW_TRACKING_URI to the store the run was created in"
-            ) from None
-        for record in lines:
-            kind = record["kind"]
-            if kind == "params":
-                _send_params(tracked, record["params"])
-            elif kind == "tags":
-                _send_tags(tracked, record["tags"])
-            elif kind == "metrics":
-                _send_metrics(tracked, record["metrics"])
-            elif kind == "artifact":
-                tracked.client.log_artifact(tracked.run_id, record["path"], record["artifact_path"])
-            elif kind == "status":
-                _send_status(tracked, record["status"])
-        shutil.rmtree(spool.with_suffix(""), ignore_errors=True)
-        spool.unlink()
-        done.append(f"run {tracked.run_id}: {len(lines)} records sent to {uri}")
-    return done
-
-
-def start_run(ml: MlflowParams, run_name: str, tags: Mapping[str, str]) -> TrackedRun:
-    """Create a run in the experiment (created if missing) and return its handle."""
     root = project_root()
     uri = resolve_tracking_uri(ml, root)
     check_tracking_uri(uri)
@@ -473,7 +364,7 @@ def start_run(ml: MlflowParams, run_name: str, tags: Mapping[str, str]) -> Track
             raise
         raise TrackingError(f"MLflow tracking store {uri}: {err}") from err
     log.info("MLflow run %s in experiment %r at %s", run.info.run_id, ml.experiment_name, uri)
-    return TrackedRun(uri=uri, run_id=run.info.run_id, experiment_id=experiment_id)
+    return TrackedRun(uri=uri, run_id=run.info.run_id, experiment_id=experiment_id, spool=spool)
 
 
 def read_run_id(record: Path) -> str:
@@ -504,8 +395,12 @@ def attach_run(ml: MlflowParams, run_id: str) -> TrackedRun:
     return TrackedRun(uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)
 
 
-def resume_run(ml: MlflowParams, run_id: str) -> TrackedRun | None:
-    """The run an interrupted training logged to, set RUNNING again; None if the store lacks it."""
+def resume_run(ml: MlflowParams, run_id: str, spool: Spooler | None = None) -> TrackedRun | None:
+    """The run an interrupted training logged to, set RUNNING again; None if the store lacks it.
+
+    Setting it RUNNING must reach the store (a TrackingError otherwise); from then on the
+    handle spools what it cannot log, as a new run's does.
+    """
     uri = resolve_tracking_uri(ml)
     check_tracking_uri(uri)
     client = _client(uri)
@@ -519,6 +414,7 @@ def resume_run(ml: MlflowParams, run_id: str) -> TrackedRun | None:
     resumes = int(run.data.tags.get("rnnlm.resumes", "0")) + 1
     tracked.set_tags({"rnnlm.resumes": str(resumes)})
     log.info("MLflow run %s continued (resume %d) at %s", run_id, resumes, uri)
+    tracked = TrackedRun(uri=uri, run_id=run_id, experiment_id=tracked.experiment_id, spool=spool)
     return tracked
 
 
@@ -558,7 +454,7 @@ def log_onnx_model(
 
         _client(tracked.uri)  # the retry settings
         # The fluent API (start_run, log_model, register_model) reads a process-wide URI.
-        with _fluent_tracking_uri(tracked.uri):
+        with fluent_tracking_uri(tracked.uri):
             model = onnx.load(str(model_path))
             with mlflow.start_run(run_id=tracked.run_id):
                 info = mlflow.onnx.log_model(

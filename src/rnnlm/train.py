@@ -14,6 +14,7 @@ Run via `dvc repro train`, or directly: `python -m rnnlm.train [--params params.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
@@ -22,41 +23,40 @@ import math
 import os
 import shutil
 import sys
-import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from rnnlm import resume, tracking
+from rnnlm.callbacks import EpochSummary, ProgressLog, Resumable, RunLogger
 from rnnlm.config import (
     SPLITS,
-    ConfigError,
     MlflowParams,
     ModelParams,
     Params,
     Paths,
     TrainParams,
     as_flat_dict,
-    load_params,
-    stage_argparser,
 )
 from rnnlm.datamodule import CorpusDataModule
+from rnnlm.errors import RnnlmError
 from rnnlm.files import (
-    configure_logging,
-    describe_os_error,
     md5_file,
     staged_files,
     write_json_atomic,
     write_text_atomic,
 )
 from rnnlm.lit_module import LitRNNLM
+from rnnlm.model import RNNLMConfig
+from rnnlm.spool import Spool, unsent_dir
+from rnnlm.stage import stage_main
 
 log = logging.getLogger(__name__)
 
@@ -68,170 +68,8 @@ def processed_files(paths: Paths) -> list[Path]:
     return [paths.vocab, paths.tokenizer, *(paths.split_ids(split) for split in SPLITS)]
 
 
-class TrainError(RuntimeError):
+class TrainError(RnnlmError):
     """Training cannot start or its outputs cannot be written."""
-
-
-class EpochSummary(pl.Callback):
-    """Per-epoch training time, throughput and mean loss; the curve rows; a one-line log.
-
-    Training time stops when validation starts, so throughput is training alone. Logs
-    `train/epoch_time_s`, `train/tokens_per_s` and `train/epoch_loss` once per epoch. Under DDP
-    tokens and loss are summed over the processes: tokens/s is that of the whole job.
-    """
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-        self._start = 0.0
-        self._seconds: float | None = None
-        self._tokens = 0
-        self._loss_sum: torch.Tensor | float = 0.0
-        self._epoch: dict[str, float] = {}
-        self._restore = True
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._start, self._seconds, self._tokens, self._loss_sum = time.perf_counter(), None, 0, 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        """The curve so far and, mid-epoch, the epoch's progress (checkpointed for a resume)."""
-        in_training = self._seconds is None and self._tokens > 0
-        progress = {
-            "seconds": time.perf_counter() - self._start,
-            "tokens": self._tokens,
-            "loss_sum": float(self._loss_sum),
-        }
-        return {"rows": list(self.rows), "epoch_progress": progress if in_training else None}
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Lightning restores callbacks for trainer.test(ckpt_path=best) too: only a resumed fit
-        # takes the saved curve, or testing would cut the curve back to the best epoch.
-        self._restore = trainer.state.fn == TrainerFn.FITTING
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self._restore:
-            return
-        self.rows = list(state_dict.get("rows", []))
-        # Lightning continues an interrupted epoch without calling on_train_epoch_start again.
-        if progress := state_dict.get("epoch_progress"):
-            self._start = time.perf_counter() - progress["seconds"]
-            self._seconds, self._tokens = None, int(progress["tokens"])
-            self._loss_sum = float(progress["loss_sum"])
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, idx: int
-    ) -> None:
-        n = batch[1].numel()
-        self._tokens += n
-        # Kept as a tensor: calling .item() here would force a device sync every step.
-        self._loss_sum = self._loss_sum + outputs["loss"].detach() * n
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and self._seconds is None:
-            self._seconds = time.perf_counter() - self._start
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        # Logged here, not at train-epoch end, so they go out in the same logger call as the
-        # validation metrics: one write per epoch and no key logged twice at one step.
-        if trainer.state.fn != TrainerFn.FITTING or self._seconds is None or not self._tokens:
-            return
-        # Every process trained its own rows (as many windows each, so all of them get here).
-        local = [float(self._loss_sum), float(self._tokens)]
-        totals = torch.tensor(local, dtype=torch.float64, device=module.device)
-        loss_sum, tokens = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
-        self._epoch = {
-            "train_loss": loss_sum / tokens,
-            "epoch_time_s": self._seconds,
-            "tokens_per_s": tokens / max(self._seconds, 1e-9),
-        }
-        module.log("train/epoch_loss", self._epoch["train_loss"])
-        module.log("train/epoch_time_s", self._epoch["epoch_time_s"])
-        module.log("train/tokens_per_s", self._epoch["tokens_per_s"])
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        # Validation has run by now, so its metrics are in callback_metrics.
-        metrics = trainer.callback_metrics
-        if not self._epoch or "val/loss" not in metrics:
-            return
-        row = {
-            "epoch": trainer.current_epoch,
-            **self._epoch,
-            "val_loss": float(metrics["val/loss"]),
-            "val_ppl": float(metrics["val/ppl"]),
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
-        }
-        self.rows.append(row)
-        self._epoch = {}
-        log.info(
-            "epoch %d: train loss %.3f, val ppl %.2f, lr %.2g, %.0fs, %.0f tokens/s",
-            row["epoch"],
-            row["train_loss"],
-            row["val_ppl"],
-            row["lr"],
-            row["epoch_time_s"],
-            row["tokens_per_s"],
-        )
-
-
-class ProgressLog(pl.Callback):
-    """A progress line every `every_s` seconds of training, for logs without a terminal.
-
-    Lightning's progress bar needs a TTY: under CI, `dvc queue`, nohup or `make repro > log`
-    an epoch of several minutes would otherwise pass without a line. Each line gives the epoch,
-    the step within it, tokens/s since the epoch started, the latest loss and the epoch's ETA.
-    Throughput is this process's (the epoch summary gives the whole job's under DDP).
-    """
-
-    def __init__(self, every_s: float, clock: Any = time.monotonic) -> None:
-        self.every_s = every_s
-        self._clock = clock
-        self._epoch_start = 0.0
-        self._last = 0.0
-        self._tokens = 0
-        self._first_batch = 0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._epoch_start = self._last = self._clock()
-        self._tokens = 0
-        self._first_batch = -1  # set at the first batch: a resumed epoch starts mid-way
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, idx: int
-    ) -> None:
-        if self._first_batch < 0:
-            self._first_batch = idx
-        self._tokens += batch[1].numel()
-        now = self._clock()
-        if now - self._last < self.every_s:
-            return
-        self._last = now
-        done, total = idx + 1, trainer.num_training_batches
-        elapsed = max(now - self._epoch_start, 1e-9)
-        batches_done = done - self._first_batch
-        eta = elapsed / batches_done * (total - done) if isinstance(total, int) else math.nan
-        log.info(
-            "epoch %d: step %d/%s (%.0f%%), %.0f tokens/s, loss %.3f, epoch ETA %s",
-            trainer.current_epoch,
-            done,
-            total,
-            100.0 * done / total if isinstance(total, int) and total else math.nan,
-            self._tokens / elapsed,
-            float(outputs["loss"]),
-            format_duration(eta),
-        )
-
-
-def format_duration(seconds: float) -> str:
-    """12 s, 4 min 05 s, 2 h 03 min; '?' when unknown."""
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def curve_csv(rows: list[dict[str, float]]) -> str:
@@ -265,6 +103,11 @@ def plot_curve(rows: list[dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def is_interactive() -> bool:
+    """A person watches a terminal: Lightning's progress bar and summaries, not log lines."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
 
 
 def is_global_zero() -> bool:
@@ -305,9 +148,9 @@ def build_trainer(
     checkpoint_dir: Path,
     logger: Any,
     summary: EpochSummary,
-    resumable: resume.Resumable | None = None,
+    resumable: Resumable | None = None,
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
-    interactive = sys.stderr.isatty() and not os.environ.get("CI")
+    interactive = is_interactive()
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir,  # explicit: Lightning cannot derive one from a SQLite logger
         filename="best",
@@ -387,6 +230,26 @@ def quiet_lightning(interactive: bool) -> None:
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
+@dataclass
+class Session:
+    """One training, set up: what fitting, testing and finishing need.
+
+    `tracked` (the MLflow run) exists in the process of global rank 0 only: that is decided
+    once, before Lightning starts its processes, and decides who writes outputs and logs.
+    """
+
+    t: TrainParams
+    paths: Paths
+    datamodule: CorpusDataModule
+    module: LitRNNLM
+    trainer: pl.Trainer
+    checkpoint: ModelCheckpoint
+    summary: EpochSummary
+    resumable: Resumable
+    point: resume.ResumePoint | None
+    tracked: tracking.TrackedRun | None
+
+
 def run(
     model_p: ModelParams,
     train_p: TrainParams,
@@ -396,103 +259,134 @@ def run(
     params_file: Path | None = None,
     extra_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train, test the best checkpoint, write outputs, track the run; return the final metrics."""
+    """Train, test the best checkpoint, write outputs, track the run; return the final metrics
+    (train.json's, with train_run.json's run id and accelerator); {} in the other processes."""
+    session = set_up(model_p, train_p, ml, paths, corpus_name, extra_params)
+    test_metrics = fit_and_test(session)
+    if session.tracked is None:
+        return {}
+    metrics, record = final_metrics(session, session.tracked, test_metrics)
+    finish(session, session.tracked, metrics, record, params_file)
+    return {**metrics, **record}
+
+
+def set_up(
+    model_p: ModelParams,
+    train_p: TrainParams,
+    ml: MlflowParams,
+    paths: Paths,
+    corpus_name: str,
+    extra_params: dict[str, Any] | None,
+) -> Session:
+    """Check the inputs, seed, build data and model, find a resume point, start the run and
+    the Trainer. The run starts before any file is written: an unusable store fails here."""
     check_inputs(paths)
     t = train_p.for_cell(model_p.cell)
     check_launcher_world(t)
-    quiet_lightning(sys.stderr.isatty() and not os.environ.get("CI"))
+    rank_zero = is_global_zero()
+    quiet_lightning(is_interactive())
     pl.seed_everything(t.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
 
-    datamodule = CorpusDataModule(
-        paths.processed_dir, t.batch_size, t.bptt, t.eval_batch_size, t.eval_bptt
-    )
-    model_config = {"vocab_size": datamodule.vocab_size, **as_flat_dict(model_p)}
-    module = LitRNNLM(
-        model=model_config,
-        optimizer=t.optimizer,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        lr_factor=t.lr_factor,
-        lr_patience=t.lr_patience,
-        lr_threshold=t.lr_threshold,
-        min_lr=t.min_lr,
-    )
-
+    datamodule = CorpusDataModule(paths, t.batch_size, t.bptt, t.eval_batch_size, t.eval_bptt)
+    module = LitRNNLM.of(RNNLMConfig.of(model_p, datamodule.vocab_size), t)
     md5 = data_md5(paths)
-    checkpoint_dir = paths.checkpoints_dir
     fingerprint = resume.fingerprint(model_p, t, md5)
-    point = resume.find_resume_point(checkpoint_dir, fingerprint, t.resume, is_global_zero())
-
-    # The run is created before any file is written: an unreachable store fails fast here.
+    point = resume.find_resume_point(paths.checkpoints_dir, fingerprint, t.resume, rank_zero)
     tracked = None
-    if is_global_zero():
+    if rank_zero:
         tracked = tracking_run(
             model_p, t, ml, corpus_name, md5, point, datamodule.vocab_size, extra_params
         )
-    logger = tracked.lightning_logger(skip_logged=point is not None) if tracked else False
-
     summary = EpochSummary()
-    resumable = resume.Resumable(
-        datamodule, checkpoint_dir, fingerprint, tracked.run_id if tracked else None
+    resumable = Resumable(
+        datamodule, paths.checkpoints_dir, fingerprint, tracked.run_id if tracked else None
     )
     try:
-        trainer, checkpoint = build_trainer(t, checkpoint_dir, logger, summary, resumable)
-    except BaseException:
+        logger = RunLogger(tracked, skip_logged=point is not None) if tracked else False
+        trainer, checkpoint = build_trainer(t, paths.checkpoints_dir, logger, summary, resumable)
+    except BaseException as err:
         if tracked is not None:  # created a moment ago: it must not stay RUNNING forever
             tracked.set_status("FAILED")
+        if isinstance(err, MisconfigurationException):  # e.g. train.devices: 4 with 2 GPUs
+            message = " ".join(str(err).split())
+            raise TrainError(f"Lightning cannot train with these train params: {message}") from None
         raise
+    return Session(
+        t, paths, datamodule, module, trainer, checkpoint, summary, resumable, point, tracked
+    )
+
+
+def fit_and_test(session: Session) -> dict[str, float]:
+    """Train (resuming from the session's point), then test the best checkpoint.
+
+    Ctrl-C or SIGTERM end it with TrainingInterrupted, the run shown as KILLED until resumed.
+    """
+    trainer, tracked = session.trainer, session.tracked
     try:
         trainer.fit(
-            module,
-            datamodule=datamodule,
-            ckpt_path=point.checkpoint if point else None,
+            session.module,
+            datamodule=session.datamodule,
+            ckpt_path=session.point.checkpoint if session.point else None,
             weights_only=True,
         )
-        best_path = checkpoint.best_model_path
+        best_path = session.checkpoint.best_model_path
         if not best_path:
             raise TrainError("training finished without a checkpoint (no validation epoch ran)")
-        test_metrics = trainer.test(
-            module, datamodule=datamodule, ckpt_path=best_path, verbose=False
+        return trainer.test(
+            session.module, datamodule=session.datamodule, ckpt_path=best_path, verbose=False
         )[0]
     except (resume.TrainingInterrupted, SIGTERMException) as err:
-        if tracked is not None:
-            # Shown as KILLED (not FAILED) until resumed; spooled if the store went away.
+        if tracked is not None:  # spooled if the store went away
             tracked.set_status("KILLED")
         if isinstance(err, resume.TrainingInterrupted):
             raise
         # Lightning's own SIGTERM handling (outside the training loop, e.g. during the test).
         raise resume.TrainingInterrupted(
-            "SIGTERM", resumable.checkpoint, trainer.current_epoch, trainer.global_step
+            "SIGTERM", session.resumable.checkpoint, trainer.current_epoch, trainer.global_step
         ) from None
-    train_time = resumable.train_seconds()
 
-    if not trainer.is_global_zero:
-        return {}
-    assert tracked is not None
-    best_row = min(summary.rows, key=lambda r: r["val_loss"])
+
+def final_metrics(
+    session: Session, tracked: tracking.TrackedRun, test_metrics: Mapping[str, float]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """train.json's numbers (the best epoch's, the test of its checkpoint, time, throughput)
+    and train_run.json's record (MLflow run, accelerator)."""
+    rows, trainer = session.summary.rows, session.trainer
+    best_row = min(rows, key=lambda r: r["val_loss"])
     metrics = {
-        "epochs": len(summary.rows),
+        "epochs": len(rows),
         "best_epoch": best_row["epoch"],
         "val_loss": round(best_row["val_loss"], 6),
         "val_ppl": round(best_row["val_ppl"], 4),
         "test_loss": round(float(test_metrics["test/loss"]), 6),
         "test_ppl": round(float(test_metrics["test/ppl"]), 4),
-        "train_time_s": round(train_time, 1),
-        "tokens_per_s": round(
-            sum(r.get("tokens_per_s", 0.0) for r in summary.rows) / len(summary.rows), 1
-        ),
+        "train_time_s": round(session.resumable.train_seconds(), 1),
+        "tokens_per_s": round(sum(r.get("tokens_per_s", 0.0) for r in rows) / len(rows), 1),
         "devices": trainer.num_devices * trainer.num_nodes,
     }
-    run_record = {
+    record = {
         "run_id": tracked.run_id,
         "experiment_id": tracked.experiment_id,
         "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
     }
-    write_outputs(paths, Path(best_path), metrics, run_record, summary.rows)
-    log_run(tracked, paths, metrics, run_record, params_file)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return metrics, record
+
+
+def finish(
+    session: Session,
+    tracked: tracking.TrackedRun,
+    metrics: dict[str, Any],
+    record: dict[str, Any],
+    params_file: Path | None,
+) -> None:
+    """Write the outputs, log them, drop the resume checkpoints, say how it went."""
+    paths = session.paths
+    best = Path(session.checkpoint.best_model_path)
+    write_outputs(paths, best, metrics, record, session.summary.rows)
+    log_run(tracked, paths, metrics, record, params_file)
+    shutil.rmtree(paths.checkpoints_dir, ignore_errors=True)
     if tracked.offline_error:
         log.warning(
             "training finished and its outputs are written, but MLflow store %s went away "
@@ -509,10 +403,9 @@ def run(
         metrics["val_ppl"],
         metrics["test_ppl"],
         metrics["epochs"],
-        train_time,
+        metrics["train_time_s"],
         tracked.run_id,
     )
-    return {**metrics, **run_record}
 
 
 def tracking_run(
@@ -525,11 +418,15 @@ def tracking_run(
     vocab_size: int,
     extra_params: dict[str, Any] | None,
 ) -> tracking.TrackedRun:
-    """The run a resumed training continues, else a new one with every param logged."""
+    """The run a resumed training continues, else a new one with every param logged.
+
+    Once it exists a lost tracking server does not stop training: its handle spools what it
+    cannot log (rnnlm.spool).
+    """
+    spool = Spool(unsent_dir())
     if point is not None and point.run_id:
-        tracked = tracking.resume_run(ml, point.run_id)
+        tracked = tracking.resume_run(ml, point.run_id, spool=spool)
         if tracked is not None:
-            tracked.spool_dir = tracking.unsent_dir()
             return tracked
     run_name = (
         os.environ.get("DVC_EXP_NAME")
@@ -538,9 +435,7 @@ def tracking_run(
     tags = run_tags(model_p, corpus_name, md5)
     if point is not None and point.run_id:
         tags["rnnlm.resumed_from_run"] = point.run_id  # that run is not in this store
-    tracked = tracking.start_run(ml, run_name, tags)
-    # From here on a lost tracking server does not stop training (see TrackedRun).
-    tracked.spool_dir = tracking.unsent_dir()
+    tracked = tracking.start_run(ml, run_name, tags, spool=spool)
     tracked.log_params(
         {
             **{f"model.{k}": v for k, v in as_flat_dict(model_p).items()},
@@ -614,37 +509,25 @@ def run_from_params(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = stage_argparser(__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-resume",
         action="store_true",
         help="start afresh even if an interrupted run left a checkpoint (as train.resume=false)",
     )
-    args = parser.parse_args(argv)
-    # The other DDP processes report their problems only, not every line a second time.
-    configure_logging(logging.INFO if is_global_zero() else logging.WARNING)
-    try:
-        run_from_params(
-            load_params(args.params), params_file=args.params, resume_allowed=not args.no_resume
-        )
-    except resume.TrainingInterrupted as err:
-        log.error("%s", err)
-        raise SystemExit(err.exit_code) from None
-    except (
-        ConfigError,
-        TrainError,
-        resume.ResumeError,
-        tracking.TrackingError,
-    ) as err:
-        log.error("%s", err)
-        raise SystemExit(1) from None
-    except OSError as err:  # disk full, unwritable models/ or metrics/
-        log.error("%s", describe_os_error(err))
-        raise SystemExit(1) from None
-    except MisconfigurationException as err:  # e.g. train.devices: 4 on a machine with 2 GPUs
-        log.error("Lightning cannot train with these train params: %s", " ".join(str(err).split()))
-        raise SystemExit(1) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(
+        __doc__,
+        lambda params, args: run_from_params(
+            params, params_file=args.params, resume_allowed=not args.no_resume
+        ),
+        argv,
+        add_arguments=add_arguments,
+        # The other DDP processes report their problems only, not every line a second time.
+        log_level=logging.INFO if is_global_zero() else logging.WARNING,
+    )
 
 
 if __name__ == "__main__":

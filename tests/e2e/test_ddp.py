@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from rnnlm import export, train
 from rnnlm.config import Params
-from rnnlm.datamodule import batchify, lm_pairs, load_split
+from rnnlm.processed import read_split, read_vocab
+from rnnlm.streams import batchify, lm_pairs
 from tests.e2e._pipeline import TAIL
 from tests.fixtures import prepare_tiny_project, write_full_params
 
@@ -198,7 +199,8 @@ def test_one_mlflow_run_from_rank_0(ddp_run: DdpRun) -> None:
 
 def test_throughput_counts_the_tokens_of_both_processes(ddp_run: DdpRun) -> None:
     paths, t = ddp_run.params.paths, ddp_run.params.train
-    train_tokens = batchify(load_split(paths.processed_dir, "train"), t.batch_size).size
+    vocab_size = len(read_vocab(paths))
+    train_tokens = batchify(read_split(paths, "train", vocab_size), t.batch_size).size
     for row in ddp_run.curve():
         assert row["tokens_per_s"] * row["epoch_time_s"] == pytest.approx(train_tokens, rel=1e-4)
 
@@ -210,7 +212,7 @@ def test_perplexity_is_over_the_whole_split_as_one_process_computes_it(ddp_run: 
     net = export.load_checkpoint(checkpoint)  # an ordinary checkpoint: the export stage takes it
     assert not any("module." in k for k in torch.load(checkpoint, weights_only=True)["state_dict"])
     for split, key in (("validation", "val_ppl"), ("test", "test_ppl")):
-        stream = load_split(paths.processed_dir, split)
+        stream = read_split(paths, split, len(read_vocab(paths)))
         expected = whole_split_ppl(net, stream, ddp_run.params.train.eval_batch_size)
         print(f"{split}: DDP {metrics[key]}, one process {expected:.6f}")
         assert metrics[key] == pytest.approx(expected, rel=1e-5), split

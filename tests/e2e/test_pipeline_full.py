@@ -143,7 +143,7 @@ def test_dvc_repro_whole_pipeline(project_copy: Path, http_mirror: str) -> None:
     assert [int(row["epoch"]) for row in curve] == [0, 1]
     assert min(float(r["val_ppl"]) for r in curve) == pytest.approx(metrics["train"]["val_ppl"])
     samples = (project / "metrics" / "samples.txt").read_text(encoding="utf-8")
-    assert samples.startswith("# 1 prompt(s) x 1 sample(s) of 5 tokens")
+    assert samples.startswith("# 2 prompt(s) x 2 sample(s) of 8 tokens")
     assert "## nation: 'The state of the union'" in samples and "\n1. " in samples
 
     assert json.loads(dvc(project, env, "status", "--json").stdout) == {}

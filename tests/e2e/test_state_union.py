@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from rnnlm import download, tokenization
-from rnnlm.config import parse_params
 from rnnlm.text import EOS_ID, UNK_ID
+from tests.fixtures import params_with
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mirror]
 
@@ -26,11 +26,13 @@ def test_state_union_download_and_tokenize(
     tmp_path: Path, shared_mirror: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(download.MIRROR_ENV, str(shared_mirror))
-    params = parse_params(
+    params = params_with(
         {
             "paths": {
                 "raw_dir": str(tmp_path / "raw"),
                 "processed_dir": str(tmp_path / "processed"),
+                "models_dir": str(tmp_path / "models"),
+                "metrics_dir": str(tmp_path / "metrics"),
             },
             "corpus": {"name": "state_union"},
         }

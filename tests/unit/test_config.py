@@ -6,6 +6,7 @@ in params.yaml (or in `dvc exp run -S`) is found from the message alone.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import fnmatch
@@ -23,27 +24,36 @@ from rnnlm.config import (
     SPLITS,
     CellOverrides,
     ConfigError,
-    CorpusParams,
-    ModelParams,
     Params,
-    Paths,
-    TokenizeParams,
-    TrainParams,
     as_flat_dict,
     load_params,
     parse_params,
-    stage_argparser,
 )
+from rnnlm.stage import stage_argparser
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS_YAML = ROOT / "params.yaml"
 DVC_YAML = ROOT / "dvc.yaml"
 
 
-def refused(raw: Any) -> str:
-    """The message of the ConfigError that parsing `raw` raises."""
+def shipped_with(overrides: Any) -> Any:
+    """The shipped params.yaml with `overrides` (section -> key -> value) applied; anything
+    but a mapping of mappings replaces what it names (or everything) whole."""
+    if not isinstance(overrides, Mapping):
+        return overrides
+    raw = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
+    for section, values in overrides.items():
+        if isinstance(values, Mapping) and isinstance(raw.get(section), Mapping):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return raw
+
+
+def refused(overrides: Any) -> str:
+    """The message of the ConfigError that parsing the shipped params with `overrides` raises."""
     with pytest.raises(ConfigError) as err:
-        parse_params(raw)
+        parse_params(shipped_with(overrides))
     message = str(err.value)
     assert message.startswith("params.yaml: ")
     assert "\n" not in message
@@ -55,7 +65,7 @@ def test_real_params_yaml_loads_every_value() -> None:
     raw = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
     flat = as_flat_dict(params)
     for section, values in raw.items():
-        assert isinstance(getattr(params, section), type(getattr(Params(), section)))
+        assert isinstance(getattr(params, section), typing.get_type_hints(Params)[section])
         for key, value in values.items():
             if f"{section}.{key}" in flat:
                 assert flat[f"{section}.{key}"] == value, f"{section}.{key}"
@@ -72,7 +82,9 @@ def test_real_params_yaml_sets_every_field() -> None:
     """Every knob is visible in params.yaml, so no stage runs on a hidden default."""
     raw = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
     written = {f"{s}.{k}" for s, values in raw.items() for k in values}
-    assert written == set(as_flat_dict(Params()))
+    hints = typing.get_type_hints(Params)
+    fields = {f"{s}.{f.name}" for s in hints for f in dataclasses.fields(hints[s])}
+    assert written == fields
 
 
 def _dvc_params_entries() -> list[str]:
@@ -157,15 +169,20 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "# nothing but a comment\n"], ids=["empty", "comment"])
-def test_empty_file_gives_defaults(tmp_path: Path, text: str) -> None:
+def test_empty_file_is_refused_naming_what_is_missing(tmp_path: Path, text: str) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(text)
-    assert load_params(path) == Params()
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: paths: missing (and corpus, ")):
+        load_params(path)
+
+
+def test_an_empty_section_is_refused_naming_its_first_key() -> None:
+    assert refused({"model": None}).startswith("params.yaml: model.cell: missing (and ")
 
 
 def test_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "exp.yaml"
-    path.write_text("model:\n  cel: gru\n")
+    path.write_text(PARAMS_YAML.read_text(encoding="utf-8").replace("  cell: gru", "  cel: gru"))
     with pytest.raises(ConfigError, match=re.escape(f"{path}: model.cel: unknown key")):
         load_params(path)
 
@@ -213,7 +230,9 @@ def test_wrong_type_names_key_and_value(
 
 
 def test_int_becomes_float_and_str_becomes_path() -> None:
-    params = parse_params({"corpus": {"timeout_s": 5}, "paths": {"raw_dir": "elsewhere/raw"}})
+    params = parse_params(
+        shipped_with({"corpus": {"timeout_s": 5}, "paths": {"raw_dir": "elsewhere/raw"}})
+    )
     assert params.corpus.timeout_s == 5.0 and isinstance(params.corpus.timeout_s, float)
     assert params.paths.raw_dir == Path("elsewhere/raw")
 
@@ -290,7 +309,9 @@ def test_tokenize_remainders(values: dict[str, int], expected: str) -> None:
 
 
 def test_tokenize_valid_remainders() -> None:
-    p = parse_params({"tokenize": {"split_every": 5, "val_remainder": 0, "test_remainder": 4}})
+    p = parse_params(
+        shipped_with({"tokenize": {"split_every": 5, "val_remainder": 0, "test_remainder": 4}})
+    )
     assert (p.tokenize.split_every, p.tokenize.val_remainder, p.tokenize.test_remainder) == (
         5,
         0,
@@ -302,7 +323,7 @@ def test_tie_weights_needs_equal_dims() -> None:
     message = refused({"model": {"embedding_dim": 128, "hidden_dim": 256}})
     assert "model.tie_weights = true" in message and "128 and 256" in message
     untied = parse_params(
-        {"model": {"embedding_dim": 128, "hidden_dim": 256, "tie_weights": False}}
+        shipped_with({"model": {"embedding_dim": 128, "hidden_dim": 256, "tie_weights": False}})
     )
     assert untied.model.embedding_dim != untied.model.hidden_dim
 
@@ -326,7 +347,9 @@ def test_cell_overrides_values_are_checked(override: dict[str, object], expected
 
 
 def test_cell_overrides_parse_into_dataclasses() -> None:
-    p = parse_params({"train": {"cell_overrides": {"gru": {"lr": 1}, "rnn_tanh": {}}}})
+    p = parse_params(
+        shipped_with({"train": {"cell_overrides": {"gru": {"lr": 1}, "rnn_tanh": {}}}})
+    )
     assert p.train.cell_overrides == {"gru": CellOverrides(lr=1.0), "rnn_tanh": CellOverrides()}
 
 
@@ -346,40 +369,48 @@ def test_devices_bad(value: object, expected: str) -> None:
 
 @pytest.mark.parametrize("value", [1, 4, "auto"])
 def test_devices_good(value: int | str) -> None:
-    assert parse_params({"train": {"devices": value}}).train.devices == value
+    assert parse_params(shipped_with({"train": {"devices": value}})).train.devices == value
 
 
 def test_params_are_frozen() -> None:
-    params = Params()
+    params = load_params(PARAMS_YAML)
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.train.lr = 1.0  # type: ignore[misc]
 
 
 def test_as_flat_dict() -> None:
-    flat = as_flat_dict(
-        Params(
-            paths=Paths(raw_dir=Path("r")),
-            corpus=CorpusParams(name="inaugural"),
-            model=ModelParams(cell="gru"),
+    params = parse_params(
+        shipped_with(
+            {"paths": {"raw_dir": "r"}, "corpus": {"name": "inaugural"}, "model": {"cell": "gru"}}
         )
     )
+    flat = as_flat_dict(params)
     assert flat["paths.raw_dir"] == "r" and isinstance(flat["paths.raw_dir"], str)
     assert flat["paths.processed_dir"] == "data/processed"
     assert flat["corpus.name"] == "inaugural"
     assert flat["model.cell"] == "gru"
-    assert flat["tokenize.min_freq"] == TokenizeParams().min_freq
+    assert flat["tokenize.min_freq"] == params.tokenize.min_freq
     assert flat["mlflow.tracking_uri"] is None
+    assert flat["train.cell_overrides.rnn_tanh.lr"] == 0.002  # sections in a mapping flatten
+    hints = typing.get_type_hints(Params)
     expected_keys = {
-        f"{section.name}.{f.name}"
-        for section in dataclasses.fields(Params)
-        for f in dataclasses.fields(section.default_factory())  # type: ignore[misc]
+        f"{name}.{f.name}"
+        for name in hints
+        for f in dataclasses.fields(hints[name])
+        if f.name != "cell_overrides"
+    } | {
+        f"train.cell_overrides.{cell}.{f.name}"
+        for cell in params.train.cell_overrides
+        for f in dataclasses.fields(CellOverrides)
     }
     assert set(flat) == expected_keys
-    assert as_flat_dict(TrainParams(lr=0.5), prefix="train.")["train.lr"] == 0.5
+    trained = dataclasses.replace(params.train, lr=0.5)
+    assert as_flat_dict(trained, prefix="train.")["train.lr"] == 0.5
 
 
 def test_for_cell_applies_only_that_cells_overrides() -> None:
-    train = TrainParams(
+    train = dataclasses.replace(
+        load_params(PARAMS_YAML).train,
         lr=1e-3,
         grad_clip=0.5,
         cell_overrides={"rnn_tanh": CellOverrides(lr=1e-4), "gru": CellOverrides(grad_clip=1.0)},
@@ -438,6 +469,13 @@ def walk_keys(cls: type, raw: Mapping[str, Any], path: tuple[str, ...] = ()) -> 
 
 REAL_RAW = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
 LEAVES = walk_keys(Params, REAL_RAW)
+# Keys params.yaml must set: all but the fields of a per-cell override (absent = no override)
+# and the entries of mappings (a prompt or a cell's overrides may be dropped).
+LEAVES_REQUIRED = [
+    leaf
+    for leaf in LEAVES
+    if ".cell_overrides." not in leaf.key and not leaf.key.startswith("evaluate.sample_prompts.")
+]
 # Keys whose value is free text (names, paths, URLs, prompts): any non-blank string. A new
 # string key belongs here or, when it has a fixed set of values, gets a Literal type.
 FREE_TEXT_KEYS = (
@@ -543,3 +581,53 @@ def test_yaml_special_numbers_are_refused(tmp_path: Path, text: str) -> None:
     path.write_text(PARAMS_YAML.read_text(encoding="utf-8").replace("lr: 0.005", f"lr: {text}"))
     with pytest.raises(ConfigError, match=re.escape(f"{path}: train.lr = ")):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    "key", [leaf.key for leaf in LEAVES_REQUIRED], ids=[leaf.key for leaf in LEAVES_REQUIRED]
+)
+def test_every_key_deleted_from_params_yaml_is_refused_by_name(key: str) -> None:
+    """params.yaml is the one source of values: no code default stands in for a lost key."""
+    raw = copy.deepcopy(REAL_RAW)
+    *parents, name = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    del node[name]
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert message.startswith(f"params.yaml: {key}: missing"), message
+    assert "\n" not in message
+
+
+def _imported_modules(module: str, src: Path = ROOT / "src" / "rnnlm") -> set[str]:
+    """`module` and every rnnlm module it imports, directly or not (read from the source)."""
+    found, todo = {module}, [module]
+    while todo:
+        tree = ast.parse((src / f"{todo.pop()}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module == "rnnlm":
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rnnlm."):
+                names = [(node.module or "").split(".")[1]]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[1] for a in node.names if a.name.startswith("rnnlm.")]
+            for name in names:
+                if name not in found and (src / f"{name}.py").is_file():
+                    found.add(name)
+                    todo.append(name)
+    return found
+
+
+def test_each_stage_depends_on_exactly_the_modules_it_imports() -> None:
+    """A module a stage imports but does not list would not rerun it when edited; one it lists
+    but does not import reruns it for nothing (evaluate must not rerun for tokenization.py)."""
+    stages = yaml.safe_load(DVC_YAML.read_text(encoding="utf-8"))["stages"]
+    for name, stage in stages.items():
+        module = re.fullmatch(r"PYTHONPATH=src python -m rnnlm\.(\w+)", stage["cmd"])
+        assert module, f"{name}: cmd {stage['cmd']!r}"
+        listed = {Path(dep).stem for dep in stage["deps"] if dep.startswith("src/rnnlm/")}
+        assert listed == _imported_modules(module[1]), name
+    assert "tokenization" not in _imported_modules("evaluate")

@@ -8,6 +8,7 @@ left, and an earlier download intact.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
@@ -47,7 +48,9 @@ from tests.fixtures import (
     fill_disk,
     make_package_zip,
     serve_directory,
+    shipped_params,
     unused_port,
+    write_params,
 )
 
 ZIP_PATH = f"/packages/corpora/{TINY_ID}.zip"
@@ -94,7 +97,7 @@ def corpus_params(**overrides: object) -> CorpusParams:
 
 
 def tmp_paths(tmp_path: Path) -> Paths:
-    return Paths(raw_dir=tmp_path / "raw")
+    return dataclasses.replace(shipped_params().paths, raw_dir=tmp_path / "raw")
 
 
 @pytest.fixture
@@ -606,7 +609,9 @@ def test_raw_dir_under_a_regular_file_fails_before_writing(
     blocker.write_text("a file where a folder should be")
     monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
     with pytest.raises(files.WriteError) as err:
-        download.run(corpus_params(), Paths(raw_dir=blocker / "raw"))
+        download.run(
+            corpus_params(), dataclasses.replace(tmp_paths(tmp_path), raw_dir=blocker / "raw")
+        )
     assert files.describe_os_error(err.value) == (
         f"cannot write {blocker / 'raw' / TINY_ID}: Not a directory"
     )
@@ -668,14 +673,14 @@ def test_run_on_shared_mirror_extracts_real_corpus(
 
 
 def _write_params(
-    tmp_path: Path, corpus_name: str, extra: str = "", raw_dir: Path | None = None
+    tmp_path: Path,
+    corpus_name: str,
+    extra: dict[str, object] | None = None,
+    raw_dir: Path | None = None,
 ) -> Path:
-    params = tmp_path / "params.yaml"
-    params.write_text(
-        f"paths:\n  raw_dir: {raw_dir or tmp_path / 'raw'}\n"
-        f"corpus:\n  name: {corpus_name}\n  retries: 0\n{extra}"
-    )
-    return params
+    corpus = {"name": corpus_name, "retries": 0, **(extra or {})}
+    paths = {"raw_dir": str(raw_dir or tmp_path / "raw")}
+    return write_params(tmp_path / "params.yaml", {"paths": paths, "corpus": corpus})
 
 
 def _assert_one_line_failure(
@@ -708,7 +713,7 @@ def test_main_unknown_corpus_exits_1_with_one_line_message(
 def test_main_bad_params_exits_1(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    params = _write_params(tmp_path, TINY_ID, extra="  retires: 2\n")
+    params = _write_params(tmp_path, TINY_ID, extra={"retires": 2})
     with pytest.raises(SystemExit) as exit_info:
         download.main(["--params", str(params)])
     assert exit_info.value.code == 1

@@ -6,6 +6,7 @@ it (`export.run`) and evaluates it; the other tests need no trained model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,13 +17,15 @@ import pytest
 import torch
 
 from rnnlm import baselines, evaluate, export, train
-from rnnlm.config import EvaluateParams, ExportParams, Params
+from rnnlm.config import Params
 from rnnlm.datamodule import StreamWindows
 from rnnlm.inference import LanguageModel
-from tests.fixtures import write_stage_params
+from rnnlm.processed import ProcessedDataError
+from tests.fixtures import shipped_params, write_full_params
 from tests.unit.test_export import build_net, write_model
 
-EVAL_PARAMS = EvaluateParams(
+EVAL_PARAMS = dataclasses.replace(
+    shipped_params().evaluate,
     sample_prompts={"nation": "The nation", "people": "Our people will"},
     sample_tokens=8,
     samples_per_prompt=2,
@@ -55,7 +58,7 @@ def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str) -> set[str]:
 def exported(processed_tiny: Params) -> Params:
     """`processed_tiny` with a trained (2 epochs) and exported tiny LSTM, registered as `tiny`."""
     train.run_from_params(processed_tiny)
-    p = ExportParams(latency_tokens=5, registered_model_name="tiny")
+    p = dataclasses.replace(processed_tiny.export, registered_model_name="tiny")
     export.run(p, processed_tiny.paths, processed_tiny.mlflow)
     return processed_tiny
 
@@ -145,7 +148,7 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     with pytest.raises(evaluate.EvaluateError, match=r"by 0\.2\d*% > evaluate\.tolerance = 0\.1%"):
         evaluate.run(EVAL_PARAMS, paths, exported.mlflow)
     assert {name: (paths.metrics_dir / name).read_bytes() for name in before} == before
-    loose = EvaluateParams(tolerance=0.01, sample_prompts={}, kn_order=2)
+    loose = dataclasses.replace(EVAL_PARAMS, tolerance=0.01, sample_prompts={}, kn_order=2)
     assert evaluate.run(loose, paths, exported.mlflow)["test/kn_ppl"] != metrics["test/kn_ppl"]
 
 
@@ -180,7 +183,9 @@ def test_missing_inputs_are_named(processed_tiny: Params, tmp_path: Path) -> Non
     with pytest.raises(evaluate.EvaluateError, match=r"vocabulary .* is not data/processed"):
         evaluate.run(EVAL_PARAMS, paths, ml)
     (paths.processed_dir / "test.npy").unlink()
-    with pytest.raises(evaluate.EvaluateError, match=r"test\.npy \(run the tokenize stage first\)"):
+    with pytest.raises(
+        ProcessedDataError, match=r"test\.npy: not found \(run the tokenize stage first\)"
+    ):
         evaluate.run(EVAL_PARAMS, paths, ml)
     assert not (paths.metrics_dir / "eval.json").exists()
 
@@ -191,7 +196,7 @@ def test_main_reports_a_missing_model(
     paths = processed_tiny.paths
     paths.metrics_dir.mkdir(parents=True, exist_ok=True)
     (paths.metrics_dir / "train.json").write_text(json.dumps({"test_ppl": 5.0}))
-    params_file = write_stage_params(processed_tiny, tmp_path / "params.yaml")
+    params_file = write_full_params(processed_tiny, tmp_path / "params.yaml")
     with pytest.raises(SystemExit) as exit_:
         evaluate.main(["--params", str(params_file)])
     assert exit_.value.code == 1

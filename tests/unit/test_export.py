@@ -21,7 +21,7 @@ import torch
 from nltk.tokenize.punkt import PunktParameters
 
 from rnnlm import export, tracking
-from rnnlm.config import ExportParams, Params, as_flat_dict
+from rnnlm.config import Params, as_flat_dict
 from rnnlm.inference import (
     FORMAT_KEY,
     PROVENANCE_KEY,
@@ -31,7 +31,7 @@ from rnnlm.inference import (
 )
 from rnnlm.model import RNNLM, RNNLMConfig
 from rnnlm.text import EOS, UNK, TextTokenizer
-from tests.fixtures import write_stage_params
+from tests.fixtures import write_full_params
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 WORDS = [
@@ -265,7 +265,7 @@ def test_run_end_to_end_logs_and_registers(
 
     params = trained_layout
     paths = params.paths
-    p = ExportParams(latency_tokens=20, registered_model_name="tiny-lm")
+    p = dataclasses.replace(params.export, latency_tokens=20, registered_model_name="tiny-lm")
     metrics = export.run_from_params(dataclasses.replace(params, export=p))
     # mlflow.set_tracking_uri exports the variable; later stages and subprocesses would
     # inherit it and log to this store whatever their params say.
@@ -334,7 +334,9 @@ def test_failed_parity_leaves_models_untouched(trained_layout: Params) -> None:
     (paths.models_dir / "model.onnx").write_bytes(b"previous model")
     before = sorted(p.name for p in paths.models_dir.parent.rglob("*"))
     with pytest.raises(export.ParityError, match=r"export\.atol = 1e-12"):
-        export.run(ExportParams(atol=1e-12), paths, trained_layout.mlflow)
+        export.run(
+            dataclasses.replace(trained_layout.export, atol=1e-12), paths, trained_layout.mlflow
+        )
     assert (paths.models_dir / "model.onnx").read_bytes() == b"previous model"
     assert not (paths.models_dir / "model.int8.onnx").exists()
     assert not (paths.metrics_dir / "export.json").exists()
@@ -348,7 +350,7 @@ def test_int8_model_is_replaced_with_the_model_and_nothing_is_registered_without
 
     paths = trained_layout.paths
     paths.int8_model.write_bytes(b"int8 model of another experiment")
-    p = ExportParams(latency_tokens=5, registered_model_name=None)
+    p = dataclasses.replace(trained_layout.export, registered_model_name=None)
     metrics = export.run(p, paths, trained_layout.mlflow)
     fp32, int8 = LanguageModel(paths.onnx_model), LanguageModel(paths.int8_model)
     assert int8.precision == "int8" and fp32.precision == "fp32"
@@ -363,7 +365,7 @@ def test_int8_model_is_replaced_with_the_model_and_nothing_is_registered_without
 def test_main_reports_a_missing_checkpoint(
     processed_tiny: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    params_file = write_stage_params(processed_tiny, tmp_path / "params.yaml")
+    params_file = write_full_params(processed_tiny, tmp_path / "params.yaml")
     with pytest.raises(SystemExit) as exit_:
         export.main(["--params", str(params_file)])
     assert exit_.value.code == 1

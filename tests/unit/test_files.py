@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import pytest
 
 from rnnlm import files
 from rnnlm.files import WriteError, describe_os_error
-from tests.fixtures import fill_disk
+from tests.fixtures import fill_disk, write_params
 
 PREVIOUS = b"previous output\n"
 NO_SPACE = os.strerror(errno.ENOSPC)
@@ -272,8 +271,7 @@ def test_stage_main_reports_a_write_error_in_one_line(
         raise files.write_error(OSError(errno.ENOSPC, NO_SPACE), output)
 
     monkeypatch.setattr(module, STAGE_MAINS[module_name], disk_full)
-    params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"paths": {"raw_dir": str(tmp_path / "raw")}}))
+    params = write_params(tmp_path / "params.yaml", {"paths": {"raw_dir": str(tmp_path / "raw")}})
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--params", str(params)])
     assert exit_info.value.code == 1

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from rnnlm.config import ConfigError, Params
-from rnnlm.datamodule import CorpusDataModule, StreamWindows, batchify, lm_pairs, shard_rows
+from rnnlm.datamodule import CorpusDataModule, StreamWindows
 from rnnlm.lit_module import LitRNNLM
 from rnnlm.model import RNNLM, RNNLMConfig, detach_state, state_names
-from rnnlm.text import EOS_ID
+from rnnlm.streams import batchify, shard_rows
+from tests.fixtures import shipped_params
 
 CELLS = ["rnn_tanh", "rnn_relu", "gru", "lstm"]
 
@@ -103,14 +104,6 @@ def test_tiny_model_overfits_a_repeating_sequence(cell: str) -> None:
     assert loss.item() < 0.1
 
 
-def test_lm_pairs_predict_every_token_from_an_eos_start() -> None:
-    stream = np.array([4, 5, 1, 6], dtype=np.int32)
-    inputs, targets = lm_pairs(stream)
-    assert inputs.tolist() == [EOS_ID, 4, 5, 1]
-    assert targets.tolist() == [4, 5, 1, 6]
-    assert inputs.dtype == targets.dtype == np.int64
-
-
 def test_batchify_and_windows_keep_each_row_contiguous() -> None:
     stream = np.arange(2, 25, dtype=np.int32)  # 23 tokens
     assert batchify(stream, 4).tolist() == np.arange(2, 22).reshape(4, 5).tolist()
@@ -151,7 +144,7 @@ def test_fewer_rows_than_processes_leave_the_last_ones_empty_windows_in_step() -
 
 
 def test_fewer_training_rows_than_processes_is_a_config_error(processed_tiny: Params) -> None:
-    datamodule = CorpusDataModule(processed_tiny.paths.processed_dir, batch_size=3, bptt=8)
+    datamodule = CorpusDataModule(processed_tiny.paths, batch_size=3, bptt=8)
     datamodule.trainer = SimpleNamespace(global_rank=0, world_size=4)  # type: ignore[assignment]
     with pytest.raises(ConfigError, match=r"train.batch_size = 3 .* 4 training processes"):
         datamodule.setup("fit")
@@ -176,7 +169,7 @@ def _eval_nll(module: LitRNNLM, stream: np.ndarray, bptt: int) -> float:
 def test_evaluation_carries_state_across_windows(cell: str) -> None:
     """With the state carried, window size cannot change the NLL; resetting it would."""
     torch.manual_seed(0)
-    module = LitRNNLM(model=tiny_config(cell)).eval()
+    module = LitRNNLM.of(RNNLMConfig(**tiny_config(cell)), shipped_params().train).eval()
     stream = np.random.default_rng(0).integers(2, 23, size=120).astype(np.int32)
     whole = _eval_nll(module, stream, bptt=120)
     assert _eval_nll(module, stream, bptt=7) == pytest.approx(whole, rel=1e-5)
@@ -193,7 +186,7 @@ def test_evaluation_carries_state_across_windows(cell: str) -> None:
 
 def test_training_state_is_carried_but_detached() -> None:
     torch.manual_seed(0)
-    module = LitRNNLM(model=tiny_config("lstm"))
+    module = LitRNNLM.of(RNNLMConfig(**tiny_config("lstm")), shipped_params().train)
     windows = StreamWindows(np.arange(2, 60, dtype=np.int32) % 21 + 2, n_rows=2, bptt=5)
     module.on_train_epoch_start()
     assert module._state["train"] is None

@@ -10,6 +10,7 @@ import pytest
 
 from rnnlm import runs, tracking
 from rnnlm.config import MlflowParams
+from tests.fixtures import params_with, write_full_params
 
 
 def _run(run_id: str, params: dict, metrics: dict) -> dict:
@@ -65,8 +66,10 @@ def test_against_a_real_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         run = tracking.start_run(ml, cell, {"cell": cell})
         run.log_params({"model.cell": cell, "train.seed": 1})
         run.log_metrics({"test/ppl": ppl, "train/time_s": 540.0})
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(f"mlflow:\n  experiment_name: cmp\n  tracking_uri: {ml.tracking_uri}\n")
+    params_file = write_full_params(
+        params_with({"mlflow": {"experiment_name": "cmp", "tracking_uri": ml.tracking_uri}}),
+        tmp_path / "params.yaml",
+    )
 
     args = argparse.Namespace(
         params=str(params_file), experiment=None, sort="test_ppl", limit=50,

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from nltk.tokenize.punkt import PunktParameters
 
 from rnnlm import tokenization
-from rnnlm.config import Params, Paths, TokenizeParams
+from rnnlm.config import Params, Paths
 from rnnlm.files import WriteError, describe_os_error
 from rnnlm.text import (
     EOS,
@@ -45,9 +44,19 @@ from rnnlm.tokenization import (
     assign_splits,
     build_vocab,
     list_documents,
-    split_stats,
 )
-from tests.fixtures import LATIN1_DOC, README, TINY_ID, encode_docs, fill_disk, write_files
+from tests.fixtures import (
+    LATIN1_DOC,
+    README,
+    TINY_ID,
+    encode_docs,
+    fill_disk,
+    shipped_params,
+    write_files,
+    write_params,
+)
+
+SHIPPED = shipped_params()
 
 OUTPUTS = tokenization.OUTPUTS
 NAMES = ["Smith", "Jones", "Brown", "Green", "White"]
@@ -261,7 +270,7 @@ def test_detokenize() -> None:
 def test_assign_splits_rule_on_sorted_names() -> None:
     names = [f"doc{i:02d}.txt" for i in range(25)]
     shuffled = random.Random(1).sample(names, len(names))
-    splits = assign_splits(shuffled, TokenizeParams())
+    splits = assign_splits(shuffled, SHIPPED.tokenize)
     assert splits["test"] == ["doc09.txt", "doc19.txt"]
     assert splits["validation"] == ["doc08.txt", "doc18.txt"]
     assert splits["train"] == [
@@ -280,7 +289,9 @@ def test_assign_splits_rule_on_sorted_names() -> None:
 @pytest.mark.parametrize("n_docs", [3, 7, 10, 31, 65])
 @pytest.mark.parametrize(("every", "val", "test"), [(10, 8, 9), (5, 0, 4), (3, 1, 2)])
 def test_assign_splits_disjoint_and_covering(n_docs: int, every: int, val: int, test: int) -> None:
-    p = TokenizeParams(split_every=every, val_remainder=val, test_remainder=test)
+    p = dataclasses.replace(
+        SHIPPED.tokenize, split_every=every, val_remainder=val, test_remainder=test
+    )
     names = [f"{i:03d}.txt" for i in range(n_docs)]
     if n_docs < max(val, test) + 1:
         with pytest.raises(TokenizeError):
@@ -301,27 +312,16 @@ def test_assign_splits_disjoint_and_covering(n_docs: int, every: int, val: int, 
 def test_assign_splits_too_few_documents(n_docs: int, empty: str) -> None:
     names = [f"{i}.txt" for i in range(n_docs)]
     with pytest.raises(TokenizeError, match="at least 10 documents") as err:
-        assign_splits(names, TokenizeParams())
+        assign_splits(names, SHIPPED.tokenize)
     assert f"{n_docs} documents leave the {empty}" in str(err.value)
 
 
 def test_assign_splits_minimum_counts_the_train_split() -> None:
     """With val 0 and test 1, index 2 is the first train document: 3 documents are needed."""
-    p = TokenizeParams(split_every=3, val_remainder=0, test_remainder=1)
+    p = dataclasses.replace(SHIPPED.tokenize, split_every=3, val_remainder=0, test_remainder=1)
     with pytest.raises(TokenizeError, match=r"leave the train split.*at least 3 documents"):
         assign_splits(["a", "b"], p)
     assert assign_splits(["a", "b", "c"], p) == {"train": ["c"], "validation": ["a"], "test": ["b"]}
-
-
-def test_split_stats() -> None:
-    ids = np.array([5, UNK_ID, 7, EOS_ID, UNK_ID, EOS_ID], dtype=np.int32)
-    assert split_stats(ids, n_docs=3) == {
-        "documents": 3,
-        "sentences": 2,
-        "tokens": 6,
-        "oov_rate": 0.5,
-    }
-    assert split_stats(np.array([], dtype=np.int32), 0)["oov_rate"] == 0.0
 
 
 def test_list_documents_skips_readme_and_dotfiles(tmp_path: Path) -> None:
@@ -454,14 +454,12 @@ def test_main_in_another_process_gives_identical_files(
 ) -> None:
     """A fresh interpreter with another hash seed (as under `dvc repro`) writes the same bytes."""
     out = tmp_path / "subprocess_out"
-    params_file = tmp_path / "sub_params.yaml"
-    params_file.write_text(
-        yaml.safe_dump(
-            {
-                "paths": {"raw_dir": str(processed_tiny.paths.raw_dir), "processed_dir": str(out)},
-                "corpus": {"name": TINY_ID},
-            }
-        )
+    params_file = write_params(
+        tmp_path / "sub_params.yaml",
+        {
+            "paths": {"raw_dir": str(processed_tiny.paths.raw_dir), "processed_dir": str(out)},
+            "corpus": {"name": TINY_ID},
+        },
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     result = subprocess.run(
@@ -552,13 +550,14 @@ def test_processed_dir_under_a_regular_file(processed_tiny: Params, tmp_path: Pa
     assert leftovers(tmp_path) == []
 
 
-def _write_params(tmp_path: Path, corpus_name: str, extra: str = "") -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(
-        f"paths:\n  raw_dir: {tmp_path / 'raw'}\n  processed_dir: {tmp_path / 'processed'}\n"
-        f"corpus:\n  name: {corpus_name}\n{extra}"
+def _write_params(
+    tmp_path: Path, corpus_name: str, tokenize: dict[str, object] | None = None
+) -> Path:
+    paths = {"raw_dir": str(tmp_path / "raw"), "processed_dir": str(tmp_path / "processed")}
+    return write_params(
+        tmp_path / "params.yaml",
+        {"paths": paths, "corpus": {"name": corpus_name}, "tokenize": tokenize or {}},
     )
-    return path
 
 
 def test_main_missing_corpus_exits_1_with_clear_message(
@@ -579,9 +578,9 @@ def test_main_missing_corpus_exits_1_with_clear_message(
 
 def _stage_params(paths: Paths, path: Path) -> Path:
     """A params file for `main` with these paths and the tiny corpus."""
-    raw = {"paths": {k: str(v) for k, v in vars(paths).items()}, "corpus": {"name": TINY_ID}}
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_params(
+        path, {"paths": {k: str(v) for k, v in vars(paths).items()}, "corpus": {"name": TINY_ID}}
+    )
 
 
 def _one_error_line(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> str:
@@ -629,7 +628,7 @@ def test_main_unwritable_output_folder_exits_1_naming_it(
 
 
 def test_main_bad_params_exits_1(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    params = _write_params(tmp_path, TINY_ID, extra="tokenize:\n  min_freq: 0\n")
+    params = _write_params(tmp_path, TINY_ID, tokenize={"min_freq": 0})
     with pytest.raises(SystemExit) as exit_info:
         tokenization.main(["--params", str(params)])
     assert exit_info.value.code == 1

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from rnnlm import tracking, train
-from rnnlm.config import CellOverrides, MlflowParams, Params
+from rnnlm.callbacks import format_duration
+from rnnlm.config import CellOverrides, Params
 from rnnlm.files import md5_file
 from rnnlm.lit_module import LitRNNLM
-from tests.fixtures import unused_port, write_full_params
+from tests.fixtures import shipped_params, unused_port, write_full_params
 
 
 def _client(params: Params) -> mlflow.MlflowClient:
@@ -212,7 +213,7 @@ def test_dvc_experiment_tags_cell_overrides_and_progress_lines(
         progress_every_s=0.0,  # a progress line after every step
     )
     m = dataclasses.replace(p.model, cell="rnn_tanh")
-    with caplog.at_level(logging.INFO, logger="rnnlm.train"):
+    with caplog.at_level(logging.INFO, logger="rnnlm.callbacks"):
         metrics = train.run(m, t, p.mlflow, p.paths, p.corpus.name)
     run = _client(p).get_run(metrics["run_id"])
     assert run.data.tags["dvc.exp_name"] == "brisk-lynx"
@@ -222,7 +223,7 @@ def test_dvc_experiment_tags_cell_overrides_and_progress_lines(
     # Without a terminal (as here: pytest captures stderr) training says how far it is.
     progress = [r.getMessage() for r in caplog.records if "epoch ETA" in r.getMessage()]
     assert progress, "no progress lines"
-    pattern = r"epoch 0: step (\d+)/(\d+) \(\d+%\), [\d.]+ tokens/s, loss [\d.]+, epoch ETA .+"
+    pattern = r"epoch 0: step (\d+)/(\d+) \(\d+%\), [\d,]+ tokens/s, loss [\d.]+, epoch ETA .+"
     steps = [re.fullmatch(pattern, line) for line in progress]
     assert all(steps), progress
     assert [int(m[1]) for m in steps] == list(range(1, len(steps) + 1))  # type: ignore[index]
@@ -230,10 +231,10 @@ def test_dvc_experiment_tags_cell_overrides_and_progress_lines(
 
 
 def test_progress_durations_read_well() -> None:
-    assert train.format_duration(12.4) == "12 s"
-    assert train.format_duration(245) == "4 min 05 s"
-    assert train.format_duration(7380) == "2 h 03 min"
-    assert train.format_duration(math.nan) == "?"
+    assert format_duration(12.4) == "12 s"
+    assert format_duration(245) == "4 min 05 s"
+    assert format_duration(7380) == "2 h 03 min"
+    assert format_duration(math.nan) == "?"
 
 
 def test_unreachable_tracking_server_fails_fast_and_writes_nothing(
@@ -262,10 +263,11 @@ def test_project_root_of_a_dvc_experiment_copy(
     assert tracking.project_root(copy) == tmp_path / "proj"
     assert tracking.project_root(tmp_path / "proj") == tmp_path / "proj"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.resolve_tracking_uri(MlflowParams(), root=tmp_path / "proj")
+    ml = shipped_params().mlflow
+    uri = tracking.resolve_tracking_uri(ml, root=tmp_path / "proj")
     assert uri == f"sqlite:///{tmp_path}/proj/mlruns/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
-    assert tracking.resolve_tracking_uri(MlflowParams()) == "http://example.invalid:5000"
+    assert tracking.resolve_tracking_uri(ml) == "http://example.invalid:5000"
 
 
 def test_file_store_uri_is_refused() -> None:
