@@ -38,9 +38,12 @@ test-fast: install
 e2e: install
 	$(BIN)/python -m pytest -m e2e
 
+# What CI and the pre-commit hook run: style, formatting, and the types of src/ (pyproject's
+# [tool.mypy]).
 lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff format src tests bench

@@ -84,7 +84,8 @@ def estimate_discounts(
         raw = (y, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3)
     else:
         raw = (y, y, y)
-    return tuple(float(np.clip(d, MIN_DISCOUNT, k)) for k, d in enumerate(raw, start=1))
+    d1, d2, d3 = (float(np.clip(d, MIN_DISCOUNT, k)) for k, d in enumerate(raw, start=1))
+    return d1, d2, d3
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ def _order_stats(
         alpha=(counts - d) / safe[context],
         gamma=np.where(seen, removed / safe, 1.0),
         seen=seen,
-        discounts=discounts,  # type: ignore[arg-type]
+        discounts=discounts,
     )
 
 

@@ -342,7 +342,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:  # a section whose keys are all commented out: each key is missing
             value = {}
         if isinstance(value, Mapping):
-            return build_section(tp, value, prefix=key)
+            return build_section(typing.cast(type, tp), value, prefix=key)
         raise ConfigError(f"{key} = {value!r}: expected a mapping of keys to values")
     elif tp is bool:
         if isinstance(value, bool):

@@ -127,11 +127,14 @@ def resolve_source(index_url: str, mirror: str | None) -> Source:
             return Source(index=str(root / "index.xml"), root=str(root), mirror=True, local=True)
         _check_url(mirror, MIRROR_ENV)
         if urllib.parse.urlparse(mirror).path.endswith(".xml"):
-            root = urllib.parse.urljoin(mirror, ".")
+            url_root = urllib.parse.urljoin(mirror, ".")
         else:
-            root = mirror.rstrip("/") + "/"
+            url_root = mirror.rstrip("/") + "/"
         return Source(
-            index=urllib.parse.urljoin(root, "index.xml"), root=root, mirror=True, local=False
+            index=urllib.parse.urljoin(url_root, "index.xml"),
+            root=url_root,
+            mirror=True,
+            local=False,
         )
     path = _local_path(index_url)
     if path is not None:

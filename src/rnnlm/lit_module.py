@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 
 from rnnlm.config import TrainParams
@@ -94,7 +95,8 @@ class LitRNNLM(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # The learning rate is logged only on the steps the logger writes, to keep steps cheap.
-        if (self.global_step % self.trainer.log_every_n_steps) == 0:
+        every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set at runtime
+        if self.global_step % every == 0:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.log("train/lr", lr, on_step=True, on_epoch=False)
 
@@ -138,23 +140,21 @@ class LitRNNLM(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._end_eval("test")
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         params = self.parameters()
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        optimizer: torch.optim.Optimizer = kinds[hp["optimizer"]](
+            params, lr=hp["lr"], weight_decay=hp["weight_decay"]
+        )
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer,
             mode="min",
-            factor=hp.lr_factor,
-            patience=hp.lr_patience,
-            threshold=hp.lr_threshold,
+            factor=hp["lr_factor"],
+            patience=hp["lr_patience"],
+            threshold=hp["lr_threshold"],
             threshold_mode="rel",
-            min_lr=hp.min_lr,
+            min_lr=hp["min_lr"],
         )
         return {
             "optimizer": optimizer,

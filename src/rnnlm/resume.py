@@ -52,11 +52,8 @@ class TrainingInterrupted(RnnlmError):
         )
         self.signal_name = signal_name
         self.checkpoint = checkpoint
-
-    @property
-    def exit_code(self) -> int:
-        """The shell's convention for a process ended by a signal: 128 + its number."""
-        return 128 + int(getattr(signal, self.signal_name, signal.SIGTERM))
+        # The shell's convention for a process ended by a signal: 128 + its number.
+        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGTERM))
 
 
 def fingerprint(

@@ -155,7 +155,7 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(None)  # clears mlflow's global and the variable
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None clears both (mlflow 3)
         if env_before is not None:
             os.environ["MLFLOW_TRACKING_URI"] = env_before
 

@@ -176,7 +176,9 @@ def build_trainer(
         num_nodes=t.num_nodes,
         precision=t.precision,
         max_epochs=t.max_epochs,
-        max_time={"minutes": t.max_time_min} if t.max_time_min else None,
+        max_time={"minutes": int(t.max_time_min), "seconds": round(t.max_time_min % 1 * 60)}
+        if t.max_time_min
+        else None,
         gradient_clip_val=t.grad_clip,
         gradient_clip_algorithm="norm",
         logger=logger,
@@ -334,9 +336,10 @@ def fit_and_test(session: Session) -> dict[str, float]:
         best_path = session.checkpoint.best_model_path
         if not best_path:
             raise TrainError("training finished without a checkpoint (no validation epoch ran)")
-        return trainer.test(
+        tested = trainer.test(
             session.module, datamodule=session.datamodule, ckpt_path=best_path, verbose=False
-        )[0]
+        )
+        return dict(tested[0])
     except (resume.TrainingInterrupted, SIGTERMException) as err:
         if tracked is not None:  # spooled if the store went away
             tracked.set_status("KILLED")

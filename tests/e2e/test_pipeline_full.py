@@ -141,7 +141,9 @@ def test_dvc_repro_whole_pipeline(project_copy: Path, http_mirror: str) -> None:
     with (project / "metrics" / "train_curve.csv").open(newline="") as f:
         curve = list(csv.DictReader(f))
     assert [int(row["epoch"]) for row in curve] == [0, 1]
-    assert min(float(r["val_ppl"]) for r in curve) == pytest.approx(metrics["train"]["val_ppl"])
+    # train.json rounds to 4 decimals, the curve to 6: equal within the rounding.
+    best = min(float(r["val_ppl"]) for r in curve)
+    assert best == pytest.approx(metrics["train"]["val_ppl"], abs=5e-5)
     samples = (project / "metrics" / "samples.txt").read_text(encoding="utf-8")
     assert samples.startswith("# 2 prompt(s) x 2 sample(s) of 8 tokens")
     assert "## nation: 'The state of the union'" in samples and "\n1. " in samples
