@@ -29,14 +29,20 @@ $(STAMP): pyproject.toml constraints.txt
 repro: install
 	$(BIN)/dvc repro
 
+# One pytest worker per core (pytest-xdist): most tests wait on single-threaded subprocesses.
+# Tests that build on the session's tiny pipeline share a worker (xdist_group), so it runs once.
+# The 15 slowest tests are listed at the end, so a slow newcomer is seen.
+PYTEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
+
 test: install
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -m 'not e2e'
+	$(PYTEST) -m 'not e2e'
 
 e2e: install
-	$(BIN)/python -m pytest -m e2e
+	$(PYTEST) -m e2e
 
 # What CI and the pre-commit hook run: style, formatting, and the types of src/ (pyproject's
 # [tool.mypy]).

@@ -85,14 +85,9 @@ def build_model(args: argparse.Namespace) -> tuple[RNNLM, list[str], dict, str]:
 
 
 def write_models(net: RNNLM, vocab: list[str], tokenizer: dict, folder: Path) -> dict[str, Path]:
-    """fp32 and int8 ONNX models, exported and checked exactly as the export stage does."""
-    fp32, int8 = folder / "model.onnx", folder / "model.int8.onnx"
-    export.export_onnx(net, fp32, "torchscript", 17)
-    metadata = export.build_metadata(net.config, vocab, tokenizer, {"source": "bench"})
-    export.attach_metadata(fp32, metadata, "bench")
+    """fp32 and int8 ONNX models, written and checked exactly as the export stage does."""
+    fp32, int8 = export.write_onnx_models(net, folder, vocab, tokenizer, {"source": "bench"})
     export.verify_parity(net, fp32, atol=1e-4)
-    export.quantize_model(fp32, int8, net.config.cell)
-    export.attach_metadata(int8, {**metadata, "rnnlm.precision": "int8"}, "bench int8")
     return {"fp32": fp32, "int8": int8}
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -29,8 +27,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from rnnlm import download
 from rnnlm.config import Params
 from tests.fixtures import (
+    PROJECT_ROOT,
     TINY_ID,
     build_nltk_mirror,
+    copy_project,
     encode_docs,
     make_tiny_corpus_docs,
     make_tiny_params,
@@ -38,7 +38,6 @@ from tests.fixtures import (
     serve_directory,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MIRROR = PROJECT_ROOT.parent / "shared" / "nltk_data"
 
 
@@ -128,42 +127,7 @@ def processed_tiny(
     return tiny_params
 
 
-def _git_files(root: Path, *args: str) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z", *args], cwd=root, check=True, capture_output=True
-    ).stdout
-    return [name for name in out.decode("utf-8").split("\0") if name]
-
-
 @pytest.fixture
 def project_copy(tmp_path: Path) -> Path:
-    """The project's files in tmp_path/"project", committed to a fresh git repository.
-
-    Copies what git tracks plus untracked files that are not ignored (so uncommitted work is
-    tested too); ignored paths (.venv, data, caches) stay behind. `.dvc/config` is tracked, so
-    the copy is already a DVC repository.
-    """
-    dest = tmp_path / "project"
-    names = _git_files(PROJECT_ROOT) + _git_files(PROJECT_ROOT, "--others", "--exclude-standard")
-    for name in sorted(set(names)):
-        src = PROJECT_ROOT / name
-        if not src.is_file():  # tracked but deleted in the working tree
-            continue
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-    git = [
-        "git",
-        "-c",
-        "user.name=rnnlm tests",
-        "-c",
-        "user.email=tests@rnnlm.invalid",
-        "-c",
-        "commit.gpgsign=false",
-        "-c",
-        "core.hooksPath=/dev/null",
-    ]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "project copy"], cwd=dest, check=True)
-    return dest
+    """The project's files in tmp_path/"project", committed to a fresh git repository."""
+    return copy_project(tmp_path / "project")

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -482,7 +483,8 @@ def mlflow_server(
         server.stop()
 
 
-SHIPPED_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_PARAMS = PROJECT_ROOT / "params.yaml"
 
 
 @functools.cache
@@ -596,3 +598,42 @@ def prepare_tiny_project(root: Path) -> Params:
         env.setenv(download.MIRROR_ENV, str(mirror))
         prepare_tiny_data(params)
     return params
+
+
+def _git_files(root: Path, *args: str) -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z", *args], cwd=root, check=True, capture_output=True
+    ).stdout
+    return [name for name in out.decode("utf-8").split("\0") if name]
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's files in `dest`, committed to a fresh git repository.
+
+    Copies what git tracks plus untracked files that are not ignored (so uncommitted work is
+    tested too); ignored paths (.venv, data, caches) stay behind. `.dvc/config` is tracked, so
+    the copy is already a DVC repository.
+    """
+    names = _git_files(PROJECT_ROOT) + _git_files(PROJECT_ROOT, "--others", "--exclude-standard")
+    for name in sorted(set(names)):
+        src = PROJECT_ROOT / name
+        if not src.is_file():  # tracked but deleted in the working tree
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    git = [
+        "git",
+        "-c",
+        "user.name=rnnlm tests",
+        "-c",
+        "user.email=tests@rnnlm.invalid",
+        "-c",
+        "commit.gpgsign=false",
+        "-c",
+        "core.hooksPath=/dev/null",
+    ]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "project copy"], cwd=dest, check=True)
+    return dest

@@ -1,7 +1,8 @@
 """End to end: DVC experiments on the tiny pipeline, all tracked in the project's one MLflow store.
 
-After a baseline `dvc repro` (committed), runs one experiment in the workspace
-(`dvc exp run -S model.cell=gru`) and one in a temporary copy under `.dvc/tmp/exps/`
+From the session's committed baseline (a copy of conftest.tiny_pipeline), runs one experiment
+in the workspace (`dvc exp run -S model.cell=gru`) and one in a temporary copy under
+`.dvc/tmp/exps/`
 (`dvc exp run --temp -S train.seed=3`). The `--temp` one must log to the project's own
 mlruns/mlflow.db (tracking.project_root), not to a store inside `.dvc/tmp`, and leave the
 workspace alone. Then checks the three MLflow runs and their DVC tags, `dvc exp show` (and the
@@ -19,7 +20,6 @@ import pytest
 from rnnlm.inference import LanguageModel
 from tests.e2e._pipeline import (
     BIN,
-    commit_all,
     committed_json,
     dvc,
     exp_show_revs,
@@ -27,13 +27,12 @@ from tests.e2e._pipeline import (
     metric_file,
     param,
     pipeline_env,
-    repro_log,
     run_ok,
     set_git_identity,
-    write_tiny_params,
 )
+from tests.e2e.conftest import TINY_PIPELINE_GROUP, TinyPipeline, clone_pipeline
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group(TINY_PIPELINE_GROUP)]
 
 TRAINED = ("train", "export", "evaluate")  # the stages an experiment's override reruns
 
@@ -47,12 +46,11 @@ def model_run_ids(project: Path) -> tuple[str, str]:
     )
 
 
-def test_dvc_experiments_share_one_mlflow_store(project_copy: Path, http_mirror: str) -> None:
-    project = project_copy
-    write_tiny_params(project)
-    env = pipeline_env(project, http_mirror)
-    repro_log(project, env)
-    commit_all(project, "tiny pipeline baseline")
+def test_dvc_experiments_share_one_mlflow_store(
+    tiny_pipeline: TinyPipeline, tmp_path: Path
+) -> None:
+    project = clone_pipeline(tiny_pipeline, tmp_path / "project")  # a committed baseline
+    env = pipeline_env(project, tiny_pipeline.mirror_url)
     set_git_identity(project)
     baseline_rev = run_ok(["git", "rev-parse", "HEAD"], cwd=project, env=env).stdout.strip()
 

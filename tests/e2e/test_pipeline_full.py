@@ -1,5 +1,8 @@
 """End to end: the whole pipeline (`dvc repro`) on the synthetic corpus, in a copy of the project.
 
+The run is the session's `tiny_pipeline` (tests/e2e/conftest.py), shared with the tests that
+build on it; this test only reads it.
+
 download -> tokenize -> train -> export -> evaluate with a 16-dim LSTM for 2 epochs, the corpus
 served by a loopback HTTP mirror and MLflow on its default store (the copy's mlruns/mlflow.db).
 Checks every declared output and the metric values, that DVC sees nothing stale, the single
@@ -19,7 +22,6 @@ import pytest
 from rnnlm.inference import LanguageModel
 from tests.e2e._pipeline import (
     BIN,
-    commit_all,
     declared_outputs,
     dvc,
     experiment_runs,
@@ -27,11 +29,11 @@ from tests.e2e._pipeline import (
     pipeline_env,
     repro_log,
     run_ok,
-    write_tiny_params,
 )
+from tests.e2e.conftest import TINY_PIPELINE_GROUP, TinyPipeline
 from tests.fixtures import TINY_ID
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group(TINY_PIPELINE_GROUP)]
 
 STAGES = ("download", "tokenize", "train", "export", "evaluate")
 
@@ -118,15 +120,13 @@ def check_mlflow(project: Path, metrics: dict[str, dict]) -> None:
     assert str(champion.version) == "1" and champion.tags["corpus"] == TINY_ID
 
 
-def test_dvc_repro_whole_pipeline(project_copy: Path, http_mirror: str) -> None:
-    project = project_copy
-    write_tiny_params(project)
-    commit_all(project, "tiny params")  # a clean checkout, as a fresh clone is
-    env = pipeline_env(project, http_mirror)
-
-    log = repro_log(project, env)
+def test_dvc_repro_whole_pipeline(tiny_pipeline: TinyPipeline) -> None:
+    """The session's tiny pipeline (conftest.tiny_pipeline: `dvc repro` in a committed copy):
+    read only, the other tests copy it."""
+    project = tiny_pipeline.project
+    env = pipeline_env(project, tiny_pipeline.mirror_url)
     for stage in STAGES:
-        assert f"Running stage '{stage}'" in log, log[-4000:]
+        assert f"Running stage '{stage}'" in tiny_pipeline.log, tiny_pipeline.log[-4000:]
 
     outputs = declared_outputs(project)
     assert set(outputs) == set(STAGES)

@@ -1,15 +1,16 @@
 """End to end: queued DVC experiments run two at a time, each its own MLflow run in one store.
 
-After a committed baseline `dvc repro` of the tiny pipeline, queues three seeds with
+From a copy of the session's committed tiny pipeline (conftest.tiny_pipeline), queues two seeds with
 `dvc exp run --queue` and runs them with `dvc queue start -j 2` (two celery workers, each
 experiment in its own copy under .dvc/tmp/exps/), polling `dvc queue status` until the queue
-is done. Every experiment must succeed, and the store must hold the baseline run plus one new
-FINISHED run per experiment with its seed and its own registered model version, some of them
-running at the same time, with no "database is locked" in any experiment's log.
+is done. Every experiment must succeed, and the store must hold one new FINISHED run per
+experiment with its seed and its own registered model version, both running at the same time,
+with no "database is locked" in any experiment's log.
 
 Twice: with the default store, the project's own SQLite file (mlruns/mlflow.db) written by
 concurrent processes; and with MLFLOW_TRACKING_URI set to a tracking server when the queue
-starts, which the workers' experiments must inherit (nothing in mlruns/).
+starts, which the workers' experiments must inherit (nothing new in mlruns/, which holds the
+baseline's run).
 """
 
 from __future__ import annotations
@@ -28,26 +29,25 @@ from mlflow import MlflowClient
 from tests.e2e._pipeline import (
     BIN,
     EXPERIMENT,
-    commit_all,
     committed_json,
     dvc,
     exp_show_revs,
+    experiment_runs,
     metric_file,
     mlflow_client,
     param,
     pipeline_env,
-    repro_log,
     set_git_identity,
-    write_tiny_params,
 )
+from tests.e2e.conftest import TINY_PIPELINE_GROUP, TinyPipeline, clone_pipeline
 from tests.fixtures import MlflowServer, mlflow_server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group(TINY_PIPELINE_GROUP)]
 
 REGISTERED = "rnnlm"  # export.registered_model_name in the real params.yaml
-SEEDS = {"seed-11": 11, "seed-12": 12, "seed-13": 13}
+SEEDS = {"seed-11": 11, "seed-12": 12}  # as many as workers: one round, all at once
 JOBS = 2
-QUEUE_TIMEOUT_S = 900.0  # three tiny experiments take 1-3 minutes on 2 busy cores
+QUEUE_TIMEOUT_S = 900.0  # two tiny experiments take 1-2 minutes on 2 busy cores
 POLL_S = 3.0
 
 
@@ -93,16 +93,13 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MlflowSer
 
 
 def test_queued_experiments_run_in_parallel(
-    project_copy: Path, http_mirror: str, server: MlflowServer | None
+    tiny_pipeline: TinyPipeline, tmp_path: Path, server: MlflowServer | None
 ) -> None:
-    project = project_copy
-    write_tiny_params(project)
-    mlruns = sorted(p.name for p in (project / "mlruns").iterdir())  # the tracked .gitkeep
-    env = pipeline_env(project, http_mirror)
+    project = clone_pipeline(tiny_pipeline, tmp_path / "project")  # a committed baseline
+    mlruns = sorted(p.name for p in (project / "mlruns").iterdir())
+    env = pipeline_env(project, tiny_pipeline.mirror_url)
     if server is not None:
         env["MLFLOW_TRACKING_URI"] = server.url
-    repro_log(project, env)
-    commit_all(project, "tiny pipeline baseline")
     set_git_identity(project)
 
     for name, seed in SEEDS.items():
@@ -127,18 +124,21 @@ def test_queued_experiments_run_in_parallel(
     client = MlflowClient(server.url) if server else mlflow_client(project)
     if server is not None:
         assert sorted(p.name for p in (project / "mlruns").iterdir()) == mlruns
+        assert len(experiment_runs(project)) == 1  # the baseline's: the rest went to the server
         assert "database is locked" not in server.log_tail(chars=10**7)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert experiment is not None
-    baseline, *runs = client.search_runs(
+    every_run = client.search_runs(
         [experiment.experiment_id], order_by=["attributes.start_time ASC"]
     )
-    assert "dvc.exp_name" not in baseline.data.tags
+    baseline = [] if server is not None else every_run[:1]  # the baseline logged locally
+    runs = every_run[len(baseline) :]
+    assert all("dvc.exp_name" not in b.data.tags for b in baseline)
     by_name = {run.data.tags.get("dvc.exp_name"): run for run in runs}
     assert len(runs) == len(SEEDS) and set(by_name) == set(SEEDS), [
         (r.info.run_name, r.data.tags.get("dvc.exp_name")) for r in runs
     ]
-    assert len({r.info.run_id for r in [baseline, *runs]}) == len(SEEDS) + 1
+    assert len({r.info.run_id for r in [*baseline, *runs]}) == len(SEEDS) + len(baseline)
     for name, run in by_name.items():
         assert run.info.status == "FINISHED", (name, run.info.status)
         assert run.data.params["train.seed"] == str(SEEDS[name])
@@ -150,8 +150,8 @@ def test_queued_experiments_run_in_parallel(
 
     # export registered one model version per run; concurrent registrations got distinct ones.
     versions = client.search_model_versions(f"name='{REGISTERED}'")
-    assert sorted(int(v.version) for v in versions) == list(range(1, len(SEEDS) + 2))
-    assert {v.run_id for v in versions} == {r.info.run_id for r in [baseline, *runs]}
+    assert sorted(int(v.version) for v in versions) == list(range(1, len(every_run) + 1))
+    assert {v.run_id for v in versions} == {r.info.run_id for r in every_run}
 
     shown = exp_show_revs(json.loads(dvc(project, env, "exp", "show", "--json").stdout))
     for name, run in by_name.items():

@@ -83,16 +83,16 @@ def build_net(
 def write_model(
     path: Path, net: RNNLM, vocab: list[str] | None = None, quantize: bool = False
 ) -> Path:
-    """Export `net` with full rnnlm metadata to `path` (and an int8 copy when `quantize`)."""
-    vocab = vocab or VOCAB
+    """`net` with full rnnlm metadata at `path` (the export stage's sequence; the int8 copy
+    beside it as `<stem>.int8.onnx`, kept only when `quantize`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    export.export_onnx(net, path, "torchscript", 17)
-    metadata = export.build_metadata(net.config, vocab, tiny_tokenizer().to_dict(), PROVENANCE)
-    export.attach_metadata(path, metadata, "test model")
-    if quantize:
-        int8 = path.with_suffix(".int8.onnx")
-        export.quantize_model(path, int8, net.config.cell)
-        export.attach_metadata(int8, {**metadata, "rnnlm.precision": "int8"}, "test int8")
+    int8_name = path.with_suffix(".int8.onnx").name
+    _, int8 = export.write_onnx_models(
+        net, path.parent, vocab or VOCAB, tiny_tokenizer().to_dict(), PROVENANCE,
+        names=(path.name, int8_name),
+    )  # fmt: skip
+    if not quantize:
+        int8.unlink()
     return path
 
 

@@ -8,8 +8,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -21,7 +23,12 @@ from rnnlm.callbacks import format_duration
 from rnnlm.config import CellOverrides, Params
 from rnnlm.files import md5_file
 from rnnlm.lit_module import LitRNNLM
-from tests.fixtures import shipped_params, unused_port, write_full_params
+from tests.fixtures import (
+    prepare_tiny_project,
+    shipped_params,
+    unused_port,
+    write_full_params,
+)
 
 
 def _client(params: Params) -> mlflow.MlflowClient:
@@ -35,18 +42,31 @@ def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str | None = None
     return found
 
 
-@pytest.fixture
-def trained(processed_tiny: Params, tmp_path: Path) -> tuple[Params, dict]:
-    """A tiny two-epoch training run with its params file logged."""
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text("model:\n  cell: lstm\n")
-    return processed_tiny, train.run_from_params(processed_tiny, params_file=params_file)
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    params: Params
+    metrics: dict
+    environ_after: dict[str, str]  # os.environ right after training, before the fixture ends
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
+    """A tiny two-epoch training run with its params file logged, shared by this module's
+    tests that only read it (the MLflow store under its own folder)."""
+    root = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.setenv("RNNLM_PROJECT_ROOT", str(root))
+        params = prepare_tiny_project(root)
+        params_file = write_full_params(params, root / "params.yaml")
+        metrics = train.run_from_params(params, params_file=params_file)
+        yield Trained(params, metrics, dict(os.environ))
 
 
 def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
-    trained: tuple[Params, dict],
+    trained: Trained,
 ) -> None:
-    params, metrics = trained
+    params, metrics = trained.params, trained.metrics
     paths = params.paths
     assert (paths.models_dir / "model.ckpt").is_file()
     assert not (paths.models_dir / "checkpoints").exists()
@@ -123,9 +143,18 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
     } <= artifacts
 
 
-def test_same_seed_same_perplexity(trained: tuple[Params, dict]) -> None:
-    params, first = trained
-    again = train.run_from_params(params)
+def test_same_seed_same_perplexity(trained: Trained, tmp_path: Path) -> None:
+    first = trained.metrics
+    params = dataclasses.replace(  # the same data and store, its own outputs
+        trained.params,
+        paths=dataclasses.replace(
+            trained.params.paths, models_dir=tmp_path / "models", metrics_dir=tmp_path / "m"
+        ),
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.setenv("RNNLM_PROJECT_ROOT", str(trained.params.paths.raw_dir.parents[1]))
+        again = train.run_from_params(params)
     assert again["run_id"] != first["run_id"]
     assert f"{again['val_ppl']:.4g}" == f"{first['val_ppl']:.4g}"
     assert f"{again['test_ppl']:.4g}" == f"{first['test_ppl']:.4g}"
@@ -306,10 +335,8 @@ def test_launcher_world_that_disagrees_with_train_devices_is_refused_by_name(
     train.check_launcher_world(dataclasses.replace(t, devices="auto"), env)
 
 
-def test_training_in_process_leaves_no_tracking_uri_behind(trained: tuple[Params, dict]) -> None:
+def test_training_in_process_leaves_no_tracking_uri_behind(trained: Trained) -> None:
     """mlflow.set_tracking_uri (Lightning's logger calls it) exports MLFLOW_TRACKING_URI: a later
     stage or subprocess would inherit it and log there whatever its params say."""
-    import os
-
-    assert "MLFLOW_TRACKING_URI" not in os.environ
-    assert mlflow.get_tracking_uri() != trained[0].mlflow.tracking_uri
+    assert "MLFLOW_TRACKING_URI" not in trained.environ_after
+    assert mlflow.get_tracking_uri() != trained.params.mlflow.tracking_uri
