@@ -30,10 +30,11 @@ repro: install
 	$(BIN)/dvc repro
 
 # One pytest worker per core (pytest-xdist): most tests wait on single-threaded subprocesses.
-# Tests that build on the session's tiny pipeline share a worker (xdist_group), so it runs once.
-# The 15 slowest tests are listed at the end, so a slow newcomer is seen.
+# A test file goes to one worker whole (--dist loadfile), so its module-scoped fixtures (a
+# trained model, a DDP run) are built once. The 15 slowest tests are listed at the end, so a
+# slow newcomer is seen.
 PYTEST_WORKERS ?= auto
-PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 test: install
 	$(PYTEST)
@@ -58,14 +59,16 @@ format: install
 # The UI on the project's store; another port: make mlflow-ui MLFLOW_PORT=5001
 MLFLOW_PORT ?= 5000
 mlflow-ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
 		--default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # A local tracking server (SQLite backend, proxied artifacts); then, in another shell:
 #   MLFLOW_TRACKING_URI=http://127.0.0.1:5000 make repro
 # Another port: make mlflow-server MLFLOW_PORT=5001
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: no job runner (seven worker processes for GenAI
+# scorers and trace roll-ups, which training runs never use).
 mlflow-server: install
-	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
 		--artifacts-destination ./mlruns/server-artifacts --serve-artifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
 

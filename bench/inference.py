@@ -34,9 +34,10 @@ import torch
 from nltk.tokenize.punkt import PunktParameters
 
 from rnnlm import export
-from rnnlm.inference import LanguageModel, default_threads, session_options, token_nll
+from rnnlm.inference import LanguageModel, session_options, token_nll
 from rnnlm.model import RNNLM, RNNLMConfig
-from rnnlm.text import EOS, EOS_ID, UNK, TextTokenizer
+from rnnlm.streams import EOS, EOS_ID, UNK
+from rnnlm.text import TextTokenizer
 
 GEN_TARGET, INT8_TARGET, PPL_TOLERANCE_PCT = 6.0, 1.7, 0.5
 
@@ -55,6 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
+
+
+def default_threads() -> int:
+    """All cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def build_model(args: argparse.Namespace) -> tuple[RNNLM, list[str], dict, str]:

@@ -35,7 +35,7 @@ from rnnlm.files import save_npy_atomic, write_json_atomic
 from rnnlm.lit_module import LitRNNLM
 from rnnlm.model import RNNLMConfig, detach_state
 from rnnlm.processed import read_vocab
-from rnnlm.text import SPECIAL_TOKENS
+from rnnlm.streams import SPECIAL_TOKENS
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # every value not set below
 

@@ -458,6 +458,7 @@ def mlflow_server(
         "1",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # as `make mlflow-server` sets it
     with (root / "server.log").open("wb") as log:
         # Its own process group (session), so that stop() reaches the workers too.
         process = subprocess.Popen(

@@ -30,8 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from rnnlm.streams import check_token_ids, padded_history
-from rnnlm.text import EOS_ID
+from rnnlm.streams import EOS_ID, check_token_ids, padded_history
 
 # Discounts are kept in [MIN_DISCOUNT, k] for count level k: a discount of zero would leave no
 # mass for the lower order (unseen words get probability 0), one above k would create mass.

@@ -43,8 +43,6 @@ from rnnlm.text import decode_document
 DEFAULT_MODEL = Path("models/model.onnx")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
-Handler = Callable[[argparse.Namespace], int]
-
 
 class CliError(RuntimeError):
     """A problem with the user's input, reported as one line (exit code 1)."""

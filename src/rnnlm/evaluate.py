@@ -198,26 +198,23 @@ def run(
     vocab = read_vocab(paths)
     train, test = (read_split(paths, split, len(vocab)) for split in ("train", "test"))
     torch_ppl = read_train_test_ppl(paths)
-    model_path = paths.onnx_model
-    lm = load_model(model_path, vocab)
+    lm = load_model(paths.onnx_model, vocab)
     run_id = tracking.read_run_id(paths.train_run)
     registered = read_registered_version(paths)
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before the work
 
     start = time.perf_counter()
     rnn_ppl = lm.score_ids(test).ppl
-    rnn_seconds = time.perf_counter() - start
+    seconds = {"rnn": time.perf_counter() - start}
     comparable = rnn_ppl if eval_batch_size == 1 else score_rows(lm, test, eval_batch_size)
     rel_diff = check_agreement(comparable, torch_ppl, p.tolerance)
-
     start = time.perf_counter()
     kn = baselines.fit_kneser_ney(train, len(vocab), p.kn_order, p.kn_discount)
     kn_ppl = baselines.perplexity(kn.logprobs(test))
-    kn_seconds = time.perf_counter() - start
+    seconds["kn"] = time.perf_counter() - start
     unigram_ppl = baselines.perplexity(
         baselines.unigram_logprobs(baselines.fit_unigram(train, len(vocab)), test)
     )
-    stats = split_stats(test, n_docs=0)
     metrics: dict[str, Any] = {
         "test/onnx_ppl": round(rnn_ppl, 4),
         "test/pytorch_ppl": torch_ppl,
@@ -225,14 +222,46 @@ def run(
         "test/kn_ppl": round(kn_ppl, 4),
         "test/unigram_ppl": round(unigram_ppl, 4),
         "test/improvement_over_kn_pct": round(improvement_pct(rnn_ppl, kn_ppl), 4),
-        "test/oov_rate": stats["oov_rate"],
+        "test/oov_rate": split_stats(test, n_docs=0)["oov_rate"],
         "test/tokens": len(test),
     }
+    write_outputs(paths, metrics, generate_samples(lm, p), p, run_id)
+    log_evaluation(tracked, paths, metrics, p, kn.discounts)
+    if registered is not None:
+        name, version = registered
+        description = (
+            f"{lm.cell} {lm.hidden_dim}x{lm.num_layers}: test perplexity {rnn_ppl:.2f} "
+            f"(Kneser-Ney {p.kn_order}-gram {kn_ppl:.2f}); MLflow run {run_id}"
+        )
+        tracking.record_test_perplexity(tracked, name, version, rnn_ppl, description)
+    log.info(
+        "test perplexity: RNN (ONNX) %.2f [%.1fs; PyTorch %.2f, %.2g%% apart], Kneser-Ney "
+        "order %d %.2f [%.1fs], unigram %.2f; RNN vs KN %+.1f%%; OOV %.2f%%",
+        rnn_ppl,
+        seconds["rnn"],
+        torch_ppl,
+        100 * rel_diff,
+        p.kn_order,
+        kn_ppl,
+        seconds["kn"],
+        unigram_ppl,
+        -metrics["test/improvement_over_kn_pct"],
+        100 * metrics["test/oov_rate"],
+    )
+    return metrics
 
-    samples = generate_samples(lm, p)
+
+def write_outputs(
+    paths: Paths,
+    metrics: Mapping[str, Any],
+    samples: Mapping[str, Sequence[str]],
+    p: EvaluateParams,
+    run_id: str,
+) -> None:
+    """metrics/eval.json and metrics/samples.txt, together or not at all."""
     header = (
         f"# {len(samples)} prompt(s) x {p.samples_per_prompt} sample(s) of {p.sample_tokens} "
-        f"tokens from {model_path.name} (MLflow run {run_id}), seed {p.sample_seed}, "
+        f"tokens from {paths.onnx_model.name} (MLflow run {run_id}), seed {p.sample_seed}, "
         f"temperature {p.sample_temperature:g}"
     )
     with staged_files(paths.metrics_dir) as staged:
@@ -241,45 +270,27 @@ def run(
             staged / paths.samples.name, format_samples(samples, p.sample_prompts, header)
         )
 
+
+def log_evaluation(
+    tracked: tracking.TrackedRun,
+    paths: Paths,
+    metrics: Mapping[str, Any],
+    p: EvaluateParams,
+    kn_discounts: Mapping[int, Sequence[float]],
+) -> None:
+    """The metrics, the baseline's settings and both output files, in the training run."""
     tracked.log_metrics(metrics)
     tracked.set_tags(
         {
             "evaluate.kn_order": str(p.kn_order),
             "evaluate.kn_discount": p.kn_discount,
             "evaluate.kn_discounts": str(
-                {n: [round(d, 4) for d in ds] for n, ds in kn.discounts.items()}
+                {n: [round(d, 4) for d in ds] for n, ds in kn_discounts.items()}
             ),
         }
     )
     tracked.log_artifact(paths.eval_metrics, ARTIFACT_DIR)
     tracked.log_artifact(paths.samples, ARTIFACT_DIR)
-    if registered is not None:
-        name, version = registered
-        tracking.record_test_perplexity(
-            tracked,
-            name,
-            version,
-            rnn_ppl,
-            description=(
-                f"{lm.cell} {lm.hidden_dim}x{lm.num_layers}: test perplexity {rnn_ppl:.2f} "
-                f"(Kneser-Ney {p.kn_order}-gram {kn_ppl:.2f}); MLflow run {run_id}"
-            ),
-        )
-    log.info(
-        "test perplexity: RNN (ONNX) %.2f [%.1fs; PyTorch %.2f, %.2g%% apart], Kneser-Ney "
-        "order %d %.2f [%.1fs], unigram %.2f; RNN vs KN %+.1f%%; OOV %.2f%%",
-        rnn_ppl,
-        rnn_seconds,
-        torch_ppl,
-        100 * rel_diff,
-        p.kn_order,
-        kn_ppl,
-        kn_seconds,
-        unigram_ppl,
-        -metrics["test/improvement_over_kn_pct"],
-        100 * metrics["test/oov_rate"],
-    )
-    return metrics
 
 
 def run_from_params(params: Params) -> dict[str, Any]:

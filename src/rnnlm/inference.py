@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import numbers
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,8 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnlm.errors import RnnlmError, short_repr
-from rnnlm.streams import check_token_ids, lm_pairs
-from rnnlm.text import EOS, EOS_ID, UNK, UNK_ID, TextTokenizer, detokenize
+from rnnlm.streams import EOS, EOS_ID, UNK, UNK_ID, check_token_ids, lm_pairs
+from rnnlm.text import TextTokenizer, detokenize
 
 log = logging.getLogger(__name__)
 
@@ -631,11 +630,3 @@ class LanguageModel:
         return ScoreResult(
             nll=float(nll.sum()), tokens=len(nll), unknown=len(unknown), sentences=scored
         )
-
-
-def default_threads() -> int:
-    """All cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

@@ -20,8 +20,7 @@ import numpy as np
 from rnnlm.config import Paths
 from rnnlm.errors import RnnlmError
 from rnnlm.files import read_json
-from rnnlm.streams import check_token_ids
-from rnnlm.text import SPECIAL_TOKENS, TextTokenizer
+from rnnlm.streams import SPECIAL_TOKENS, check_token_ids
 
 RERUN = "run the tokenize stage first"
 
@@ -62,6 +61,8 @@ def read_tokenizer(paths: Paths) -> dict[str, Any]:
     """The tokenizer's dict (as stored in the ONNX metadata), checked by building it."""
     path = paths.tokenizer
     data = _json(path)
+    from rnnlm.text import TextTokenizer  # NLTK: only the stages that tokenize pay its import
+
     try:
         TextTokenizer.from_dict(data)
     except (KeyError, TypeError, ValueError, AttributeError) as err:

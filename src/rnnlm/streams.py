@@ -2,7 +2,8 @@
 
 A split, or a text to score, is one stream of token ids in which every sentence ends with
 `<eos>` (id 1); words outside the vocabulary are `<unk>` (id 0). This module is the one home of
-what is done with such a stream, in numpy only (the torch-free inference path imports it):
+those ids and of what is done with such a stream, in numpy only (no NLTK, no torch: training,
+the baselines and the torch-free inference path import it):
 
     lm_pairs(stream)          inputs `<eos>` + stream[:-1], targets the stream: every token is
                               predicted, the first one from a sentence boundary
@@ -20,7 +21,14 @@ from collections.abc import Iterable
 import numpy as np
 
 from rnnlm.errors import short_repr
-from rnnlm.text import EOS_ID, UNK_ID
+
+# The vocabulary starts with these two, in this order: `<unk>` stands for every word outside
+# it, `<eos>` ends every sentence (and starts every stream, see lm_pairs).
+UNK = "<unk>"
+EOS = "<eos>"
+SPECIAL_TOKENS = (UNK, EOS)
+UNK_ID = 0
+EOS_ID = 1
 
 
 def lm_pairs(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

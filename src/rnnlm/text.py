@@ -18,11 +18,7 @@ from nltk.tokenize.destructive import NLTKWordTokenizer
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
 from nltk.tokenize.treebank import TreebankWordDetokenizer
 
-UNK = "<unk>"
-EOS = "<eos>"
-SPECIAL_TOKENS = (UNK, EOS)
-UNK_ID = 0
-EOS_ID = 1
+from rnnlm.streams import EOS, UNK_ID
 
 ParagraphRule = Literal["line", "blank_line"]
 

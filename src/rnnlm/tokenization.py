@@ -29,9 +29,8 @@ from rnnlm.files import (
     write_json_atomic,
 )
 from rnnlm.stage import stage_main
-from rnnlm.streams import split_stats
+from rnnlm.streams import SPECIAL_TOKENS, split_stats
 from rnnlm.text import (
-    SPECIAL_TOKENS,
     TextTokenizer,
     decode_document,
     encode,

@@ -429,7 +429,7 @@ def log_onnx_model(
     outputs: Sequence[tuple[str, str, tuple[int, ...]]],
     params: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
-) -> dict[str, str]:
+) -> dict[str, str | None]:
     """Log an ONNX file to `tracked`'s run with MLflow's ONNX flavor; register it by name.
 
     The model becomes a LoggedModel linked to the run (source run = the training run), with a
@@ -471,26 +471,13 @@ def log_onnx_model(
             result = {
                 "model_uri": info.model_uri,
                 "model_id": info.model_id,
-                "registered_model": None,
-                "registered_version": None,
+                "registered_model": registered_model_name,
+                "registered_version": (
+                    _register(tracked, info.model_uri, registered_model_name)
+                    if registered_model_name
+                    else None
+                ),
             }
-            if registered_model_name:
-                client = tracked.client
-                run_tags = client.get_run(tracked.run_id).data.tags
-                version = mlflow.register_model(
-                    info.model_uri,
-                    registered_model_name,
-                    tags={
-                        "mlflow_run_id": tracked.run_id,
-                        **{k: run_tags[k] for k in VERSION_TAGS_FROM_RUN if k in run_tags},
-                    },
-                )
-                if not client.get_registered_model(registered_model_name).description:
-                    client.update_registered_model(
-                        registered_model_name, description=REGISTERED_MODEL_DESCRIPTION
-                    )
-                result["registered_model"] = registered_model_name
-                result["registered_version"] = str(version.version)
     except Exception as err:  # MLflow raises many types; all mean "could not log"
         raise TrackingError(f"MLflow: logging {model_path.name} failed: {err}") from err
     log.info(
@@ -503,6 +490,26 @@ def log_onnx_model(
         else "",
     )
     return result
+
+
+def _register(tracked: TrackedRun, model_uri: str, name: str) -> str:
+    """A new version of registered model `name` from `model_uri` (fluent URI set by the
+    caller), tagged with the run and what it is; the model gets its description once."""
+    import mlflow
+
+    client = tracked.client
+    run_tags = client.get_run(tracked.run_id).data.tags
+    version = mlflow.register_model(
+        model_uri,
+        name,
+        tags={
+            "mlflow_run_id": tracked.run_id,
+            **{k: run_tags[k] for k in VERSION_TAGS_FROM_RUN if k in run_tags},
+        },
+    )
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+    return str(version.version)
 
 
 def _tagged_ppl(version: Any) -> float | None:

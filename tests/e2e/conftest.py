@@ -1,4 +1,4 @@
-"""The tiny pipeline, run once per test session and copied by the tests that build on it.
+"""The tiny pipeline, run once per test run and copied by the tests that build on it.
 
 `tiny_pipeline` is a copy of the project with the tiny params, `dvc repro` run once (download
 from a loopback mirror, tokenize, train, export, evaluate) and committed: the baseline that the
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.e2e._pipeline import commit_all, pipeline_env, repro_log, write_tiny_params
 from tests.fixtures import (
@@ -27,10 +28,6 @@ from tests.fixtures import (
     serve_directory,
 )
 
-# The tests that use `tiny_pipeline` run in one pytest-xdist worker (`--dist loadgroup`), so
-# the session builds it once.
-TINY_PIPELINE_GROUP = "tiny_pipeline"
-
 
 @dataclass(frozen=True)
 class TinyPipeline:
@@ -40,8 +37,25 @@ class TinyPipeline:
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyPipeline]:
-    root = tmp_path_factory.mktemp("tiny_pipeline")
+def tiny_pipeline(
+    tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> Iterator[TinyPipeline]:
+    """Built by the first test that asks for it, in whichever pytest-xdist worker: the others
+    wait for it (a file lock in the run's shared temp folder) and reuse it."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "tiny_pipeline"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "built").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            build_tiny_pipeline(root)
+    # This worker's own server for the same mirror (the builder's stops with its session).
+    with serve_directory(root / "mirror") as server:
+        log = (root / "built").read_text(encoding="utf-8")
+        yield TinyPipeline(root / "project", server.url, log)
+
+
+def build_tiny_pipeline(root: Path) -> None:
+    """The tiny project under `root`: `dvc repro` from a loopback mirror, committed."""
     mirror = build_nltk_mirror(root / "mirror", {TINY_ID: encode_docs(make_tiny_corpus_docs())})
     with serve_directory(mirror) as server:
         project = copy_project(root / "project")
@@ -49,7 +63,7 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyPipe
         commit_all(project, "tiny params")  # a clean checkout, as a fresh clone is
         log = repro_log(project, pipeline_env(project, server.url))
         commit_all(project, "tiny pipeline baseline")
-        yield TinyPipeline(project, server.url, log)
+    (root / "built").write_text(log, encoding="utf-8")
 
 
 def relocate_mlflow_store(db: Path, old: Path, new: Path) -> None:

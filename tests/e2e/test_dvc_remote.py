@@ -30,10 +30,10 @@ from tests.e2e._pipeline import (
     repro_log,
     run_ok,
 )
-from tests.e2e.conftest import TINY_PIPELINE_GROUP, TinyPipeline, clone_pipeline
+from tests.e2e.conftest import TinyPipeline, clone_pipeline
 from tests.fixtures import TINY_ID
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group(TINY_PIPELINE_GROUP)]
+pytestmark = pytest.mark.e2e
 
 REMOTE = "shared"
 STAGES = ("download", "tokenize", "train", "export", "evaluate")

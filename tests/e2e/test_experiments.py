@@ -30,9 +30,9 @@ from tests.e2e._pipeline import (
     run_ok,
     set_git_identity,
 )
-from tests.e2e.conftest import TINY_PIPELINE_GROUP, TinyPipeline, clone_pipeline
+from tests.e2e.conftest import TinyPipeline, clone_pipeline
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group(TINY_PIPELINE_GROUP)]
+pytestmark = pytest.mark.e2e
 
 TRAINED = ("train", "export", "evaluate")  # the stages an experiment's override reruns
 

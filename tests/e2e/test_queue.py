@@ -39,10 +39,10 @@ from tests.e2e._pipeline import (
     pipeline_env,
     set_git_identity,
 )
-from tests.e2e.conftest import TINY_PIPELINE_GROUP, TinyPipeline, clone_pipeline
+from tests.e2e.conftest import TinyPipeline, clone_pipeline
 from tests.fixtures import MlflowServer, mlflow_server
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group(TINY_PIPELINE_GROUP)]
+pytestmark = pytest.mark.e2e
 
 REGISTERED = "rnnlm"  # export.registered_model_name in the real params.yaml
 SEEDS = {"seed-11": 11, "seed-12": 12}  # as many as workers: one round, all at once

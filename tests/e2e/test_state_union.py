@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rnnlm import download, tokenization
-from rnnlm.text import EOS_ID, UNK_ID
+from rnnlm.streams import EOS_ID, UNK_ID
 from tests.fixtures import params_with
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mirror]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rnnlm import baselines
-from rnnlm.text import EOS_ID
+from rnnlm.streams import EOS_ID
 
 # Vocabulary of the hand-computed case: 0 <unk>, 1 <eos>, 2 "a", 3 "b".
 A, B = 2, 3

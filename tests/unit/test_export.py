@@ -30,7 +30,8 @@ from rnnlm.inference import (
     ModelLoadError,
 )
 from rnnlm.model import RNNLM, RNNLMConfig
-from rnnlm.text import EOS, UNK, TextTokenizer
+from rnnlm.streams import EOS, UNK
+from rnnlm.text import TextTokenizer
 from tests.fixtures import write_full_params
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")

@@ -26,7 +26,7 @@ from rnnlm.inference import (
     token_nll,
 )
 from rnnlm.model import RNNLM
-from rnnlm.text import EOS_ID
+from rnnlm.streams import EOS_ID
 from tests.unit.test_export import (
     VOCAB,
     build_net,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rnnlm.streams import check_token_ids, lm_pairs, padded_history, split_stats
-from rnnlm.text import EOS_ID, UNK_ID
+from rnnlm.streams import EOS_ID, UNK_ID, check_token_ids, lm_pairs, padded_history, split_stats
 
 
 def test_lm_pairs_predict_every_token_from_an_eos_start() -> None:

@@ -23,12 +23,8 @@ from nltk.tokenize.punkt import PunktParameters
 from rnnlm import tokenization
 from rnnlm.config import Params, Paths
 from rnnlm.files import WriteError, describe_os_error
+from rnnlm.streams import EOS, EOS_ID, SPECIAL_TOKENS, UNK, UNK_ID
 from rnnlm.text import (
-    EOS,
-    EOS_ID,
-    SPECIAL_TOKENS,
-    UNK,
-    UNK_ID,
     TextTokenizer,
     decode,
     decode_document,
