@@ -59,6 +59,7 @@ format: install
 # The UI on the project's store; another port: make mlflow-ui MLFLOW_PORT=5001
 MLFLOW_PORT ?= 5000
 mlflow-ui: install
+	@echo "==> the runs: http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
 		--default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
@@ -74,11 +75,11 @@ mlflow-server: install
 
 # Experiments side by side in a terminal: the params that differ and the headline metrics.
 # `dvc exp show` alone lists every param, metric and dependency hash (over 140 columns).
-EXPS_KEEP := ^(val_ppl|test/onnx_ppl|test/kn_ppl|epochs|train_time_s)$$
-EXPS_DROP := ^(data|models|src|metrics)/|^(train|validation|test)\.(documents|sentences|tokens|oov_rate)$$|^vocab_size$$|^(parity|onnx|int8)/|^(best_epoch|devices|test_loss|val_loss|tokens_per_s|test_ppl)$$|^test/(tokens|oov_rate|pytorch_ppl|onnx_pytorch_rel_diff|unigram_ppl|improvement_over_kn_pct)$$
+EXPS_KEEP := ^(val_ppl|headline/test_ppl|headline/kn_test_ppl|epochs|train_time_s)$$
+EXPS_DROP := ^(data|models|src|metrics)/|^(train|validation|test)\.(documents|sentences|tokens|oov_rate)$$|^vocab_size$$|^(parity|onnx|int8)/|^(best_epoch|devices|test_loss|val_loss|tokens_per_s|test_ppl)$$|^test/(tokens|oov_rate|pytorch_ppl|onnx_pytorch_rel_diff)$$|^headline/(unigram_test_ppl|improvement_over_kn_pct)$$
 exps: install
 	@$(BIN)/dvc exp show --no-pager --only-changed --keep '$(EXPS_KEEP)' --drop '$(EXPS_DROP)' \
-		--sort-by test/onnx_ppl --sort-order asc
+		--sort-by headline/test_ppl --sort-order asc
 
 clean-venv:
 	rm -rf $(VENV)

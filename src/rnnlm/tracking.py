@@ -38,8 +38,11 @@ DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows as an experiment's 
 EXPERIMENT_DESCRIPTION = (
     "Recurrent language models (GRU, LSTM, vanilla RNN) trained by the rnnlm DVC pipeline. "
     "One run per training: params, per-step and per-epoch curves, the ONNX model and its "
-    "evaluation. Headline metrics: test/ppl (the shipped ONNX model's test perplexity), "
-    "val/best_ppl, and the count-based baselines test/kn_ppl and test/unigram_ppl."
+    "evaluation. The numbers to compare are in the charts' first section, headline/: "
+    "test_ppl (the shipped ONNX model's test perplexity), val_ppl (the best epoch's), "
+    "kn_test_ppl and unigram_test_ppl (count-based baselines on the same split) and "
+    "improvement_over_kn_pct. In the UI choose 'Model training' (or add "
+    "?workflowType=machine_learning to the URL) to see the runs."
 )
 REGISTERED_MODEL_DESCRIPTION = (
     "Recurrent language models exported by the rnnlm pipeline as self-contained ONNX files "

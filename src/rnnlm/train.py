@@ -478,7 +478,7 @@ def log_run(
     tracked.log_metrics(
         {
             "val/best_loss": metrics["val_loss"],
-            "val/best_ppl": metrics["val_ppl"],
+            "headline/val_ppl": metrics["val_ppl"],
             "val/best_epoch": metrics["best_epoch"],
             "train/time_s": metrics["train_time_s"],
             "train/mean_tokens_per_s": metrics["tokens_per_s"],

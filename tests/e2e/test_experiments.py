@@ -84,7 +84,7 @@ def test_dvc_experiments_share_one_mlflow_store(
     assert settings[0] == ("lstm", "1234")  # the committed baseline
     assert settings[1][0] == "gru"
     assert settings[2][1] == "3"
-    assert all("test/onnx_ppl" in r.data.metrics for r in runs)  # evaluate logged to each
+    assert all("headline/test_ppl" in r.data.metrics for r in runs)  # evaluate logged to each
 
     baseline_run, *exp_runs = runs
     assert "dvc.exp_name" not in baseline_run.data.tags
@@ -102,8 +102,8 @@ def test_dvc_experiments_share_one_mlflow_store(
         evaluate = metric_file(data, "metrics/eval.json")
         # DVC's experiment and MLflow's run (found by its dvc.exp_name tag) agree.
         assert committed_json(project, data, "metrics/train_run.json")["run_id"] == run.info.run_id
-        assert train["val_ppl"] == pytest.approx(run.data.metrics["val/best_ppl"])
-        assert evaluate["test/onnx_ppl"] == pytest.approx(run.data.metrics["test/onnx_ppl"])
+        assert train["val_ppl"] == pytest.approx(run.data.metrics["headline/val_ppl"])
+        assert evaluate["headline/test_ppl"] == pytest.approx(run.data.metrics["headline/test_ppl"])
         assert param(data, "model", "cell") == run.data.params["model.cell"]
         assert str(param(data, "train", "seed")) == run.data.params["train.seed"]
 
@@ -135,7 +135,8 @@ def test_dvc_experiments_share_one_mlflow_store(
     ]
     view = run_ok(make, cwd=project, env={**env, "COLUMNS": "200"}).stdout
     header = next(line for line in view.splitlines() if "Experiment" in line)
-    for column in ("model.cell", "train.seed", "val_ppl", "test/onnx_ppl", "test/kn_ppl"):
+    headline = ("val_ppl", "headline/test_ppl", "headline/kn_test_ppl")
+    for column in ("model.cell", "train.seed", *headline):
         assert column in header, view
     assert "src/rnnlm" not in view and "run_id" not in view and "parity/" not in view, view
     assert max(len(line) for line in view.splitlines()) <= 200, view

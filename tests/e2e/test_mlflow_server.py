@@ -63,8 +63,8 @@ def check_run(client: MlflowClient, project: Path, tmp: Path) -> str:
     assert params["train.max_epochs"] == "2" and params["train.seed"] == "1234"
     metrics = run.data.metrics
     assert metrics["test/ppl"] == pytest.approx(train["test_ppl"], rel=1e-4)
-    assert metrics["val/best_ppl"] == pytest.approx(train["val_ppl"])
-    assert metrics["test/onnx_ppl"] == pytest.approx(evaluate["test/onnx_ppl"])
+    assert metrics["headline/val_ppl"] == pytest.approx(train["val_ppl"])
+    assert metrics["headline/test_ppl"] == pytest.approx(evaluate["headline/test_ppl"])
     assert "parity/max_abs_err" in metrics  # export's
 
     run_id = run.info.run_id

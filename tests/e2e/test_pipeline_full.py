@@ -76,15 +76,15 @@ def check_metrics(project: Path) -> dict[str, dict]:
     assert export_model["registered_version"] == "1"
     assert export_model["model_uri"].startswith("models:/")
 
-    rnn_ppl = evaluate["test/onnx_ppl"]
+    rnn_ppl = evaluate["headline/test_ppl"]
     assert evaluate["test/pytorch_ppl"] == train["test_ppl"]
     assert abs(rnn_ppl - train["test_ppl"]) / train["test_ppl"] <= 1e-3, (evaluate, train)
     assert evaluate["test/onnx_pytorch_rel_diff"] <= 1e-3
-    assert evaluate["test/kn_ppl"] > 1.0 and evaluate["test/unigram_ppl"] > 1.0
-    assert evaluate["test/kn_ppl"] < evaluate["test/unigram_ppl"]  # trigrams beat unigrams
+    kn, unigram = evaluate["headline/kn_test_ppl"], evaluate["headline/unigram_test_ppl"]
+    assert 1.0 < kn < unigram  # trigrams beat unigrams
     assert math.isclose(
-        evaluate["test/improvement_over_kn_pct"],
-        100 * (1 - rnn_ppl / evaluate["test/kn_ppl"]),
+        evaluate["headline/improvement_over_kn_pct"],
+        100 * (1 - rnn_ppl / evaluate["headline/kn_test_ppl"]),
         abs_tol=1e-2,
     )
     assert evaluate["test/tokens"] == stats["test"]["tokens"]
@@ -100,11 +100,12 @@ def check_mlflow(project: Path, metrics: dict[str, dict]) -> None:
     assert run.info.run_id == metrics["train"]["run_id"]
     assert run.info.status == "FINISHED"
     logged = run.data.metrics
-    assert logged["val/best_ppl"] == pytest.approx(metrics["train"]["val_ppl"])
+    assert logged["headline/val_ppl"] == pytest.approx(metrics["train"]["val_ppl"])
     assert logged["test/ppl"] == pytest.approx(metrics["train"]["test_ppl"], rel=1e-4)
     assert logged["parity/max_abs_err"] == pytest.approx(metrics["export"]["parity/max_abs_err"])
-    assert logged["test/onnx_ppl"] == pytest.approx(metrics["evaluate"]["test/onnx_ppl"])
-    assert logged["test/kn_ppl"] == pytest.approx(metrics["evaluate"]["test/kn_ppl"])
+    assert logged["headline/test_ppl"] == pytest.approx(metrics["evaluate"]["headline/test_ppl"])
+    kn = metrics["evaluate"]["headline/kn_test_ppl"]
+    assert logged["headline/kn_test_ppl"] == pytest.approx(kn)
     params = run.data.params
     assert params["model.cell"] == "lstm" and params["model.hidden_dim"] == "16"
     assert params["corpus.name"] == TINY_ID and params["train.max_epochs"] == "2"

@@ -143,7 +143,7 @@ def test_queued_experiments_run_in_parallel(
         assert run.info.status == "FINISHED", (name, run.info.status)
         assert run.data.params["train.seed"] == str(SEEDS[name])
         assert run.info.run_name == name
-        assert "test/ppl" in run.data.metrics and "test/onnx_ppl" in run.data.metrics
+        assert "test/ppl" in run.data.metrics and "headline/test_ppl" in run.data.metrics
     # Two workers: some runs overlapped in time (each run spans its train stage).
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
@@ -162,8 +162,8 @@ def test_queued_experiments_run_in_parallel(
         assert {
             v.run_id for v in versions if str(v.version) == registered["registered_version"]
         } == {run.info.run_id}
-        test_ppl = metric_file(data, "metrics/eval.json")["test/onnx_ppl"]
-        assert test_ppl == pytest.approx(run.data.metrics["test/onnx_ppl"])
+        test_ppl = metric_file(data, "metrics/eval.json")["headline/test_ppl"]
+        assert test_ppl == pytest.approx(run.data.metrics["headline/test_ppl"])
     # @champion: the best of the concurrently evaluated versions, whichever finished last.
     scored = {str(v.version): float(v.tags["test_ppl"]) for v in versions}
     champion = client.get_model_version_by_alias(REGISTERED, "champion")

@@ -78,7 +78,7 @@ def test_server_lost_mid_training_then_relogged(processed_tiny: Params, tmp_path
         assert run.info.status == "FINISHED"
         val_steps = [m.step for m in client.get_metric_history(run_id, "val/ppl")]
         assert len(val_steps) == 2 and val_steps == sorted(set(val_steps))
-        assert run.data.metrics["val/best_ppl"] == pytest.approx(metrics["val_ppl"])
+        assert run.data.metrics["headline/val_ppl"] == pytest.approx(metrics["val_ppl"])
         train_steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
         assert train_steps == sorted(set(train_steps))  # nothing twice
         artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoint")}

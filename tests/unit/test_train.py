@@ -98,7 +98,7 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
     assert experiment.name == params.mlflow.experiment_name
     # MLflow 3's UI opens a model-training experiment on its runs, with a description.
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert "test/ppl" in experiment.tags["mlflow.note.content"]
+    assert "headline/" in experiment.tags["mlflow.note.content"]
 
     assert run.data.params["model.cell"] == "lstm"
     assert run.data.params["train.batch_size"] == str(params.train.batch_size)
@@ -109,7 +109,7 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
     for key in (
         "val/loss",
         "val/ppl",
-        "val/best_ppl",
+        "headline/val_ppl",
         "test/ppl",
         "train/loss",
         "train/lr",
