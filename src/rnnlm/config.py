@@ -9,6 +9,8 @@ only the sections it needs (see dvc.yaml's `params:` lists).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import types
 import typing
@@ -467,3 +469,16 @@ def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def training_values(model: ModelParams, train: TrainParams) -> dict[str, Any]:
+    """What a training ran with: the `model` and `train` params as one flat dict (`model.*`,
+    `train.*`). A resumable checkpoint's fingerprint and the exported model's params digest
+    are both made from it."""
+    return {**as_flat_dict(model, "model."), **as_flat_dict(train, "train.")}
+
+
+def params_digest(values: Mapping[str, Any]) -> str:
+    """sha256 of a flat parameter dict, independent of key order (the ONNX provenance)."""
+    text = json.dumps(dict(values), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -54,6 +53,8 @@ from rnnlm.config import (
     Params,
     Paths,
     as_flat_dict,
+    params_digest,
+    training_values,
 )
 from rnnlm.errors import RnnlmError
 from rnnlm.files import (
@@ -332,18 +333,6 @@ def verify_parity(
     return errors
 
 
-def params_digest(flat: Mapping[str, Any]) -> str:
-    """sha256 of a flattened parameter dict, independent of key order."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return dataclasses.asdict(value)
-        return str(value)
-
-    text = json.dumps(dict(flat), sort_keys=True, default=plain, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def build_metadata(
     config: RNNLMConfig,
     vocab: Sequence[str],
@@ -515,17 +504,11 @@ def provenance_of(p: ExportParams, run_id: str, digest: str) -> dict[str, Any]:
     }
 
 
-def run(
-    p: ExportParams,
-    paths: Paths,
-    ml: MlflowParams,
-    digest: str | None = None,
-) -> dict[str, Any]:
+def run(p: ExportParams, paths: Paths, ml: MlflowParams, digest: str) -> dict[str, Any]:
     """Export, verify, quantize, measure, log to MLflow, then move the files into models/.
 
     Args:
-        digest: sha256 of the flattened model/train params (main computes it); when None,
-            that of the model configuration stored in the checkpoint.
+        digest: `config.params_digest` of what the model was trained with (provenance).
 
     Returns:
         The metrics written to metrics/export.json, and the logged model's record
@@ -538,8 +521,6 @@ def run(
     validation = read_split(paths, "validation", len(vocab))
     run_id = tracking.read_run_id(paths.train_run)
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before any work
-    if digest is None:
-        digest = params_digest(dataclasses.asdict(config))
     provenance = provenance_of(p, run_id, digest)
 
     with staged_files(paths.models_dir) as staged:
@@ -598,9 +579,7 @@ def run(
 
 
 def run_from_params(params: Params) -> dict[str, Any]:
-    digest = params_digest(
-        {**as_flat_dict(params.model, "model."), **as_flat_dict(params.train, "train.")}
-    )
+    digest = params_digest(training_values(params.model, params.train))
     return run(params.export, params.paths, params.mlflow, digest=digest)
 
 

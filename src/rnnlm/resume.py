@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rnnlm.config import ModelParams, TrainParams, as_flat_dict
+from rnnlm.config import ModelParams, TrainParams, training_values
 from rnnlm.errors import RnnlmError
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ def fingerprint(
 ) -> dict[str, str]:
     """Everything a checkpoint must have been trained with to be resumed from, as strings."""
     values = {
-        **{f"model.{k}": v for k, v in as_flat_dict(model_p).items()},
-        **{f"train.{k}": v for k, v in as_flat_dict(train_p).items()},
+        **training_values(model_p, train_p),
         **{f"data.md5.{name}": md5 for name, md5 in data_md5.items()},
     }
     return {k: repr(v) for k, v in sorted(values.items()) if k not in NOT_FINGERPRINTED}

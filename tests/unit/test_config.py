@@ -27,7 +27,9 @@ from rnnlm.config import (
     Params,
     as_flat_dict,
     load_params,
+    params_digest,
     parse_params,
+    training_values,
 )
 from rnnlm.stage import stage_argparser
 
@@ -631,3 +633,20 @@ def test_each_stage_depends_on_exactly_the_modules_it_imports() -> None:
         listed = {Path(dep).stem for dep in stage["deps"] if dep.startswith("src/rnnlm/")}
         assert listed == _imported_modules(module[1]), name
     assert "tokenization" not in _imported_modules("evaluate")
+
+
+def test_params_digest_is_order_independent() -> None:
+    a = params_digest({"model.cell": "lstm", "train.lr": 0.1})
+    assert a == params_digest({"train.lr": 0.1, "model.cell": "lstm"})
+    assert a != params_digest({"model.cell": "gru", "train.lr": 0.1})
+    assert len(a) == 64
+
+
+def test_resume_fingerprint_and_export_digest_start_from_the_same_values() -> None:
+    from rnnlm import resume
+
+    params = load_params(PARAMS_YAML)
+    values = training_values(params.model, params.train)
+    fingerprint = resume.fingerprint(params.model, params.train, {"train.npy": "abc"})
+    assert set(fingerprint) == (set(values) - resume.NOT_FINGERPRINTED) | {"data.md5.train.npy"}
+    assert len(params_digest(values)) == 64

@@ -59,7 +59,7 @@ def exported(processed_tiny: Params) -> Params:
     """`processed_tiny` with a trained (2 epochs) and exported tiny LSTM, registered as `tiny`."""
     train.run_from_params(processed_tiny)
     p = dataclasses.replace(processed_tiny.export, registered_model_name="tiny")
-    export.run(p, processed_tiny.paths, processed_tiny.mlflow)
+    export.run_from_params(dataclasses.replace(processed_tiny, export=p))
     return processed_tiny
 
 
