@@ -1,7 +1,7 @@
 """LightningModule around `RNNLM`: loss, truncated BPTT, evaluation, optimizer and schedule.
 
 Logged keys: `train/loss` and `train/lr` per step; `val/loss`, `val/ppl` per epoch; `test/loss`,
-`test/ppl` after training (epoch time and throughput come from train.EpochSummary).
+`test/ppl` after training (epoch time and throughput come from callbacks.EpochSummary).
 Evaluation perplexity is exp(total NLL / total tokens) over the whole split (summed across
 processes under DDP, so it is the same number on one device or many: each evaluation row is
 read by exactly one process), not a mean of per-window perplexities. It never touches MLflow or

@@ -226,7 +226,7 @@ def quiet_lightning(interactive: bool) -> None:
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     # A resume reuses models/checkpoints/ on purpose, and continues an interrupted epoch
-    # exactly (resume.Resumable restores the position, hidden state and RNG), whatever
+    # exactly (callbacks.Resumable restores the position, hidden state and RNG), whatever
     # Lightning's generic check of the data loader concludes.
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")

@@ -77,7 +77,7 @@ def test_hand_computed_bigram_with_a_fixed_discount() -> None:
         [0.5 * unigram[0], 0.5 / 2 + 0.5 * unigram[EOS_ID], 0.5 * unigram[A], 0.25 + 0.5 * 0.21875]
     )
     assert lm.distribution([A])[B] == pytest.approx(0.359375)
-    # The first token is predicted from <eos>, like datamodule.lm_pairs.
+    # The first token is predicted from <eos>, like streams.lm_pairs.
     logprobs = lm.logprobs(np.array([A, B]))
     assert np.exp(logprobs) == pytest.approx([0.8046875, 0.359375])
     ppl = baselines.perplexity(logprobs)
