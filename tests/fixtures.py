@@ -208,6 +208,16 @@ def make_package_zip(pkg_id: str, files: Mapping[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+def _unzipped_size(data: bytes) -> int | None:
+    """What a zip's members add up to, as the NLTK index's `unzipped_size` says; None if the
+    bytes are not a readable zip."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return None
+
+
 def build_nltk_mirror(
     root: Path,
     packages: Mapping[str, Mapping[str, bytes] | bytes],
@@ -230,16 +240,17 @@ def build_nltk_mirror(
     listing = ET.SubElement(nltk_data, "packages")
     for pkg_id, content in packages.items():
         data = content if isinstance(content, bytes) else make_package_zip(pkg_id, content)
-        unzipped = 0 if isinstance(content, bytes) else sum(len(b) for b in content.values())
         attrs = {
             "id": pkg_id,
             "name": f"Test package {pkg_id}",
             "subdir": "corpora",
             "unzip": "1",
-            "unzipped_size": str(unzipped),
             "size": str(len(data)),
             "checksum": hashlib.md5(data, usedforsecurity=False).hexdigest(),
         }
+        unzipped = _unzipped_size(data)
+        if unzipped is not None:  # the index cannot say it of bytes that are no zip
+            attrs["unzipped_size"] = str(unzipped)
         attrs.update(overrides.get(pkg_id, {}))
         relative = f"packages/{attrs['subdir']}/{pkg_id}.zip"
         if url_base is not None:
@@ -511,10 +522,23 @@ def params_with(overrides: Mapping[str, Mapping[str, Any]], source: str = "tests
     return parse_params(shipped_raw_with(overrides), source=source)
 
 
+def paths_under(root: Path) -> dict[str, str]:
+    """The four `paths` folders, laid out under `root` as the shipped params lay them out."""
+    return {
+        "raw_dir": str(root / "data" / "raw"),
+        "processed_dir": str(root / "data" / "processed"),
+        "models_dir": str(root / "models"),
+        "metrics_dir": str(root / "metrics"),
+    }
+
+
 def write_params(path: Path, overrides: Mapping[str, Mapping[str, Any]]) -> Path:
     """A params.yaml for a stage's `main`: the shipped file with `overrides`, unvalidated (so
-    a test can also write a bad value or an unknown key)."""
-    path.write_text(yaml.safe_dump(shipped_raw_with(overrides), sort_keys=False), encoding="utf-8")
+    a test can also write a bad value or an unknown key). Paths the overrides leave out go
+    under the file's folder: a test's stage never writes, locks or cleans up in the checkout."""
+    paths = {**paths_under(path.parent), **overrides.get("paths", {})}
+    raw = shipped_raw_with({**overrides, "paths": paths})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -562,12 +586,7 @@ def make_tiny_params(root: Path) -> Params:
     return params_with(
         {
             **TINY_OVERRIDES,
-            "paths": {
-                "raw_dir": str(root / "data" / "raw"),
-                "processed_dir": str(root / "data" / "processed"),
-                "models_dir": str(root / "models"),
-                "metrics_dir": str(root / "metrics"),
-            },
+            "paths": paths_under(root),
             "mlflow": {
                 "experiment_name": "test",
                 "tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db",

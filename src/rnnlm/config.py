@@ -21,9 +21,13 @@ from typing import Any, Literal
 
 import yaml
 
-from rnnlm.errors import RnnlmError
+from rnnlm.errors import RnnlmError, short_repr
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The shipped params.yaml is ~5 kB and ~150 YAML nodes. Far larger is no parameters file: a
+# mistake or an attack (YAML aliases can make a few lines stand for billions of values).
+MAX_PARAMS_BYTES = 1 << 20
+MAX_PARAMS_NODES = 100_000  # counted with every alias expanded
 
 
 class ConfigError(RnnlmError, ValueError):
@@ -54,6 +58,11 @@ class Paths:
     def corpus_dir(self, corpus_name: str) -> Path:
         """download -> tokenize: the extracted corpus package."""
         return self.raw_dir / corpus_name
+
+    @property
+    def stage_lock(self) -> Path:
+        """Held by the stage running on these outputs (rnnlm.stage): one stage at a time."""
+        return self.models_dir / ".rnnlm.lock"
 
     # tokenize -> train, export, evaluate
     @property
@@ -138,20 +147,32 @@ class CorpusParams:
     name: str
     # The NLTK data server's index; RNNLM_NLTK_MIRROR (a folder or URL) takes precedence.
     index_url: str
+    # Each wait for data from a server; a read that gets none for this long fails (and is retried).
     timeout_s: float = field(metadata=_range(0, 3600, lo_open=True))
     retries: int = field(metadata=_range(0, 20))
+    # All network work of the stage (index, package, retries and waits between them).
+    deadline_s: float = field(metadata=_range(0, 86400, lo_open=True))
+
+
+# The split rules the tokenize stage runs (what `tokenize.split_by: auto` resolves to).
+SplitRule = Literal["document", "span"]
 
 
 @dataclass(frozen=True)
 class TokenizeParams:
-    """Stage `tokenize`: tokenization, vocabulary and the by-document split rule."""
+    """Stage `tokenize`: tokenization, vocabulary and the train/validation/test split rule."""
 
     lowercase: bool
     # `line`: each non-empty line is a paragraph; `blank_line`: blank lines separate paragraphs.
     paragraphs: Literal["line", "blank_line"]
     max_size: int = field(metadata=_range(3))
     min_freq: int = field(metadata=_range(1))
-    # Documents sorted by file name; index i goes to test when i % split_every == test_remainder,
+    # `document`: documents sorted by file name, index i split by the rule below. `span`: each
+    # document cut into split_every spans of about equal length (never inside a paragraph, nor
+    # inside a sentence), span i split by the rule below. `auto`: `document` when every split
+    # gets a document that way, else `span` (see rnnlm.tokenization).
+    split_by: Literal["auto", "document", "span"]
+    # Index i (of a document, or of a span) goes to test when i % split_every == test_remainder,
     # to validation when i % split_every == val_remainder, to train otherwise.
     split_every: int = field(metadata=_range(3))
     val_remainder: int = field(metadata=_range(0))
@@ -231,6 +252,8 @@ class TrainParams:
     devices: int | str
     strategy: str
     num_nodes: int = field(metadata=_range(1))
+    # How long DDP processes wait for a peer (to join at the start, or in any collective).
+    ddp_timeout_s: float = field(metadata=_range(1.0, 86400.0))
     precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "64-true"]
     # torch.use_deterministic_algorithms: needed for bitwise-repeatable CUDA runs; CPU runs repeat
     # without it, and it costs about 8% of CPU training throughput.
@@ -250,7 +273,9 @@ class TrainParams:
                     f"(allowed: {', '.join(typing.get_args(Cell))})"
                 )
         if isinstance(self.devices, str) and self.devices != "auto":
-            raise ConfigError(f"train.devices = {self.devices!r}: expected an int >= 1 or 'auto'")
+            raise ConfigError(
+                f"train.devices = {short_repr(self.devices)}: expected an int >= 1 or 'auto'"
+            )
         if isinstance(self.devices, int) and self.devices < 1:
             raise ConfigError(f"train.devices = {self.devices}: must be >= 1 or 'auto'")
 
@@ -345,7 +370,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             value = {}
         if isinstance(value, Mapping):
             return build_section(typing.cast(type, tp), value, prefix=key)
-        raise ConfigError(f"{key} = {value!r}: expected a mapping of keys to values")
+        raise ConfigError(f"{key} = {short_repr(value)}: expected a mapping of keys to values")
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -362,7 +387,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 number = math.inf
             if math.isfinite(number):
                 return number
-            raise ConfigError(f"{key} = {value!r}: expected a finite number")
+            raise ConfigError(f"{key} = {short_repr(value)}: expected a finite number")
     elif tp is str:
         if isinstance(value, str) and value.strip():
             return value
@@ -376,7 +401,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 _coerce(f"{key}.{k}", k, key_tp): _coerce(f"{key}.{k}", v, value_tp)
                 for k, v in value.items()
             }
-    raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+    raise ConfigError(f"{key} = {short_repr(value)}: expected {_type_name(tp)}")
 
 
 def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -390,18 +415,28 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
             f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
             f"<= {hi}" if hi is not None else "",
         ]
-        raise ConfigError(f"{key} = {value!r}: must be {' and '.join(b for b in bounds if b)}")
+        allowed = " and ".join(b for b in bounds if b)
+        raise ConfigError(f"{key} = {short_repr(value)}: must be {allowed}")
+
+
+def _key_text(key: Any) -> str:
+    """A key as written, unless printing it whole would not make a short readable line."""
+    if isinstance(key, str) and len(key) <= 60 and key.isprintable():
+        return key
+    return short_repr(key)
 
 
 def build_section(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from the mapping `raw`, validating every key under `prefix`."""
     if not isinstance(raw, Mapping):
         where = f"{prefix} = " if prefix else "top level = "
-        raise ConfigError(f"{where}{raw!r}: expected a mapping of keys to values")
+        raise ConfigError(f"{where}{short_repr(raw)}: expected a mapping of keys to values")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (allowed: {', '.join(fields)})")
+        raise ConfigError(
+            f"{prefix}.{_key_text(unknown[0])}: unknown key (allowed: {', '.join(fields)})"
+        )
     # params.yaml is the one source of values: a key left out is an error, not a default.
     missing = [
         name
@@ -435,18 +470,77 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ConfigError(f"{source}: {str(err).lstrip('.')}") from None
 
 
+def _expanded_size(node: yaml.Node, source: str, limit: int) -> int:
+    """How many YAML nodes `node` stands for once every alias is expanded, stopping early
+    (ConfigError) past `limit` or at an alias that contains itself."""
+    sizes: dict[int, int] = {}  # an alias is the same node object: each is counted once
+    open_nodes: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{source}: a YAML alias refers to a value that contains it")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(child) for child in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        if total > limit:
+            raise ConfigError(
+                f"{source}: stands for more than {limit:,} values once its YAML aliases (*name) "
+                "are expanded; a parameters file is a few hundred"
+            )
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def parse_yaml(data: bytes, source: str) -> Any:
+    """The YAML document in `data` (UTF-8), refused in one line when it is not one, or when it
+    is far larger than a parameters file (in bytes, or in values once aliases expand)."""
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ConfigError(
+            f"{source}: {len(data):,} bytes, more than {MAX_PARAMS_BYTES:,}: not a parameters file"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+            "save it as UTF-8"
+        ) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, source, MAX_PARAMS_NODES)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a parameters file") from None
+    finally:
+        loader.dispose()
+
+
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            data = fh.read(MAX_PARAMS_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: parameters file not found") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(raw, source=str(path))
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, expected a parameters file") from None
+    return parse_params(parse_yaml(data, str(path)), source=str(path))
 
 
 def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -17,10 +17,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ import numpy as np
 # Errors that only a write can cause: blamed on the output even when the OS names no file (a
 # failing `write()` on an open file does not).
 WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+# Every temporary of an atomic write is `.<output name>.<8 random characters>.tmp` (tempfile's
+# names), beside its output; `_swap_in` adds `.old` for a folder it sets aside. Nothing else is.
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+_TEMP_NAME = re.compile(r"\.(?P<output>.+)\.[a-z0-9_]{8}(?P<old>\.old)?\.tmp")
 
 
 class WriteError(OSError):
@@ -100,7 +107,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
     if not target.is_dir() or target.is_symlink():
         os.replace(tmp, target)
         return
-    old = tmp.with_name(f"{tmp.stem}.old.tmp")
+    old = tmp.with_name(f"{tmp.stem}.old{TEMP_SUFFIX}")
     os.replace(target, old)
     try:
         os.replace(tmp, target)
@@ -131,7 +138,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f"{TEMP_PREFIX}{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent
+        )
     except OSError as err:
         raise write_error(err, target) from err
     os.close(fd)
@@ -163,7 +172,9 @@ def staged_files(dest_dir: Path) -> Iterator[Path]:
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(
-            tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".tmp", dir=dest_dir.parent)
+            tempfile.mkdtemp(
+                prefix=f"{TEMP_PREFIX}{dest_dir.name}.", suffix=TEMP_SUFFIX, dir=dest_dir.parent
+            )
         )
     except OSError as err:
         raise write_error(err, dest_dir) from err
@@ -177,6 +188,59 @@ def staged_files(dest_dir: Path) -> Iterator[Path]:
                 raise write_error(err, dest_dir / item.name) from err
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_stale_temporaries(folders: Iterable[Path]) -> list[Path]:
+    """Clear up after killed processes in `folders`: delete the temporaries of atomic writes,
+    and put back an output that a kill between `_swap_in`'s two renames left set aside.
+
+    Only names of the form atomic_path, staged_files and scratch_dir make are touched. Call it
+    only while no other process can be writing there (a stage holds its checkout's lock).
+
+    Returns:
+        What was removed or put back.
+    """
+    found = []
+    for folder in dict.fromkeys(Path(f) for f in folders):
+        try:
+            entries = sorted(folder.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            match = _TEMP_NAME.fullmatch(entry.name)
+            if match is None:
+                continue
+            found.append(entry)
+            output = folder / match["output"]
+            if match["old"] and not os.path.lexists(output):
+                os.replace(entry, output)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    return found
+
+
+@contextlib.contextmanager
+def scratch_dir(beside: Path) -> Iterator[Path]:
+    """An empty temporary folder beside `beside` (same disk), removed when the block ends.
+
+    Named as the other temporaries, so that what a killed process leaves is cleared up by
+    `remove_stale_temporaries`. Failing to create it is a WriteError naming `beside`.
+    """
+    try:
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(
+            tempfile.mkdtemp(
+                prefix=f"{TEMP_PREFIX}{beside.name}.", suffix=TEMP_SUFFIX, dir=beside.parent
+            )
+        )
+    except OSError as err:
+        raise write_error(err, beside) from err
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -208,10 +272,15 @@ def md5_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON file with an error that names it."""
+    """Read a JSON file; any way it can be wrong is a ValueError naming it (FileNotFoundError
+    when it is missing)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found (has the stage that writes it run?)") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); not a JSON file") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None

@@ -182,6 +182,51 @@ def test_an_empty_section_is_refused_naming_its_first_key() -> None:
     assert refused({"model": None}).startswith("params.yaml: model.cell: missing (and ")
 
 
+BILLION_LAUGHS = """\
+a: &a [x, x, x, x, x, x, x, x, x, x]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # Latin-1 bytes from an editor that did not save UTF-8
+        (b"model:\n  cell: gru\n  # caf\xe9\n", "not UTF-8 text (byte 0xe9 on line 3); save it"),
+        (BILLION_LAUGHS.encode(), "more than 100,000 values once its YAML aliases"),
+        (b"a: &a [1, *a]\n", "a YAML alias refers to a value that contains it"),
+        (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+        (b"# " + b"x" * (1 << 20) + b"\n", "bytes, more than 1,048,576: not a parameters file"),
+        (b"model: [\n", "not valid YAML"),
+    ],
+)
+def test_hostile_params_files_are_refused_in_one_short_line(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    assert len(str(err.value).splitlines()[0]) < 300
+
+
+def test_a_huge_value_is_shown_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    text = PARAMS_YAML.read_text(encoding="utf-8")
+    path.write_text(re.sub(r"(?m)^  lr: .*$", "  lr: " + "9" * 100_000 + "x", text, count=1))
+    with pytest.raises(ConfigError, match=r"train\.lr = '9{56}\.\.\.: expected float") as err:
+        load_params(path)
+    assert len(str(err.value)) < 300
+
+
 def test_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "exp.yaml"
     path.write_text(PARAMS_YAML.read_text(encoding="utf-8").replace("  cell: gru", "  cel: gru"))
