@@ -3,11 +3,14 @@
 Offline: every server is a loopback one started by the test; every path is under tmp_path.
 Faults (a reset or stalled connection, a truncated body, a wrong checksum, a full disk, an
 unwritable data/raw/) must end in one clear message, with no partial corpus and no temporary
-left, and an earlier download intact.
+left, and an earlier download intact. Hostile inputs (a zip bomb, an overlong body or index, a
+trickling server, a remote index naming file://, a FIFO or an outside symlink in a mirror) are
+refused by the bound that applies to each, and a killed run's leftovers go at the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import io
@@ -19,8 +22,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -38,6 +44,7 @@ from rnnlm.download import (
     select_package,
 )
 from tests.fixtures import (
+    README,
     RESET,
     SHORT_BODY,
     STALL,
@@ -91,6 +98,7 @@ def corpus_params(**overrides: object) -> CorpusParams:
         "index_url": f"http://127.0.0.1:{unused_port()}/index.xml",
         "timeout_s": 5.0,
         "retries": 0,
+        "deadline_s": 60.0,
     }
     values.update(overrides)
     return CorpusParams(**values)  # type: ignore[arg-type]
@@ -136,6 +144,11 @@ def listing(folder: Path) -> list[str]:
 
 def read_tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def downloaded_bytes(mirror: Path) -> int:
+    """What a download from `mirror` writes beside the output: its index.xml and the zip."""
+    return (mirror / "index.xml").stat().st_size + (mirror / ZIP_PATH.lstrip("/")).stat().st_size
 
 
 def pkg_info(**overrides: object) -> PackageInfo:
@@ -374,15 +387,18 @@ def test_verification_failure_leaves_previous_output(
     scratch: Path,
     field: str,
 ) -> None:
-    override = {"checksum": WRONG_MD5} if field == "checksum" else {"size": "12"}
+    # A size larger than the body's: a smaller one makes an overlong body, refused while reading.
+    claimed = len(make_package_zip(TINY_ID, encode_docs(tiny_docs))) + 5
+    override = {"checksum": WRONG_MD5} if field == "checksum" else {"size": str(claimed)}
     root = build_nltk_mirror(
         tmp_path / "m", {TINY_ID: encode_docs(tiny_docs)}, index_overrides={TINY_ID: override}
     )
     served = root / ZIP_PATH.lstrip("/")
+    got = served.stat().st_size
     expected = (
         f"{TINY_ID}.zip: MD5 mismatch, index says {WRONG_MD5}, got {files.md5_file(served)} "
         if field == "checksum"
-        else f"{TINY_ID}.zip: size mismatch, index says 12 bytes, got {served.stat().st_size} "
+        else f"{TINY_ID}.zip: size mismatch, index says {claimed} bytes, got {got} "
     )
     paths = tmp_paths(tmp_path)
     plant_previous(paths)
@@ -421,7 +437,9 @@ def test_corrupt_zip_is_refused(
         data = b"PK\x03\x04 this is not really a zip archive" * 20
     else:
         data = _flip_byte_in_member_data(make_package_zip(TINY_ID, encode_docs(tiny_docs)))
-    root = build_nltk_mirror(tmp_path / "m", {TINY_ID: data})  # index matches the bad bytes
+    unzipped = {"unzipped_size": str(sum(len(b) for b in encode_docs(tiny_docs).values()))}
+    # The index matches the bad bytes.
+    root = build_nltk_mirror(tmp_path / "m", {TINY_ID: data}, index_overrides={TINY_ID: unzipped})
     monkeypatch.setenv(download.MIRROR_ENV, str(root))
     paths = tmp_paths(tmp_path)
     with pytest.raises(DownloadError, match="corrupt zip"):
@@ -474,7 +492,12 @@ def test_safe_extract_strips_top_folder(tmp_path: Path) -> None:
     archive.write_bytes(make_package_zip("pkg", {"README": b"r", "b.txt": b"bb", "a.txt": b"a"}))
     dest = tmp_path / "out"
     dest.mkdir()
-    assert safe_extract(archive, dest, top="pkg") == [Path("README"), Path("a.txt"), Path("b.txt")]
+    limit = download.Limit(4, "the index's unzipped_size")
+    assert safe_extract(archive, dest, "pkg", limit) == [
+        Path("README"),
+        Path("a.txt"),
+        Path("b.txt"),
+    ]
     assert read_tree(dest) == {"README": b"r", "a.txt": b"a", "b.txt": b"bb"}
 
 
@@ -572,7 +595,9 @@ def test_disk_full_while_extracting_keeps_previous_output(
     paths = tmp_paths(tmp_path)
     plant_previous(paths)
     monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
-    fill_disk(monkeypatch, paths.raw_dir, room=3000)  # a document or two fit, then it is full
+    # index.xml and the zip fit (they are downloaded beside the output), a document or two
+    # more, then the disk is full.
+    fill_disk(monkeypatch, paths.raw_dir, room=downloaded_bytes(tiny_mirror) + 3000)
     with pytest.raises(files.WriteError) as err:
         download.run(corpus_params(), paths)
     assert err.value.errno == errno.ENOSPC
@@ -588,17 +613,15 @@ def test_disk_full_in_the_temporary_folder_is_not_retried(
     paths = tmp_paths(tmp_path)
     plant_previous(paths)
     # Room for index.xml, not for the package: the archive's download fails half-way.
-    fill_disk(monkeypatch, scratch, room=(tiny_mirror / "index.xml").stat().st_size + 100)
+    fill_disk(monkeypatch, paths.raw_dir, room=(tiny_mirror / "index.xml").stat().st_size + 100)
     with serve_directory(tiny_mirror) as running:
         monkeypatch.setenv(download.MIRROR_ENV, running.url)
         with pytest.raises(files.WriteError) as err:
             download.run(corpus_params(retries=2), paths)
     assert running.count(ZIP_PATH) == 1  # retrying cannot free the disk
-    assert re.fullmatch(
-        rf"cannot write {re.escape(str(scratch))}/rnnlm-download-\w+/{TINY_ID}\.zip: "
-        "No space left on device",
-        files.describe_os_error(err.value),
-    )
+    work = re.escape(f"{paths.raw_dir}/.{TINY_ID}.") + "[a-z0-9_]{8}" + re.escape(".tmp")
+    line = files.describe_os_error(err.value)
+    assert re.fullmatch(f"cannot write {work}/{TINY_ID}.zip: No space left on device", line)
     assert_previous_intact(paths, scratch)
 
 
@@ -731,7 +754,7 @@ def test_main_disk_full_exits_1_with_one_line_naming_the_output(
     paths = tmp_paths(tmp_path)
     plant_previous(paths)
     monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
-    fill_disk(monkeypatch, paths.raw_dir)
+    fill_disk(monkeypatch, paths.raw_dir, room=downloaded_bytes(tiny_mirror))  # none to extract
     with pytest.raises(SystemExit) as exit_info:
         download.main(["--params", str(_write_params(tmp_path, TINY_ID))])
     assert exit_info.value.code == 1
@@ -760,8 +783,7 @@ def test_module_entry_point_reports_unwritable_raw_dir_in_one_line(
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1
     assert errors[0].endswith(
-        f" ERROR __main__: download failed: cannot write {blocker / 'raw' / TINY_ID}: "
-        "Not a directory"
+        f": download failed: cannot write {blocker / 'raw' / TINY_ID}: Not a directory"
     )
     assert listing(scratch) == []
 
@@ -811,3 +833,315 @@ def test_shared_mirror_for_the_tests_honours_the_environment(
     assert isinstance(reason, str) and f"no NLTK mirror at {empty}" in reason
     reason = find_shared_mirror({download.MIRROR_ENV: "http://127.0.0.1:9/"})
     assert isinstance(reason, str) and "is a URL" in reason
+
+
+def run_in_thread(work: Callable[[], object], limit_s: float = 60.0) -> BaseException | None:
+    """Run `work` in a daemon thread; return what it raised (None if nothing).
+
+    A regression that blocks (on a FIFO, on a server that never ends) fails the test after
+    `limit_s` instead of hanging the whole run; the limit is far above the seconds these take.
+    """
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as err:  # handed to the test, which asserts on it
+            raised.append(err)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    assert not thread.is_alive(), f"still running after {limit_s:g} s"
+    return raised[0] if raised else None
+
+
+Respond = Callable[[BaseHTTPRequestHandler, threading.Event], None]
+
+
+@contextlib.contextmanager
+def serve_responses(routes: dict[str, Respond]) -> Iterator[str]:
+    """A loopback HTTP server whose answer to each path is written by `routes[path]`.
+
+    Each function gets the request handler and an event set at shutdown. Yields the base URL.
+    """
+    stopping = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            respond = routes.get(self.path)
+            if respond is None:
+                self.send_error(404)
+                return
+            respond(self, stopping)
+            self.close_connection = True
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Keep test output quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def send_bytes(data: bytes, content_length: bool = True) -> Respond:
+    """An answer of `data`, with or without a Content-Length (then the close ends the body)."""
+
+    def respond(handler: BaseHTTPRequestHandler, stopping: threading.Event) -> None:
+        handler.send_response(200)
+        if content_length:
+            handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    return respond
+
+
+def zip_of_zeros(n_bytes: int) -> bytes:
+    """A package zip whose one document is `n_bytes` zeros: it deflates about 1000-fold."""
+    return make_package_zip(TINY_ID, {"zeros.txt": bytes(n_bytes), README: b"tiny\n"})
+
+
+@pytest.mark.parametrize("declared", ["unzipped_size", "none", "implausible"])
+def test_zip_expanding_past_its_limit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scratch: Path, declared: str
+) -> None:
+    """A small zip that would expand to megabytes: refused once the bytes written reach the
+    index's unzipped_size or, when there is none (or an implausible one), 100 x its size."""
+    data = zip_of_zeros(4_000_000)  # about 4 kB
+    unzipped = {"unzipped_size": "1000", "implausible": str(10**12), "none": "0"}[declared]
+    root = build_nltk_mirror(
+        tmp_path / "m", {TINY_ID: data}, index_overrides={TINY_ID: {"unzipped_size": unzipped}}
+    )
+    if declared == "none":
+        index = root / "index.xml"
+        index.write_text(re.sub(r' unzipped_size="\d+"', "", index.read_text()))
+    expected = {
+        "unzipped_size": "expands to more than 1000 bytes (the index's unzipped_size)",
+        "none": f"expands to more than {100 * len(data)} bytes (100 x the archive's "
+        f"{len(data)} bytes; the index gives no unzipped_size)",
+        "implausible": f"expands to more than {100 * len(data)} bytes (100 x the archive's "
+        f"{len(data)} bytes; not the index's unzipped_size of {10**12})",
+    }[declared]
+    paths = tmp_paths(tmp_path)
+    plant_previous(paths)
+    monkeypatch.setenv(download.MIRROR_ENV, str(root))
+    with pytest.raises(DownloadError) as err:
+        download.run(corpus_params(), paths)
+    assert str(err.value).startswith(f"{TINY_ID}.zip: {expected}; refusing it")
+    assert f"'{TINY_ID}/zeros.txt'" in str(err.value)
+    assert_previous_intact(paths, scratch)
+
+
+@pytest.mark.parametrize("how", ["content-length", "no-length", "local-mirror"])
+def test_body_longer_than_the_index_size_is_refused_not_retried(
+    tmp_path: Path,
+    tiny_docs: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    scratch: Path,
+    how: str,
+) -> None:
+    """The index says 10 bytes fewer than the server sends: no more than size + 1 bytes are read
+    (or none, when Content-Length already says too much); one line, no retry."""
+    data = make_package_zip(TINY_ID, encode_docs(tiny_docs))
+    claimed = len(data) - 10
+    root = build_nltk_mirror(
+        tmp_path / "m", {TINY_ID: data}, index_overrides={TINY_ID: {"size": str(claimed)}}
+    )
+    paths = tmp_paths(tmp_path)
+    plant_previous(paths)
+    served: list[str] = []
+
+    def counted(respond: Respond) -> Respond:
+        def wrapper(handler: BaseHTTPRequestHandler, stopping: threading.Event) -> None:
+            served.append(handler.path)
+            respond(handler, stopping)
+
+        return wrapper
+
+    routes = {
+        "/index.xml": send_bytes((root / "index.xml").read_bytes()),
+        ZIP_PATH: counted(send_bytes(data, content_length=how == "content-length")),
+    }
+    with serve_responses(routes) as url:
+        mirror = str(root) if how == "local-mirror" else url
+        monkeypatch.setenv(download.MIRROR_ENV, mirror)
+        with pytest.raises(DownloadError) as err:
+            download.run(corpus_params(retries=3), paths)
+    location = str(root / ZIP_PATH[1:]) if how == "local-mirror" else f"{url}{ZIP_PATH[1:]}"
+    if how == "content-length":
+        reason = f"the server announces {len(data)} bytes (Content-Length), more than {claimed}"
+    else:
+        reason = f"longer than {claimed} bytes"
+    assert str(err.value) == f"{location}: {reason} (the size the index gives); refusing it"
+    assert len(served) == (0 if how == "local-mirror" else 1)
+    assert_previous_intact(paths, scratch)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["http", "local"])
+def test_index_over_the_cap_is_refused(
+    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch, local: bool
+) -> None:
+    monkeypatch.setattr(download, "MAX_INDEX_BYTES", 100)
+    paths = tmp_paths(tmp_path)
+    size = (tiny_mirror / "index.xml").stat().st_size
+    with serve_directory(tiny_mirror) as running:
+        monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror) if local else running.url)
+        with pytest.raises(DownloadError) as err:
+            download.run(corpus_params(retries=3), paths)
+    cap = "(the cap on an index, download.MAX_INDEX_BYTES); refusing it"
+    if local:
+        assert str(err.value) == f"{tiny_mirror / 'index.xml'}: longer than 100 bytes {cap}"
+    else:
+        expected = f"{running.url}index.xml: the server announces {size} bytes (Content-Length)"
+        assert str(err.value) == f"{expected}, more than 100 {cap}"
+        assert running.requests == ["/index.xml"]
+    assert listing(paths.raw_dir) == []
+
+
+def trickle(handler: BaseHTTPRequestHandler, stopping: threading.Event) -> None:
+    """Promise 100 kB, then send one byte every 0.2 s: never silent for corpus.timeout_s."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "100000")
+    handler.end_headers()
+    for _ in range(300):  # a minute at most, should the client never give up
+        if stopping.wait(0.2):
+            return
+        try:
+            handler.wfile.write(b"<")
+        except OSError:  # the client hung up
+            return
+
+
+def always_503(handler: BaseHTTPRequestHandler, stopping: threading.Event) -> None:
+    handler.send_error(503)
+
+
+@pytest.mark.parametrize("server", ["trickle", "retries"])
+def test_deadline_ends_a_download_that_never_times_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: str
+) -> None:
+    """corpus.timeout_s never fires on a server that trickles (or on quick 503s whose backoff
+    waits outlast the time left): corpus.deadline_s ends the stage."""
+    monkeypatch.setattr(download, "BACKOFF_BASE_S", 5.0)  # the first wait outlasts the deadline
+    respond = trickle if server == "trickle" else always_503
+    paths = tmp_paths(tmp_path)
+    with serve_responses({"/index.xml": respond}) as url:
+        params = corpus_params(
+            index_url=f"{url}index.xml", timeout_s=30.0, retries=20, deadline_s=1.0
+        )
+        err = run_in_thread(lambda: download.run(params, paths))
+    assert isinstance(err, DownloadError)
+    message = str(err)
+    assert message.startswith(f"{url}index.xml: not done within corpus.deadline_s = 1 s (")
+    if server == "trickle":
+        assert re.search(r"\((\d+) of 100000 bytes received\)", message)
+    else:
+        assert "attempt(s), last error: HTTP 503 Service Unavailable)" in message
+    assert "raise corpus.deadline_s" in message and "\n" not in message
+    assert listing(paths.raw_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (
+            "file:///etc/passwd",
+            "named by the remote index {index}, which may point only to http(s) URLs",
+        ),
+        ("ftp://127.0.0.1/tinycorpus.zip", "only http(s) URLs are fetched"),
+    ],
+    ids=["file", "ftp"],
+)
+def test_remote_index_may_point_only_to_http(
+    tmp_path: Path, tiny_docs: dict[str, str], url: str, reason: str
+) -> None:
+    root = build_nltk_mirror(
+        tmp_path / "m", {TINY_ID: encode_docs(tiny_docs)}, index_overrides={TINY_ID: {"url": url}}
+    )
+    paths = tmp_paths(tmp_path)
+    with serve_directory(root) as running:
+        index = f"{running.url}index.xml"
+        with pytest.raises(DownloadError) as err:
+            download.run(corpus_params(index_url=index, retries=3), paths)
+    assert str(err.value) == f"{url}: {reason.format(index=index)}; refusing it"
+    assert running.requests == ["/index.xml"]
+    assert listing(paths.raw_dir) == []
+
+
+@pytest.mark.parametrize("kind", ["symlink-outside", "fifo"])
+def test_local_mirror_file_must_be_a_regular_file_inside_it(
+    tmp_path: Path, tiny_mirror: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Refused before any read, without blocking on the FIFO: one line naming the file."""
+    zip_path = tiny_mirror / ZIP_PATH.lstrip("/")
+    good = zip_path.read_bytes()
+    zip_path.unlink()
+    if kind == "fifo":
+        os.mkfifo(zip_path)
+        reason = "not a regular file (a FIFO); refusing it"
+    else:
+        outside = tmp_path / "elsewhere" / f"{TINY_ID}.zip"  # the right bytes, in the wrong place
+        outside.parent.mkdir()
+        outside.write_bytes(good)
+        zip_path.symlink_to(outside)
+        reason = f"resolves to {outside}, outside the mirror {tiny_mirror}; refusing it"
+    monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
+    paths = tmp_paths(tmp_path)
+    err = run_in_thread(lambda: download.run(corpus_params(), paths))
+    assert isinstance(err, DownloadError)
+    assert str(err) == f"{zip_path}: {reason}"
+    assert listing(paths.raw_dir) == []
+
+
+def test_local_mirror_symlink_inside_the_mirror_is_followed(
+    tmp_path: Path, tiny_mirror: Path, tiny_docs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    zip_path = tiny_mirror / ZIP_PATH.lstrip("/")
+    kept = tiny_mirror / "store" / "tinycorpus-1.zip"
+    kept.parent.mkdir()
+    zip_path.rename(kept)
+    zip_path.symlink_to(os.path.relpath(kept, zip_path.parent))
+    monkeypatch.setenv(download.MIRROR_ENV, str(tiny_mirror))
+    paths = tmp_paths(tmp_path)
+    download.run(corpus_params(), paths)
+    assert read_tree(paths.raw_dir / TINY_ID) == encode_docs(tiny_docs)
+
+
+def test_a_killed_download_leaves_nothing_the_next_run_keeps(
+    tmp_path: Path, tiny_mirror: Path, tiny_docs: dict[str, str]
+) -> None:
+    """A download killed (SIGKILL) with its zip half-fetched and its extraction half-done: the
+    next `python -m rnnlm.download` clears both up and puts the corpus in place."""
+    raw = tmp_path / "data" / "raw"
+    killed = {
+        f".{TINY_ID}.k3_x9q2m.tmp/{TINY_ID}.zip": b"half a zip",  # the scratch folder
+        f".{TINY_ID}.a1b2c3d4.tmp/1990-Dubois.txt": b"half a document",  # atomic_path's
+    }
+    others = {".notes.tmp": b"not a temporary of ours", "notes.txt": b"mine"}
+    for name, data in {**killed, **others}.items():
+        (raw / name).parent.mkdir(parents=True, exist_ok=True)
+        (raw / name).write_bytes(data)
+    params = _write_params(tmp_path, TINY_ID, raw_dir=raw)
+    done = subprocess.run(
+        [sys.executable, "-m", "rnnlm.download", "--params", str(params)],
+        env={**os.environ, download.MIRROR_ENV: str(tiny_mirror)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert read_tree(raw) == {
+        **others,
+        **{f"{TINY_ID}/{name}": data for name, data in encode_docs(tiny_docs).items()},
+    }
+    assert done.stderr.count("left by a stage that was killed") == len(killed)
