@@ -48,7 +48,7 @@ from rnnlm.config import (
     Params,
     Paths,
 )
-from rnnlm.errors import RnnlmError
+from rnnlm.errors import RnnlmError, short_repr
 from rnnlm.files import (
     read_json,
     staged_files,
@@ -166,7 +166,8 @@ def read_registered_version(paths: Paths) -> tuple[str, str] | None:
         return None
     if not isinstance(name, str) or not isinstance(version, str):
         raise EvaluateError(
-            f"{path}: registered_model = {name!r}, registered_version = {version!r}: "
+            f"{path}: registered_model = {short_repr(name)}, registered_version = "
+            f"{short_repr(version)}: "
             "expected two strings (run the export stage again)"
         )
     return name, version

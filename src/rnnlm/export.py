@@ -521,6 +521,7 @@ def run(p: ExportParams, paths: Paths, ml: MlflowParams, digest: str) -> dict[st
     validation = read_split(paths, "validation", len(vocab))
     run_id = tracking.read_run_id(paths.train_run)
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before any work
+    tracking.fail_pending_models(tracked)  # an earlier export's, killed while uploading
     provenance = provenance_of(p, run_id, digest)
 
     with staged_files(paths.models_dir) as staged:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rnnlm.config import MlflowParams
-from rnnlm.errors import RnnlmError
+from rnnlm.errors import RnnlmError, short_repr
 from rnnlm.files import read_json
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,16 @@ class TrackingError(RnnlmError):
     """The tracking store cannot be reached or used."""
 
 
+class StoreError(TrackingError):
+    """An MLflow call failed; `kind` says why (see `error_kind`), `cause` is MLflow's reason
+    in one line."""
+
+    def __init__(self, message: str, kind: str, cause: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.cause = cause
+
+
 def project_root(cwd: Path | None = None) -> Path:
     """The project's root: RNNLM_PROJECT_ROOT, else cwd unless cwd is a DVC experiment copy."""
     if env := os.environ.get("RNNLM_PROJECT_ROOT"):
@@ -95,11 +105,7 @@ def check_tracking_uri(uri: str, timeout: float = SERVER_CHECK_TIMEOUT_S) -> Non
                 response.read(64)
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
-            raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({reason}). Start it "
-                "(make mlflow-server), fix MLFLOW_TRACKING_URI, or unset it to use the "
-                "local SQLite store under mlruns/."
-            ) from None
+            raise StoreError(_unreachable(uri, str(reason)), "unreachable", str(reason)) from None
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         try:
@@ -122,6 +128,169 @@ def check_tracking_uri(uri: str, timeout: float = SERVER_CHECK_TIMEOUT_S) -> Non
         )
 
 
+# MLflow failures, translated in one place. MLflow wraps a store's failure in MlflowException
+# (a server's in RestException, a subclass) whose `error_code` names a databricks_pb2 ErrorCode;
+# a SQL store's database error is MlflowException(TEMPORARILY_UNAVAILABLE) whose __cause__ is
+# SQLAlchemy's OperationalError, itself holding the driver's error in `.orig`
+# (sqlite3.OperationalError: database is locked).
+_NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST"}
+_DENIED_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"}
+_REJECTED_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"}
+_KINDS_BY_TEXT = (  # the first match wins; texts are SQLite's, PostgreSQL's, MySQL's, the OS's
+    ("locked", ("database is locked", "database table is locked", "lock wait timeout")),
+    ("disk_full", ("database or disk is full", "no space left", "[errno 28]")),
+    (
+        "read_only",
+        (
+            "readonly database",
+            "read-only",
+            "permission denied",
+            "[errno 13]",
+            "[errno 30]",
+            "unable to open database file",
+        ),
+    ),
+)
+_CAUSE_CHARS = 300
+# Noise in SQLAlchemy's messages: the statement, its parameters, the link to its docs.
+_SQLALCHEMY_NOISE = ("[SQL:", "[parameters:", "(Background on this error", "(raised as a result")
+_ERRNO = re.compile(r"\[Errno -?\d+\][^'\")\]]*")
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """`err`, then what caused it (explicitly, else implicitly), and so on."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def error_cause(err: BaseException) -> str:
+    """Why an MLflow call failed, in one line without SQL or traceback, e.g.
+    `sqlite3.OperationalError: database is locked` or `[Errno 111] Connection refused`."""
+    for link in _chain(err):
+        orig = getattr(link, "orig", None)  # SQLAlchemy's DBAPIError: the driver's own error
+        if isinstance(orig, BaseException):
+            module = type(orig).__module__.split(".")[0]
+            return _one_line(f"{module}.{type(orig).__name__}: {orig}")
+    text = str(err)
+    if text.startswith("API request to"):  # MLflow's REST client lost the server
+        if match := _ERRNO.search(text):
+            return _one_line(match[0].strip())
+        if "timeout" in text.lower():
+            return _one_line(text.split(". To increase", 1)[0])
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(_SQLALCHEMY_NOISE)] or lines
+    first = lines[0] if lines else ""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return _one_line(first)
+    return _one_line(f"{type(err).__name__}: {first}" if first else type(err).__name__)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _CAUSE_CHARS else text[: _CAUSE_CHARS - 3] + "..."
+
+
+def error_kind(err: BaseException) -> str:
+    """What an MLflow failure means for the caller:
+
+    not_found    the run (experiment, model) is not in the store: MLflow's RESOURCE_DOES_NOT_EXIST
+    locked       another process holds the store's write lock (SQLite "database is locked", or
+                 our own first-use file lock timed out)
+    read_only    the store cannot be written: a read-only database file or folder, permissions
+    disk_full    the store's disk is full
+    unreachable  the tracking server does not answer (refused, reset, timed out)
+    denied       the server refused our credentials
+    rejected     the store refused this request (an invalid or conflicting value): the store
+                 itself works
+    failed       anything else
+    """
+    code = getattr(err, "error_code", None)
+    if code in _NOT_FOUND_CODES:
+        return "not_found"
+    if code in _DENIED_CODES:
+        return "denied"
+    if type(err).__name__ == "Timeout" and type(err).__module__.startswith("filelock"):
+        return "locked"
+    text = "\n".join(str(link) for link in _chain(err)).lower()
+    for kind, needles in _KINDS_BY_TEXT:
+        if any(needle in text for needle in needles):
+            return kind
+    if str(err).startswith("API request to") or any(
+        isinstance(link, ConnectionError) or type(link).__name__ in ("ConnectionError", "Timeout")
+        for link in _chain(err)
+    ):
+        return "unreachable"
+    if code in _REJECTED_CODES:
+        return "rejected"
+    return "failed"
+
+
+def _unreachable(uri: str, reason: str) -> str:
+    return (
+        f"MLflow tracking server {uri} is unreachable ({reason}). Start it "
+        "(make mlflow-server), fix MLFLOW_TRACKING_URI, or unset it to use the "
+        "local SQLite store under mlruns/."
+    )
+
+
+def store_error(uri: str, err: BaseException, doing: str = "") -> StoreError:
+    """The one-line TrackingError for an MLflow failure: what was being done, the store, what
+    went wrong in the store's own words, what to do. `doing` reads like "reading run <id>"."""
+    if isinstance(err, StoreError):
+        return err
+    if isinstance(err, TrackingError):  # ours (check_tracking_uri's): already says it all
+        return StoreError(f"{doing}: {err}" if doing else str(err), "failed", str(err))
+    kind, cause = error_kind(err), error_cause(err)
+    prefix = f"{doing}: " if doing else ""
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if kind == "locked":
+        holder = f"{db}" if db else "the store's database"
+        message = (
+            f"MLflow store {uri} is locked: another process holds a write lock on {holder} "
+            f"({cause}). Wait for it to finish (another training or relog, `mlflow ui`, a "
+            "sqlite3 shell with an open transaction), then run this again"
+        )
+    elif kind == "read_only":
+        where = f"{db} and its folder {db.parent}" if db else "the server's database"
+        message = (
+            f"MLflow store {uri} cannot be written ({cause}). Make {where} writable (SQLite "
+            "writes a journal file beside the database), or point MLFLOW_TRACKING_URI at a "
+            "writable store"
+        )
+    elif kind == "disk_full":
+        where = f"the disk of {db.parent}" if db else "the server's disk"
+        message = f"MLflow store {uri}: no space left ({cause}). Free space on {where}"
+    elif kind == "unreachable":
+        message = _unreachable(uri, cause)
+    elif kind == "denied":
+        message = (
+            f"MLflow tracking server {uri} refused access ({cause}). Set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+        )
+    elif kind == "not_found":
+        message = f"not in MLflow store {uri} ({cause})"
+    else:
+        message = f"MLflow store {uri}: {cause}"
+    return StoreError(prefix + message, kind, cause)
+
+
+class _DropDbErrorTracebacks(logging.Filter):
+    """MLflow's SQL store logs every database error with a traceback before raising it; the
+    error reaches the user once, translated by store_error, instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+_DB_ERROR_FILTER = _DropDbErrorTracebacks()
+
+
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Serialise first use of a SQLite store: concurrent creators race on its schema."""
@@ -141,6 +310,9 @@ def _client(uri: str):  # -> mlflow.MlflowClient
     # Fail fast instead of MLflow's default minutes of retries against a dead server.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    db_logger = logging.getLogger("mlflow.store.db.utils")
+    if _DB_ERROR_FILTER not in db_logger.filters:
+        db_logger.addFilter(_DB_ERROR_FILTER)
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
@@ -245,16 +417,22 @@ class TrackedRun:
                 send()
                 return
             except Exception as err:  # MLflow raises many types; all mean "not logged"
-                self.go_offline(err)
+                kind = record["kind"]
+                doing = (
+                    f"setting run {self.run_id} {record['status']}"
+                    if kind == "status"
+                    else f"logging {kind} to run {self.run_id}"
+                )
+                self.go_offline(err, doing)
         assert self.spool is not None  # go_offline raised otherwise
         self.spool.write(self.uri, self.run_id, record)
 
-    def go_offline(self, err: Exception) -> None:
-        """Stop calling the store (each failed call costs its retries); spool from now on."""
+    def go_offline(self, err: Exception, doing: str = "") -> None:
+        """Stop calling the store (each failed call costs its retries); spool from now on.
+        Without a spool, raise the failure as a StoreError instead."""
         if self.spool is None:
-            raise TrackingError(f"MLflow tracking store {self.uri}: {err}") from err
-        first_line = str(err).splitlines()[0][:300] if str(err) else ""
-        self.offline_error = f"{type(err).__name__}: {first_line}"
+            raise store_error(self.uri, err, doing) from err
+        self.offline_error = error_cause(err)
         log.warning(
             "MLflow tracking store %s stopped answering (%s); training goes on and what is "
             "not logged is kept in %s for `rnnlm relog`",
@@ -286,18 +464,32 @@ class TrackedRun:
         """RUNNING, FINISHED, FAILED or KILLED."""
         self._deliver({"kind": "status", "status": status}, lambda: send_status(self, status))
 
+    def mark_failed(self, err: BaseException | None = None) -> None:
+        """End the run FAILED after `err`, best effort: never raises, so the caller's own
+        error goes on. The one-line cause goes to tag `rnnlm.error`. With a spool and the store
+        away, both are spooled for `rnnlm relog`."""
+        try:
+            if err is not None:
+                self.set_tags({"rnnlm.error": _one_line(f"{type(err).__name__}: {err}")})
+            self.set_status("FAILED")
+        except Exception as problem:  # the store is away and there is no spool
+            log.warning("MLflow run %s could not be marked FAILED: %s", self.run_id, problem)
+
     def unsent_summary(self) -> str:
         """What was not logged, for the stage's closing warning."""
         return self.spool.summary() if self.spool else ""
 
     def last_logged_steps(self) -> dict[str, int]:
         """Metric key -> the highest step the run has a value for."""
-        client = self.client
-        keys = client.get_run(self.run_id).data.metrics
-        return {
-            key: max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
-            for key in keys
-        }
+        try:
+            client = self.client
+            keys = client.get_run(self.run_id).data.metrics
+            return {
+                key: max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
+                for key in keys
+            }
+        except Exception as err:
+            raise store_error(self.uri, err, f"reading the metrics of run {self.run_id}") from err
 
 
 def send_params(tracked: TrackedRun, params: Mapping[str, str]) -> None:
@@ -365,9 +557,13 @@ def start_run(
     except Exception as err:  # MLflow raises many types; all mean "the store is unusable"
         if isinstance(err, TrackingError):
             raise
-        raise TrackingError(f"MLflow tracking store {uri}: {err}") from err
+        doing = f"starting a run in experiment {ml.experiment_name!r}"
+        raise store_error(uri, err, doing) from err
     log.info("MLflow run %s in experiment %r at %s", run.info.run_id, ml.experiment_name, uri)
     return TrackedRun(uri=uri, run_id=run.info.run_id, experiment_id=experiment_id, spool=spool)
+
+
+_RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 def read_run_id(record: Path) -> str:
@@ -379,6 +575,11 @@ def read_run_id(record: Path) -> str:
     run_id = data.get("run_id") if isinstance(data, dict) else None
     if not isinstance(run_id, str) or not run_id:
         raise TrackingError(f"{record}: no run_id (run the train stage first)")
+    if not _RUN_ID.fullmatch(run_id):  # it goes into store queries and artifact paths
+        raise TrackingError(
+            f"{record}: run_id = {short_repr(run_id)} is not an MLflow run id "
+            "(run the train stage again)"
+        )
     return run_id
 
 
@@ -389,11 +590,16 @@ def attach_run(ml: MlflowParams, run_id: str) -> TrackedRun:
     try:
         run = _client(uri).get_run(run_id)
     except Exception as err:
-        raise TrackingError(
+        problem = store_error(uri, err, f"reading MLflow run {run_id} (metrics/train_run.json)")
+        if problem.kind != "not_found":
+            raise problem from None
+        raise StoreError(
             f"MLflow run {run_id} (metrics/train_run.json) not found at {uri}: it was logged to "
             "another store (e.g. the local mlruns/ of whoever trained this model). Point "
             "MLFLOW_TRACKING_URI at that store, or retrain (`dvc repro -f -s train`) to log a "
-            f"run of your own ({type(err).__name__})"
+            f"run of your own ({problem.cause})",
+            problem.kind,
+            problem.cause,
         ) from None
     return TrackedRun(uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)
 
@@ -406,19 +612,50 @@ def resume_run(ml: MlflowParams, run_id: str, spool: Spooler | None = None) -> T
     """
     uri = resolve_tracking_uri(ml)
     check_tracking_uri(uri)
-    client = _client(uri)
     try:
-        run = client.get_run(run_id)
-    except Exception as err:  # MLflow raises RestException or MlflowException: not there
-        log.warning("MLflow run %s to resume is not in %s (%s)", run_id, uri, err)
+        run = _client(uri).get_run(run_id)
+    except Exception as err:
+        problem = store_error(uri, err, f"resuming MLflow run {run_id}")
+        if problem.kind != "not_found":  # a locked or unreachable store is not an absent run
+            raise problem from err
+        log.warning("MLflow run %s to resume is not in %s (%s)", run_id, uri, problem.cause)
         return None
     tracked = TrackedRun(uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)
     tracked.set_status("RUNNING")  # no spool yet: a failure raises TrackingError
+    # From here on the run is RUNNING: what fails is spooled, it never leaves the run so.
+    tracked = TrackedRun(uri=uri, run_id=run_id, experiment_id=tracked.experiment_id, spool=spool)
     resumes = int(run.data.tags.get("rnnlm.resumes", "0")) + 1
     tracked.set_tags({"rnnlm.resumes": str(resumes)})
     log.info("MLflow run %s continued (resume %d) at %s", run_id, resumes, uri)
-    tracked = TrackedRun(uri=uri, run_id=run_id, experiment_id=tracked.experiment_id, spool=spool)
     return tracked
+
+
+def fail_pending_models(tracked: TrackedRun) -> list[str]:
+    """Mark FAILED the logged models of `tracked`'s run still PENDING: what an export killed
+    while uploading (Ctrl-C, SIGKILL) left behind. MLflow finalizes a model itself only when
+    an Exception interrupts the upload. Call it before logging a new model; returns their ids.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    client = tracked.client
+    try:
+        experiment_id = tracked.experiment_id or client.get_run(tracked.run_id).info.experiment_id
+        # The SQL store ignores `status` in filters: select the run's models, check in Python.
+        models = client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{tracked.run_id}'"
+        )
+        pending = [m.model_id for m in models if m.status == LoggedModelStatus.PENDING]
+        for model_id in pending:
+            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+            log.warning(
+                "MLflow model %s of run %s was left PENDING by an interrupted export; "
+                "marked FAILED",
+                model_id,
+                tracked.run_id,
+            )
+    except Exception as err:
+        raise store_error(tracked.uri, err, f"checking the models of run {tracked.run_id}") from err
+    return pending
 
 
 def log_onnx_model(
@@ -482,7 +719,8 @@ def log_onnx_model(
                 ),
             }
     except Exception as err:  # MLflow raises many types; all mean "could not log"
-        raise TrackingError(f"MLflow: logging {model_path.name} failed: {err}") from err
+        doing = f"logging {model_path.name} to MLflow run {tracked.run_id}"
+        raise store_error(tracked.uri, err, doing) from err
     log.info(
         "logged %s to run %s as %s%s",
         model_path.name,
@@ -558,9 +796,8 @@ def record_test_perplexity(
         if champion is None or str(champion.version) != str(best.version):
             client.set_registered_model_alias(name, CHAMPION_ALIAS, str(best.version))
     except Exception as err:  # MLflow raises many types; all mean "could not record"
-        raise TrackingError(
-            f"MLflow: recording the test perplexity of {name} v{version} failed: {err}"
-        ) from err
+        doing = f"recording the test perplexity of {name} v{version}"
+        raise store_error(tracked.uri, err, doing) from err
     result = {
         "champion_version": str(best.version),
         "is_champion": str(best.version) == str(version),
@@ -595,7 +832,7 @@ def search_runs(ml: MlflowParams, max_results: int = 1000) -> list[dict[str, Any
     except TrackingError:
         raise
     except Exception as err:
-        raise TrackingError(f"MLflow tracking store {uri}: {err}") from err
+        raise store_error(uri, err, f"listing the runs of {ml.experiment_name!r}") from err
     return [
         {
             "run_id": run.info.run_id,

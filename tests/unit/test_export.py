@@ -259,8 +259,14 @@ def test_run_end_to_end_logs_and_registers(
 
     params = trained_layout
     paths = params.paths
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
+    run_id = json.loads(paths.train_run.read_text())["run_id"]
+    # What an export killed while uploading (Ctrl-C, SIGKILL) leaves: a model still PENDING.
+    experiment_id = client.get_run(run_id).info.experiment_id
+    killed = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
     p = dataclasses.replace(params.export, latency_tokens=20, registered_model_name="tiny-lm")
     metrics = export.run_from_params(dataclasses.replace(params, export=p))
+    assert client.get_logged_model(killed.model_id).status == "FAILED"
     # mlflow.set_tracking_uri exports the variable; later stages and subprocesses would
     # inherit it and log to this store whatever their params say.
     assert "MLFLOW_TRACKING_URI" not in os.environ
@@ -286,7 +292,6 @@ def test_run_end_to_end_logs_and_registers(
     assert written["onnx/val_ppl"] == pytest.approx(torch_stream_ppl(net, validation), rel=1e-4)
 
     model = LanguageModel(onnx_path)
-    run_id = json.loads(paths.train_run.read_text())["run_id"]
     assert model.provenance["mlflow_run_id"] == run_id
     assert model.conventions["stream_start"].startswith("a stream starts at a sentence boundary")
     assert model.provenance["params_digest"] == params_digest(
@@ -294,7 +299,6 @@ def test_run_end_to_end_logs_and_registers(
     )
     assert model.generate("the nation", max_tokens=5, seed=1)[0].startswith("The nation")
 
-    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
     versions = client.search_model_versions("name = 'tiny-lm'")
     assert [str(v.version) for v in versions] == ["1"] and record["registered_version"] == "1"
     assert "champion" in client.get_registered_model("tiny-lm").description
