@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime
 import io
 import logging
 import math
@@ -29,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.strategies import DDPStrategy, Strategy, StrategyRegistry
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from rnnlm import resume, tracking
@@ -46,6 +49,7 @@ from rnnlm.config import (
     as_flat_dict,
 )
 from rnnlm.datamodule import CorpusDataModule
+from rnnlm.entry import Interrupted
 from rnnlm.errors import RnnlmError
 from rnnlm.files import (
     md5_file,
@@ -54,9 +58,10 @@ from rnnlm.files import (
     write_text_atomic,
 )
 from rnnlm.lit_module import LitRNNLM
-from rnnlm.model import RNNLMConfig
+from rnnlm.model import RNNLM, RNNLMConfig
+from rnnlm.processed import read_split_rule
 from rnnlm.spool import Spool, unsent_dir
-from rnnlm.stage import stage_main
+from rnnlm.stage import is_global_zero, stage_main
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +110,51 @@ def plot_curve(rows: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+GIB = 1 << 30
+# Float32 copies of every weight a training holds: the weights, their gradients, and Adam's
+# two moments (SGD keeps none).
+WEIGHT_COPIES = {"adam": 4, "adamw": 4, "sgd": 2}
+
+
+def training_bytes(config: RNNLMConfig, t: TrainParams) -> tuple[int, int]:
+    """(parameters, bytes) a training of `config` needs, estimated without allocating: the
+    network is built on the meta device. The bytes are the weight copies above plus one
+    batch's logits, their softmax and its gradient (batch x bptt x vocabulary, 3 times)."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in RNNLM(config).parameters())
+    logits = t.batch_size * t.bptt * config.vocab_size
+    return n_params, 4 * (WEIGHT_COPIES[t.optimizer] * n_params + 3 * logits)
+
+
+def free_memory_bytes(accelerator: str) -> tuple[int, str]:
+    """Free memory where training will run: (bytes, where). The first CUDA device's when
+    training goes there; the machine's available RAM otherwise."""
+    if accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free, "on cuda:0"
+    return psutil.virtual_memory().available, "available in RAM"
+
+
+def check_fits_in_memory(config: RNNLMConfig, t: TrainParams) -> None:
+    """Refuse a model that cannot be trained here before anything is allocated or logged,
+    with the size it would need (a typo such as hidden_dim: 650000 would otherwise end in an
+    out-of-memory kill, or hours of swapping)."""
+    n_params, need = training_bytes(config, t)
+    free, where = free_memory_bytes(t.accelerator)
+    if need > free:
+        raise TrainError(
+            f"the model does not fit: training it needs about {need / GIB:,.1f} GiB "
+            f"({n_params:,} parameters x {WEIGHT_COPIES[t.optimizer]} copies for weights, "
+            f"gradients and {t.optimizer}'s state, plus a batch's logits: train.batch_size x "
+            f"train.bptt x {config.vocab_size:,} words), only {free / GIB:,.1f} GiB is {where}. "
+            "Make model.hidden_dim, model.embedding_dim or model.num_layers smaller (or "
+            "tokenize.max_size, train.batch_size, train.bptt)"
+        )
+
+
 def is_interactive() -> bool:
     """A person watches a terminal: Lightning's progress bar and summaries, not log lines."""
     return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-def is_global_zero() -> bool:
-    """Whether this process will be global rank 0, known before Lightning sets up DDP.
-
-    torchrun sets RANK (and GROUP_RANK for the node), srun SLURM_PROCID; Lightning's own
-    launcher gives its children LOCAL_RANK > 0 and reads NODE_RANK on the other nodes.
-    """
-    ranks = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
-    return all(int(os.environ.get(name) or 0) == 0 for name in ranks)
 
 
 def check_inputs(paths: Paths) -> None:
@@ -172,7 +209,7 @@ def build_trainer(
     trainer = pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=strategy_for(t),
         num_nodes=t.num_nodes,
         precision=t.precision,
         max_epochs=t.max_epochs,
@@ -193,6 +230,59 @@ def build_trainer(
         use_distributed_sampler=False,
     )
     return trainer, checkpoint
+
+
+def strategy_for(t: TrainParams) -> str | Strategy:
+    """`train.strategy` as Lightning takes it; a DDP one built with `train.ddp_timeout_s`.
+
+    `auto` over several nodes or devices is DDP (what Lightning would pick), built here so the
+    timeout applies to it too.
+    """
+    name = t.strategy
+    several = t.num_nodes > 1 or (isinstance(t.devices, int) and t.devices > 1)
+    if name == "auto" and several:
+        name = "ddp"
+    entry = dict.get(StrategyRegistry, name)  # its registration (the registry's .get builds one)
+    if entry is None or not issubclass(entry["strategy"], DDPStrategy):
+        return name
+    timeout = datetime.timedelta(seconds=t.ddp_timeout_s)
+    return entry["strategy"](**{**entry["init_params"], "timeout": timeout})
+
+
+def rendezvous_address(env: Mapping[str, str] = os.environ) -> str:
+    """Where DDP processes meet: rank 0's MASTER_ADDR:MASTER_PORT (Lightning's defaults when
+    unset: this machine, a free port)."""
+    return f"{env.get('MASTER_ADDR', '127.0.0.1')}:{env.get('MASTER_PORT', '(a free port)')}"
+
+
+def announce_rendezvous(t: TrainParams) -> None:
+    """Multi-node training waits for every node before the first step: say for what."""
+    if t.num_nodes > 1:
+        log.log(
+            logging.INFO if is_global_zero() else logging.WARNING,
+            "waiting for %d node(s) to join at %s (NODE_RANK %s; gives up after "
+            "train.ddp_timeout_s = %g s)",
+            t.num_nodes,
+            rendezvous_address(),
+            os.environ.get("NODE_RANK", "0"),
+            t.ddp_timeout_s,
+        )
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation failed (CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError)."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text.lower())
+    )
+
+
+def peers_timed_out(err: BaseException) -> bool:
+    """torch.distributed gave up on a peer (the store's or a collective's timeout)."""
+    return isinstance(err, torch.distributed.DistError) or (
+        isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+    )
 
 
 def check_launcher_world(t: TrainParams, env: Mapping[str, str] = os.environ) -> None:
@@ -264,11 +354,21 @@ def run(
     """Train, test the best checkpoint, write outputs, track the run; return the final metrics
     (train.json's, with train_run.json's run id and accelerator); {} in the other processes."""
     session = set_up(model_p, train_p, ml, paths, corpus_name, extra_params)
-    test_metrics = fit_and_test(session)
-    if session.tracked is None:
-        return {}
-    metrics, record = final_metrics(session, session.tracked, test_metrics)
-    finish(session, session.tracked, metrics, record, params_file)
+    tracked = session.tracked
+    try:
+        test_metrics = fit_and_test(session)
+        if tracked is None:
+            return {}
+        metrics, record = final_metrics(session, tracked, test_metrics)
+        finish(session, tracked, metrics, record, params_file)
+    except resume.TrainingInterrupted:
+        raise  # the run is KILLED until a resume continues it
+    except BaseException as err:  # the run must not stay RUNNING, nor look FINISHED
+        if tracked is not None and isinstance(err, KeyboardInterrupt | Interrupted):
+            tracked.set_status("KILLED")
+        elif tracked is not None:
+            tracked.mark_failed(err)
+        raise
     return {**metrics, **record}
 
 
@@ -292,7 +392,9 @@ def set_up(
         torch.set_float32_matmul_precision("high")
 
     datamodule = CorpusDataModule(paths, t.batch_size, t.bptt, t.eval_batch_size, t.eval_bptt)
-    module = LitRNNLM.of(RNNLMConfig.of(model_p, datamodule.vocab_size), t)
+    config = RNNLMConfig.of(model_p, datamodule.vocab_size)
+    check_fits_in_memory(config, t)
+    module = LitRNNLM.of(config, t)
     md5 = data_md5(paths)
     fingerprint = resume.fingerprint(model_p, t, md5)
     point = resume.find_resume_point(paths.checkpoints_dir, fingerprint, t.resume, rank_zero)
@@ -302,16 +404,18 @@ def set_up(
             model_p, t, ml, corpus_name, md5, point, datamodule.vocab_size, extra_params
         )
     summary = EpochSummary()
-    resumable = Resumable(
-        datamodule, paths.checkpoints_dir, fingerprint, tracked.run_id if tracked else None
-    )
     try:
+        resumable = Resumable(
+            datamodule, paths.checkpoints_dir, fingerprint, tracked.run_id if tracked else None
+        )
         logger = RunLogger(tracked, skip_logged=point is not None) if tracked else False
         trainer, checkpoint = build_trainer(t, paths.checkpoints_dir, logger, summary, resumable)
     except BaseException as err:
         if tracked is not None:  # created a moment ago: it must not stay RUNNING forever
-            tracked.set_status("FAILED")
-        if isinstance(err, MisconfigurationException):  # e.g. train.devices: 4 with 2 GPUs
+            tracked.mark_failed(err)
+        # MisconfigurationException: e.g. train.devices: 4 with 2 GPUs; ValueError: e.g. an
+        # unknown train.strategy.
+        if isinstance(err, MisconfigurationException | ValueError):
             message = " ".join(str(err).split())
             raise TrainError(f"Lightning cannot train with these train params: {message}") from None
         raise
@@ -326,6 +430,7 @@ def fit_and_test(session: Session) -> dict[str, float]:
     Ctrl-C or SIGTERM end it with TrainingInterrupted, the run shown as KILLED until resumed.
     """
     trainer, tracked = session.trainer, session.tracked
+    announce_rendezvous(session.t)
     try:
         trainer.fit(
             session.module,
@@ -340,12 +445,30 @@ def fit_and_test(session: Session) -> dict[str, float]:
             session.module, datamodule=session.datamodule, ckpt_path=best_path, verbose=False
         )
         return dict(tested[0])
-    except (resume.TrainingInterrupted, SIGTERMException) as err:
+    except (RuntimeError, torch.distributed.DistError) as err:  # run() marks the run FAILED
+        if out_of_memory(err):
+            t = session.t
+            raise TrainError(
+                "out of memory while training (train.batch_size = "
+                f"{t.batch_size}, train.bptt = {t.bptt}): make them or the model smaller "
+                f"({' '.join(str(err).split())[:200]})"
+            ) from None
+        if not peers_timed_out(err):
+            raise
+        t = session.t
+        raise TrainError(
+            f"DDP gave up after train.ddp_timeout_s = {t.ddp_timeout_s:g} s waiting for its "
+            f"peers ({t.num_nodes} node(s) x {t.devices} device(s)) at {rendezvous_address()}: "
+            "start the training on every node with the same MASTER_ADDR and MASTER_PORT, and "
+            f"check that the port is reachable ({' '.join(str(err).split())[:200]})"
+        ) from None
+    except (resume.TrainingInterrupted, SIGTERMException, Interrupted) as err:
         if tracked is not None:  # spooled if the store went away
             tracked.set_status("KILLED")
         if isinstance(err, resume.TrainingInterrupted):
             raise
-        # Lightning's own SIGTERM handling (outside the training loop, e.g. during the test).
+        # SIGTERM outside the training loop (e.g. during the test), through Lightning's handler
+        # or the one every stage has (rnnlm.entry).
         raise resume.TrainingInterrupted(
             "SIGTERM", session.resumable.checkpoint, trainer.current_epoch, trainer.global_step
         ) from None
@@ -439,14 +562,18 @@ def tracking_run(
     if point is not None and point.run_id:
         tags["rnnlm.resumed_from_run"] = point.run_id  # that run is not in this store
     tracked = tracking.start_run(ml, run_name, tags, spool=spool)
-    tracked.log_params(
-        {
-            **{f"model.{k}": v for k, v in as_flat_dict(model_p).items()},
-            **{f"train.{k}": v for k, v in as_flat_dict(t).items() if k != "cell_overrides"},
-            "data.vocab_size": vocab_size,
-            **(extra_params or {}),
-        }
-    )
+    try:
+        tracked.log_params(
+            {
+                **{f"model.{k}": v for k, v in as_flat_dict(model_p).items()},
+                **{f"train.{k}": v for k, v in as_flat_dict(t).items() if k != "cell_overrides"},
+                "data.vocab_size": vocab_size,
+                **(extra_params or {}),
+            }
+        )
+    except BaseException as err:  # e.g. a full disk under the spool: not left RUNNING
+        tracked.mark_failed(err)
+        raise
     return tracked
 
 
@@ -499,6 +626,8 @@ def run_from_params(
     train_p = params.train if resume_allowed else dataclasses.replace(params.train, resume=False)
     extra = {
         **{f"tokenize.{k}": v for k, v in as_flat_dict(params.tokenize).items()},
+        # The rule that ran (`tokenize.split_by: auto` picks one per corpus).
+        "tokenize.split_rule": read_split_rule(params.paths),
         "corpus.name": params.corpus.name,
     }
     return run(

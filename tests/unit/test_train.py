@@ -104,6 +104,9 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
     assert run.data.params["train.batch_size"] == str(params.train.batch_size)
     assert run.data.params["tokenize.min_freq"] == str(params.tokenize.min_freq)
     assert run.data.params["corpus.name"] == "tinycorpus"
+    # The split rule that ran: tinycorpus's 20 documents fill every split by document.
+    assert run.data.params["tokenize.split_by"] == "auto"
+    assert run.data.params["tokenize.split_rule"] == "document"
     assert "model/cell" not in run.data.params  # Lightning's hparams are not logged twice
 
     for key in (
@@ -206,29 +209,6 @@ def test_trainer_settings_lightning_refuses_fail_in_one_line(
     assert "\n" not in record.message and record.exc_info is None
 
 
-@pytest.mark.parametrize(
-    ("env", "zero"),
-    [
-        ({}, True),
-        ({"LOCAL_RANK": "1"}, False),  # Lightning's launcher, a second device
-        ({"NODE_RANK": "1"}, False),  # Lightning's launcher, on another node
-        ({"SLURM_PROCID": "2", "SLURM_LOCALID": "0"}, False),  # srun, on another node
-        ({"SLURM_PROCID": "0"}, True),
-        ({"SLURM_PROCID": "0", "LOCAL_RANK": "1"}, False),  # launcher inside an allocation
-        ({"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}, True),  # torchrun
-        ({"RANK": "4", "LOCAL_RANK": "0", "GROUP_RANK": "1"}, False),
-    ],
-)
-def test_global_zero_is_known_from_every_launcher_environment(
-    env: dict[str, str], zero: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert train.is_global_zero() is zero
-
-
 def test_dvc_experiment_tags_cell_overrides_and_progress_lines(
     processed_tiny: Params, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -282,6 +262,77 @@ def test_missing_inputs_give_a_clear_error(tiny_params: Params) -> None:
     p = tiny_params
     with pytest.raises(train.TrainError, match="run the tokenize stage"):
         train.run(p.model, p.train, p.mlflow, p.paths, p.corpus.name)
+
+
+def test_a_model_too_big_for_memory_is_refused_before_a_run_starts(
+    processed_tiny: Params,
+) -> None:
+    p = processed_tiny
+    huge = dataclasses.replace(p.model, embedding_dim=100_000, hidden_dim=100_000)
+    with pytest.raises(train.TrainError) as err:
+        train.run(huge, p.train, p.mlflow, p.paths, p.corpus.name)
+    message = str(err.value)
+    assert re.match(r"the model does not fit: training it needs about [\d,.]+ GiB \(", message)
+    n_params = int(re.search(r"\(([\d,]+) parameters x 4 copies", message)[1].replace(",", ""))
+    assert n_params > 8 * 100_000**2  # the LSTM's four gates, input and recurrent weights
+    assert "Make model.hidden_dim, model.embedding_dim or model.num_layers smaller" in message
+    assert not p.paths.checkpoint.exists() and not p.paths.train_metrics.exists()
+    assert _client(p).search_runs([e.experiment_id for e in _client(p).search_experiments()]) == []
+
+
+def test_a_node_that_never_joins_ends_the_wait_naming_the_address(
+    processed_tiny: Params, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = processed_tiny
+    t = dataclasses.replace(p.train, strategy="ddp", num_nodes=2, devices=1, ddp_timeout_s=2)
+    address = f"127.0.0.1:{unused_port()}"
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", address.rsplit(":", 1)[1])
+    monkeypatch.setenv("NODE_RANK", "0")
+    caplog.set_level(logging.INFO, logger="rnnlm")
+    with pytest.raises(train.TrainError) as err:
+        train.run(p.model, t, p.mlflow, p.paths, p.corpus.name)
+    assert str(err.value).startswith(
+        f"DDP gave up after train.ddp_timeout_s = 2 s waiting for its peers (2 node(s) x 1 "
+        f"device(s)) at {address}: start the training on every node"
+    )
+    assert f"waiting for 2 node(s) to join at {address}" in caplog.text
+    (run,) = _client(p).search_runs([e.experiment_id for e in _client(p).search_experiments()])
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("fault", ["allocation", "strategy"])
+def test_a_run_that_cannot_train_is_marked_failed_and_said_in_one_line(
+    processed_tiny: Params, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    p = processed_tiny
+    t = p.train
+    if fault == "allocation":  # what the CPU allocator raises for a batch that does not fit
+
+        def no_memory(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ...")
+
+        monkeypatch.setattr(LitRNNLM, "training_step", no_memory)
+        expected = "out of memory while training (train.batch_size = 4, train.bptt = 8)"
+    else:
+        t = dataclasses.replace(t, strategy="nonsense")
+        expected = "Lightning cannot train with these train params: You selected an invalid"
+    with pytest.raises(train.TrainError) as err:
+        train.run(p.model, t, p.mlflow, p.paths, p.corpus.name)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+    (run,) = _client(p).search_runs([e.experiment_id for e in _client(p).search_experiments()])
+    assert run.info.status == "FAILED"
+    assert not p.paths.checkpoint.exists()
+
+
+def test_the_memory_estimate_counts_the_real_network(tiny_params: Params) -> None:
+    from rnnlm.model import RNNLM, RNNLMConfig
+
+    config = RNNLMConfig.of(tiny_params.model, vocab_size=123)
+    n_params, need = train.training_bytes(config, tiny_params.train)
+    assert n_params == sum(p.numel() for p in RNNLM(config).parameters())
+    t = tiny_params.train
+    assert need == 4 * (4 * n_params + 3 * t.batch_size * t.bptt * 123)
 
 
 def test_project_root_of_a_dvc_experiment_copy(
