@@ -2,14 +2,15 @@
 
     rnnlm generate [--model M] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]
                    [--top-p P] [--seed S] [--num-samples N] [--stop-at-eos]
-    rnnlm score    [--model M] [--per-sentence] [--json] FILE|-
+    rnnlm score    [--model M] [--per-sentence] [--json] FILE|-   (any size: read as a stream)
     rnnlm next     [--model M] [--prompt TEXT] [-k K]
     rnnlm runs     [--sort COLUMN] [--json] [--all-params]   (the MLflow runs, side by side)
     rnnlm relog    [--tracking-uri URI]   (send what a training could not log to MLflow)
 
 The model file is self-contained (vocabulary and tokenizer are in its metadata), so `--model`
-is all a subcommand needs. Exit codes: 0 success; 1 the model or the input cannot be used;
-2 bad command-line arguments. Errors are one line on stderr, never a traceback.
+is all a subcommand needs. Exit codes (rnnlm.entry lists them all): 0 success; 1 the model
+or the input cannot be used; 2 bad command-line arguments; 130 Ctrl-C. Errors are one line on
+stderr; only a bug shows a traceback, and says that it is one.
 
 Adding a subcommand: write `add_<name>(subparsers)` that creates its parser with `_command`
 and sets `handler=<function(args) -> int>`, then append it to `SUBCOMMANDS`. This module
@@ -21,36 +22,44 @@ torch-free.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
+import stat
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import BinaryIO, NoReturn, TextIO
 
 from rnnlm import runs
+from rnnlm.entry import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, one_line, run_guarded
+from rnnlm.errors import RnnlmError
 from rnnlm.inference import (
     MAX_SAMPLES,
     MAX_THREADS,
     MAX_TOKENS,
     LanguageModel,
-    ModelLoadError,
+    ScoreResult,
+    SentenceScore,
 )
-from rnnlm.text import decode_document
+from rnnlm.text import READ_BYTES
 
 DEFAULT_MODEL = Path("models/model.onnx")
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
-class CliError(RuntimeError):
+class CliError(RnnlmError):
     """A problem with the user's input, reported as one line (exit code 1)."""
 
 
-def one_line(text: str) -> str:
-    """`text` with newlines, other control characters and lone surrogates escaped (\\n)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+class UsageError(RnnlmError):
+    """An argument the library refused (exit code 2, as argparse's own refusals)."""
+
+    exit_code = EXIT_USAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,13 +181,15 @@ def add_score(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_score)
 
 
-def read_text(name: str) -> str:
-    """The text of a file (UTF-8, else Latin-1), or of stdin for '-'."""
+def open_input(name: str) -> BinaryIO:
+    """The file to score, opened in binary mode, or stdin's bytes for '-'."""
     if name == "-":
-        return decode_document(sys.stdin.buffer.read())
+        if sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise CliError("-: standard input is closed")
+        return sys.stdin.buffer
     path = Path(name)
     try:
-        return decode_document(path.read_bytes())
+        return path.open("rb")
     except FileNotFoundError:
         raise CliError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -189,23 +200,166 @@ def read_text(name: str) -> str:
         raise CliError(f"{name!r}: not a valid file name") from None
 
 
-def run_score(args: argparse.Namespace) -> int:
-    model = _load(args)  # first: a bad --model is reported before stdin is read
-    text = read_text(args.file)
+def read_chunks(stream: BinaryIO, name: str) -> Iterator[bytes]:
+    """`stream` READ_BYTES at a time; a read error is one line naming the input."""
+    while True:
+        try:
+            chunk = stream.read(READ_BYTES)
+        except IsADirectoryError:
+            raise CliError(f"{name}: is a directory, expected a text file") from None
+        except OSError as err:
+            raise CliError(f"{name}: cannot read ({err.strerror})") from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def _is_terminal(stream: TextIO | None) -> bool:
     try:
-        result = model.score(text)
-    except ValueError as err:
-        raise CliError(f"{args.file}: {err}") from None
-    if args.json:
-        print(json.dumps(result.to_dict(per_sentence=args.per_sentence), ensure_ascii=False))
-        return EXIT_OK
-    if args.per_sentence:
-        for sentence in result.sentences:
-            print(f"{sentence.ppl:10.2f}  {sentence.tokens:5d}  {sentence.text}")
+        return stream is not None and stream.isatty()
+    except ValueError:  # closed
+        return False
+
+
+def _size(stream: BinaryIO) -> int | None:
+    """The size of a regular file (stdin redirected from one included), else None."""
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{int(rest):02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _rate(n: int, seconds: float) -> str:
+    """Throughput in MB (10^6 bytes) a minute."""
+    return f"{n / 1e6 / max(seconds, 1e-9) * 60:.3g} MB/min"
+
+
+class _Progress:
+    """How far scoring has got, redrawn on one terminal line of stderr at most once a second
+    (only once it has run for 2 s: a short input shows nothing)."""
+
+    def __init__(
+        self, out: TextIO, total: int | None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._out = out
+        self._total = total
+        self._clock = clock
+        self._start = self._last = clock()
+        self._shown = False
+
+    def __call__(self, done: int, tokens: int) -> None:
+        now = self._clock()
+        if now - self._last < 1.0 or now - self._start < 2.0:
+            return
+        self._last = now
+        elapsed = now - self._start
+        line = f"rnnlm: scoring: {_megabytes(done)}"
+        if self._total:
+            line += f" of {_megabytes(self._total)} ({min(done / self._total, 1.0):.0%})"
+        line += f", {tokens:,} tokens, {_duration(elapsed)}, {_rate(done, elapsed)}"
+        self._out.write(f"\r{line}\x1b[K")
+        self._out.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            self._out.write("\r\x1b[K")
+            self._out.flush()
+            self._shown = False
+
+
+class _JsonSentences:
+    """The per-sentence records of `--json`, spooled to a temporary file as they come (kept in
+    memory up to a few MB): memory stays bounded whatever the number of sentences."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by print or close)
+            max_size=1 << 22, mode="w+", encoding="utf-8", errors="surrogatepass"
+        )
+        self._count = 0
+
+    def __call__(self, sentence: SentenceScore) -> None:
+        if self._count:
+            self._file.write(", ")
+        self._file.write(json.dumps(sentence.to_dict(), ensure_ascii=False))
+        self._count += 1
+
+    def print(self, result: ScoreResult) -> None:
+        """The same line as json.dumps(result.to_dict(per_sentence=True)), sentences included."""
+        head = json.dumps(result.to_dict(), ensure_ascii=False)
+        sys.stdout.write(f'{head[:-1]}, "sentences": [')
+        self._file.seek(0)
+        shutil.copyfileobj(self._file, sys.stdout)
+        sys.stdout.write("]}\n")
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _print_sentence(sentence: SentenceScore) -> None:
+    print(f"{sentence.ppl:10.2f}  {sentence.tokens:5d}  {sentence.text}")
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Score the input as a stream: memory stays bounded whatever its size.
+
+    `--per-sentence` lines are printed as the sentences are scored (with `--json`, spooled and
+    printed at the end). On a terminal, stderr shows progress for long inputs and, in text
+    mode, the throughput at the end; `--json` gives `bytes` and `seconds` instead.
+    """
+    model = _load(args)  # first: a bad --model is reported before stdin is read
+    stream = open_input(args.file)
+    spool = _JsonSentences() if args.per_sentence and args.json else None
+    on_sentence: Callable[[SentenceScore], None] | None = spool
+    if args.per_sentence and not args.json:
+        on_sentence = _print_sentence
+    # Not over per-sentence lines on the same terminal.
+    show = _is_terminal(sys.stderr) and not (
+        args.per_sentence and not args.json and _is_terminal(sys.stdout)
+    )
+    progress = _Progress(sys.stderr, _size(stream)) if show else None
+    with contextlib.ExitStack() as stack:
+        if args.file != "-":
+            stack.enter_context(stream)
+        if spool is not None:
+            stack.callback(spool.close)
+        try:
+            result = model.score_stream(
+                read_chunks(stream, args.file), on_sentence, progress, name=args.file
+            )
+        except ValueError as err:
+            raise CliError(f"{args.file}: {err}") from None
+        finally:
+            if progress is not None:
+                progress.clear()
+        if args.json:
+            if spool is not None:
+                spool.print(result)
+            else:
+                print(json.dumps(result.to_dict(), ensure_ascii=False))
+            return EXIT_OK
     print(
         f"perplexity {result.ppl:.2f} over {result.tokens} tokens "
         f"({result.mean_nll:.4f} nats/token, {result.unknown} unknown)"
     )
+    if _is_terminal(sys.stderr) and result.bytes is not None and result.seconds is not None:
+        print(
+            f"rnnlm: scored {_megabytes(result.bytes)} in {_duration(result.seconds)} "
+            f"({_rate(result.bytes, result.seconds)}, "
+            f"{result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s)",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -259,11 +413,16 @@ def _relog(args: argparse.Namespace) -> int:
     from rnnlm.tracking import TrackingError
 
     try:
-        sent = relog_unsent(args.tracking_uri)
+        report = relog_unsent(args.tracking_uri)
     except TrackingError as err:
         raise CliError(str(err)) from None
-    print("\n".join(sent) if sent else f"nothing to send ({unsent_dir()} holds no records)")
-    return EXIT_OK
+    if not report:
+        print(f"nothing to send ({unsent_dir()} holds no records)")
+        return EXIT_OK
+    problems = set(report.problems)  # what could not be sent: stderr, and exit 1
+    for line in report:
+        print(one_line(line), file=sys.stderr if line in problems else sys.stdout)
+    return EXIT_FAILURE if problems else EXIT_OK
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -304,13 +463,15 @@ def _tolerant_output() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def _fail(message: object, code: int) -> int:
+def _fail(message: object) -> None:
     print(f"rnnlm: error: {one_line(str(message))}", file=sys.stderr)
-    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; return the exit code (the console script passes it to sys.exit)."""
+    """Run one subcommand; return the exit code (the console script passes it to sys.exit).
+
+    Failures end as every rnnlm command's do (rnnlm.entry): one line, a documented code.
+    """
     _tolerant_output()
     parser = build_parser()
     try:
@@ -318,20 +479,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse has printed usage and the message (or --help)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     _configure_logging()
-    try:
-        return args.handler(args)
-    except (ModelLoadError, CliError) as err:
-        return _fail(err, EXIT_ERROR)
-    except ValueError as err:  # an argument the library refused
-        return _fail(err, EXIT_USAGE)
-    except TimeoutError:  # NLTK's regex time limit (nltk.redos) ran out on a pathological text
-        return _fail("NLTK's tokenizer gave up on the text (regex time limit)", EXIT_ERROR)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # output piped into `head`: stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+
+    def work() -> int:
+        if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop it all
+            raise CliError("standard output is closed: redirect it to a file or /dev/null")
+        try:
+            return int(args.handler(args))
+        except ValueError as err:  # an argument the library refused
+            raise UsageError(str(err)) from None
+        except TimeoutError:  # NLTK's regex time limit (nltk.redos) ran out on a pathological text
+            raise CliError("NLTK's tokenizer gave up on the text (regex time limit)") from None
+
+    return run_guarded(work, _fail)
 
 
 if __name__ == "__main__":

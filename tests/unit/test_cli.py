@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,11 @@ from pathlib import Path
 import onnx
 import pytest
 
+from rnnlm import cli
+from rnnlm import text as text_module
 from rnnlm.cli import SUBCOMMANDS, build_parser, main
+from rnnlm.inference import LanguageModel
+from rnnlm.text import decode_document
 from tests.unit.test_export import one_torch_thread  # noqa: F401 (autouse)
 from tests.unit.test_inference import identity_model
 
@@ -68,6 +73,135 @@ def test_score_file_and_stdin(
     assert code == 0 and len(lines) == 3
     assert lines[1].endswith("Today congress must keep peace.")
     assert lines[2].startswith(f"perplexity {result['ppl']:.2f} over 19 tokens")
+
+
+# Paragraphs with CRLF line ends and multi-byte characters, several scoring windows long.
+SPEECH = (
+    "The president said that we will build a strong nation.\r\nToday congress must keep "
+    "peace. Na\u00efve caf\u00e9!\r\n\r\nWe will build.\r\n"
+).encode() * 30
+
+
+def without_seconds(out: str) -> dict:
+    result = json.loads(out)
+    assert result.pop("seconds") >= 0
+    return result
+
+
+def test_score_streams_a_file_and_stdin_alike(
+    tiny_onnx_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "speech.txt"
+    path.write_bytes(SPEECH)
+    expected = LanguageModel(tiny_onnx_model).score(decode_document(SPEECH))
+    model = ["score", "--model", str(tiny_onnx_model)]
+    code, out, err = run_cli(capsys, *model, "--json", str(path))
+    assert code == 0 and err == ""
+    result = without_seconds(out)
+    assert list(result) == ["ppl", "nll", "mean_nll", "tokens", "unknown", "bytes"]
+    assert result["bytes"] == len(SPEECH)
+    assert (result["tokens"], result["unknown"]) == (expected.tokens, expected.unknown) == (840, 90)
+    assert result["ppl"] == pytest.approx(expected.ppl, rel=1e-9)
+    for args in (["--json"], []):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(SPEECH)))
+        code, from_stdin, err = run_cli(capsys, *model, *args, "-")
+        assert code == 0 and err == ""
+        if args:
+            assert without_seconds(from_stdin) == result
+        else:
+            assert from_stdin == run_cli(capsys, *model, str(path))[1]
+            assert from_stdin == (
+                f"perplexity {expected.ppl:.2f} over 840 tokens "
+                f"({expected.mean_nll:.4f} nats/token, 90 unknown)\n"
+            )
+
+
+def test_score_per_sentence_as_text_and_as_json(
+    tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "speech.txt"
+    path.write_bytes(SPEECH)
+    expected = LanguageModel(tiny_onnx_model).score(decode_document(SPEECH))
+    model = ["score", "--model", str(tiny_onnx_model), "--per-sentence"]
+    code, out, err = run_cli(capsys, *model, str(path))
+    lines = out.splitlines()
+    assert code == 0 and err == "" and len(lines) == len(expected.sentences) + 1 == 121
+    assert lines[:3] == [f"{s.ppl:10.2f}  {s.tokens:5d}  {s.text}" for s in expected.sentences[:3]]
+    assert lines[1].endswith("Today congress must keep peace.")
+    assert lines[-1].startswith(f"perplexity {expected.ppl:.2f} over 840 tokens")
+    code, out, err = run_cli(capsys, *model, "--json", str(path))
+    assert code == 0 and err == "" and out.count("\n") == 1
+    result = without_seconds(out)
+    assert list(result)[-2:] == ["bytes", "sentences"]
+    wanted = expected.to_dict(per_sentence=True)
+    assert [(s["text"], s["tokens"]) for s in result["sentences"]] == [
+        (s["text"], s["tokens"]) for s in wanted["sentences"]
+    ]
+    for got, sentence in zip(result["sentences"], wanted["sentences"], strict=True):
+        assert got["nll"] == pytest.approx(sentence["nll"], rel=1e-9)
+        assert got["ppl"] == pytest.approx(sentence["ppl"], rel=1e-9)
+
+
+def test_score_tells_a_terminal_its_throughput(
+    tiny_onnx_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a terminal gets it (stderr stays empty for scripts); --json has bytes and seconds."""
+    path = tmp_path / "speech.txt"
+    path.write_bytes(SPEECH)
+    monkeypatch.setattr(cli, "_is_terminal", lambda stream: stream is sys.stderr)
+    code, out, err = run_cli(capsys, "score", "--model", str(tiny_onnx_model), str(path))
+    assert code == 0 and out.startswith("perplexity ") and out.count("\n") == 1
+    assert re.fullmatch(
+        r"rnnlm: scored 3\.6 kB in \d+\.\ds \([\d.e+]+ MB/min, [\d,]+ tokens/s\)\n", err
+    ), err
+    code, out, err = run_cli(capsys, "score", "--model", str(tiny_onnx_model), "--json", str(path))
+    assert code == 0 and err == "" and json.loads(out)["bytes"] == len(SPEECH)
+
+
+def test_progress_line_on_a_terminal() -> None:
+    now = [100.0]
+    out = io.StringIO()
+    progress = cli._Progress(out, total=20_000_000, clock=lambda: now[0])
+    progress(1_000_000, 100)
+    assert out.getvalue() == ""  # nothing for the first 2 s: a short input shows no progress
+    now[0] += 60.0
+    progress(5_000_000, 900_000)
+    assert out.getvalue() == (
+        "\rrnnlm: scoring: 5.0 MB of 20.0 MB (25%), 900,000 tokens, 1m00s, 5 MB/min\x1b[K"
+    )
+    progress(6_000_000, 1_000_000)  # within a second of the last line: not redrawn
+    progress.clear()
+    assert out.getvalue().endswith("\r\x1b[K")
+
+
+def test_score_decodes_a_long_input_as_a_stream(
+    tiny_onnx_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the sniffed head (SNIFF_BYTES, here 64), a byte that is not UTF-8 starts Latin-1."""
+    monkeypatch.setattr(cli, "READ_BYTES", 16)
+    monkeypatch.setattr(text_module, "SNIFF_BYTES", 64)
+    head = "We will build a strong nation, na\u00efve caf\u00e9.\n".encode() * 2
+    data = head + "Today caf\u00e9 \u00e9t\u00e9.\n".encode("latin-1")
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(data)
+    code, out, err = run_cli(capsys, "score", "--model", str(tiny_onnx_model), "--json", str(path))
+    assert code == 0 and err == (
+        f"rnnlm: warning: {path}: byte {len(head) + 9} is not UTF-8 (the first 64 bytes were): "
+        "read as Latin-1 from there\n"
+    )
+    expected = LanguageModel(tiny_onnx_model).score(
+        head.decode() + data[len(head) :].decode("latin-1")
+    )
+    assert json.loads(out)["ppl"] == pytest.approx(expected.ppl, rel=1e-9)
 
 
 def test_next(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,6 @@
-"""inference.py: scoring equals PyTorch, next words, incremental generation, sampling, errors.
+"""inference.py: scoring equals PyTorch, next words, incremental generation, sampling, errors;
+streamed scoring (text.decode_stream, text.PieceSplitter, LanguageModel.score_stream) equals
+scoring the whole text and holds a bounded amount of it.
 
 Each model is a tiny random network exported by `tests.unit.test_export.write_model`; PyTorch's
 own forward pass on the same network is the reference.
@@ -6,19 +8,28 @@ own forward pass on the same network is the reference.
 
 from __future__ import annotations
 
+import codecs
+import io
+import json
 import logging
 import math
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from rnnlm import text as text_module
 from rnnlm.inference import (
     WINDOW,
     LanguageModel,
     ModelLoadError,
+    SentenceScore,
     check_sampling,
     inverse_cdf,
     sample_next,
@@ -27,6 +38,17 @@ from rnnlm.inference import (
 )
 from rnnlm.model import RNNLM
 from rnnlm.streams import EOS_ID
+from rnnlm.text import (
+    MAX_PARAGRAPH_CHARS,
+    READ_BYTES,
+    PieceSplitter,
+    TextTokenizer,
+    cut_long,
+    decode_document,
+    decode_stream,
+    normalize_line_ends,
+    split_paragraphs,
+)
 from tests.unit.test_export import (
     VOCAB,
     build_net,
@@ -379,3 +401,299 @@ def test_malformed_metadata(tmp_path: Path) -> None:
     onnx.save(model, str(path))
     with pytest.raises(ModelLoadError, match="rnnlm metadata is not valid JSON"):
         LanguageModel(path)
+
+
+def _with_props(path: Path, **changes: str) -> Path:
+    """The rnnlm model at `path` with some metadata entries replaced, saved in place."""
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    onnx.helper.set_model_props(model, {**props, **changes})
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("entry", "value", "message"),
+    [
+        ("rnnlm.provenance", "[" * 100_000 + "]" * 100_000, "nests more than 16 levels deep"),
+        ("rnnlm.conventions", '{"a":' * 40 + "1" + "}" * 40, "nests more than 16 levels deep"),
+        ("rnnlm.provenance", '"' + "x" * (64 << 20) + '"', "more than 67,108,864: not a model"),
+        ("rnnlm.model", "hidden_dim", r"rnnlm\.model\.hidden_dim = 0: expected a whole number"),
+        ("rnnlm.model", "num_layers", r"rnnlm\.model\.num_layers = 1e\+30: expected a whole"),
+        ("rnnlm.vocab", "extra word", "has 24 words but the network's logits output scores 23"),
+    ],
+    ids=["deep-list", "deep-object", "huge", "zero-dim", "float-layers", "vocab-vs-logits"],
+)
+def test_hostile_metadata_is_refused_before_anything_is_built(
+    tmp_path: Path, entry: str, value: str, message: str
+) -> None:
+    path = write_model(tmp_path / "m.onnx", build_net("gru"))
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    if entry == "rnnlm.model":  # one size made insane
+        config = json.loads(props[entry])
+        config[value] = 0 if value == "hidden_dim" else 1e30
+        value = json.dumps(config)
+    elif entry == "rnnlm.vocab":  # a vocabulary, and a model size, one word longer
+        config = json.loads(props["rnnlm.model"])
+        config["vocab_size"] += 1
+        _with_props(path, **{"rnnlm.model": json.dumps(config)})
+        value = json.dumps([*json.loads(props[entry]), "zzz"])
+    _with_props(path, **{entry: value})
+    with pytest.raises(ModelLoadError, match=message) as err:
+        LanguageModel(path)
+    assert str(err.value).startswith(f"{path}: ") and len(str(err.value)) < 300
+
+
+# Streamed scoring. Under `blank_line` the hard-wrapped lines below join into one paragraph;
+# CRLF and lone CR line ends, blank lines of spaces, multi-byte characters (unknown words).
+PROSE = (
+    "The president said that we will build a strong nation. Today congress must keep peace.\r\n"
+    "  Our people will keep the peace \u2014 na\u00efve caf\u00e9, \u00fcn\u00efc\u00f6d\u00e9 "
+    "\u2026 and the nation?\r\n"
+    "\r\n"
+    "We will build a strong nation, said the president.\n"
+    "Congress must keep peace\r\nand our people must build.\r\n"
+    "\r\n \t \r\n"
+    "Today the nation said: \u00abwe will\u00bb. The end\r"
+)
+
+
+@pytest.fixture(scope="module")
+def blank_line_lstm(lstm: tuple[LanguageModel, RNNLM]) -> LanguageModel:
+    """The `lstm` network with a tokenizer that reads paragraphs between blank lines."""
+    model = LanguageModel(lstm[0].path, threads=1)
+    model.tokenizer = TextTokenizer(model.tokenizer.punkt, model.tokenizer.lowercase, "blank_line")
+    return model
+
+
+def chunked(data: bytes, size: int) -> Iterator[bytes]:
+    return (data[i : i + size] for i in range(0, len(data), size))
+
+
+def pieces_of(text: str, rule: str, limit: int) -> list[str]:
+    """What the tokenizer reads of a whole text: split_paragraphs, then cut_long."""
+    text = normalize_line_ends(text)
+    return [p for par in split_paragraphs(text, rule) for p in cut_long(par, limit)]  # type: ignore[arg-type]
+
+
+FRAGMENTS = st.sampled_from(
+    ["we", "will", "a.", " ", "   ", "\t", "\n", "\r\n", "\r", "\n \n", "\u2028", "\x0c",
+     "caf\u00e9", " " * 9, "x" * 7, ".", "\u2029", "\x85"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.lists(FRAGMENTS, max_size=60).map("".join),
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=8),
+    rule=st.sampled_from(["line", "blank_line"]),
+    limit=st.integers(2, 12),
+)
+def test_piece_splitter_gives_the_pieces_of_the_whole_text(
+    text: str, sizes: list[int], rule: str, limit: int
+) -> None:
+    """Any text cut anywhere (between CR and LF too) gives the pieces of the whole text, but
+    for whitespace-only ones (no words), and holds less than 4 * limit characters between
+    feeds: long paragraphs and long runs of whitespace included."""
+    splitter = PieceSplitter(rule, limit)  # type: ignore[arg-type]
+    got: list[str] = []
+    start = 0
+    for i in range(len(text)):
+        size = sizes[i % len(sizes)]
+        if start >= len(text):
+            break
+        got += splitter.feed(text[start : start + size])
+        start += size
+        assert splitter.buffered < 4 * limit + size
+    got += splitter.close()
+    expected = pieces_of(text, rule, limit)
+    assert [p for p in got if not p.isspace()] == [p for p in expected if not p.isspace()]
+
+
+def test_piece_splitter_holds_one_piece_of_a_huge_paragraph() -> None:
+    """2 MB without a line end, with a 1 MB run of spaces in it, fed as a file is read."""
+    words = "we will build a strong nation. " * (1_000_000 // 31)
+    text = words + " " * 1_000_000 + "today congress must keep peace."
+    splitter = PieceSplitter("line")
+    got: list[str] = []
+    most = 0
+    for start in range(0, len(text), READ_BYTES):
+        got += splitter.feed(text[start : start + READ_BYTES])
+        most = max(most, splitter.buffered)
+    got += splitter.close()
+    assert most < 4 * MAX_PARAGRAPH_CHARS
+    expected = pieces_of(text, "line", MAX_PARAGRAPH_CHARS)
+    assert [p for p in got if not p.isspace()] == [p for p in expected if not p.isspace()]
+    assert len(got) < len(expected)  # the pieces of nothing but spaces were never made
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=80), size=st.integers(1, 9))
+def test_decode_stream_of_a_short_input_is_decode_document(data: bytes, size: int) -> None:
+    """Up to SNIFF_BYTES the whole-input rule holds exactly: UTF-8 (BOM dropped), else Latin-1."""
+    text = "".join(decode_stream(chunked(data, size)))
+    assert text.replace("\r\n", "\n").replace("\r", "\n") == decode_document(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=60), bom=st.booleans(), size=st.integers(1, 9))
+def test_decode_stream_of_long_utf8_input_cut_anywhere(text: str, bom: bool, size: int) -> None:
+    """Past the sniffed head, multi-byte characters split across chunks still decode."""
+    data = codecs.BOM_UTF8 * bom + text.encode("utf-8", "surrogatepass").replace(b"\xed", b"")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # removing the surrogates' lead bytes left stray continuation bytes
+    decoded = "".join(decode_stream(chunked(data, size), sniff=4))
+    assert decoded == data.decode("utf-8-sig").replace("\x85", "\n")  # UTF-8's NEL ends a line
+
+
+def test_decode_stream_past_the_head(caplog: pytest.LogCaptureFixture) -> None:
+    """A long input whose head is UTF-8 switches to Latin-1 at the first byte that is not."""
+    data = b"abcdefgh" + "\u00e9".encode() + b"ij" + "\u00e9x".encode("latin-1") + "\u00e9".encode()
+    with caplog.at_level(logging.WARNING, logger="rnnlm.text"):
+        text = "".join(decode_stream(chunked(data, 3), "big.txt", sniff=8))
+    assert text == "abcdefgh\u00e9ij\u00e9x\u00c3\u00a9"  # UTF-8, then Latin-1 from byte 12 on
+    assert caplog.messages == [
+        "big.txt: byte 12 is not UTF-8 (the first 9 bytes were): read as Latin-1 from there"
+    ]
+    caplog.clear()
+    latin = "caf\u00e9 na\u00efve \u00e9t\u00e9".encode("latin-1")
+    assert "".join(decode_stream(chunked(latin, 2), sniff=6)) == decode_document(latin)
+    assert caplog.messages == []  # not UTF-8 from the head on: Latin-1 throughout, silently
+    assert "".join(decode_stream(chunked(b"abcdefgh\xc3", 2), "f", sniff=4)) == "abcdefgh\u00c3"
+    assert caplog.messages == ["f: the last 1 byte(s) are not UTF-8: read as Latin-1"]
+
+
+@pytest.mark.parametrize("rule", ["line", "blank_line"])
+def test_score_stream_equals_scoring_the_whole_text(
+    lstm: tuple[LanguageModel, RNNLM], blank_line_lstm: LanguageModel, rule: str
+) -> None:
+    """Chunks smaller than a paragraph, cut inside multi-byte characters and between CR and
+    LF: the same sentences, tokens and perplexity as the whole text, for both paragraph rules."""
+    model = lstm[0] if rule == "line" else blank_line_lstm
+    data = (PROSE * 8).encode()
+    whole = model.score(decode_document(data))
+    assert whole.tokens > 2 * WINDOW  # several windows, sentences across their boundaries
+    tokens = [t for s in model.tokenizer.sentences(decode_document(data)) for t in (*s, "<eos>")]
+    reference = model.token_nlls(ids_of(model, tokens)).sum()  # float64 throughout
+    assert whole.nll == pytest.approx(reference, rel=1e-6)
+    assert any(0x80 <= data[i] < 0xC0 for i in range(5, len(data), 5))  # inside a character
+    assert any(data[i - 1 : i + 1] == b"\r\n" for i in range(3, len(data), 3))  # inside CRLF
+    for size in (1, 3, 5, 64, READ_BYTES):
+        sentences: list[SentenceScore] = []
+        streamed = model.score_stream(chunked(data, size), on_sentence=sentences.append)
+        assert (streamed.tokens, streamed.unknown) == (whole.tokens, whole.unknown)
+        assert streamed.nll == pytest.approx(whole.nll, rel=1e-9)
+        assert streamed.bytes == len(data) and streamed.seconds is not None
+        assert streamed.sentences == []  # given to on_sentence instead
+        assert [(s.words, s.tokens) for s in sentences] == [
+            (s.words, s.tokens) for s in whole.sentences
+        ]
+        for got, expected in zip(sentences, whole.sentences, strict=True):
+            assert got.nll == pytest.approx(expected.nll, rel=1e-9)
+    assert model.score_stream(io.BytesIO(data)).nll == pytest.approx(whole.nll, rel=1e-9)
+
+
+def test_the_paragraph_rules_read_prose_differently(
+    lstm: tuple[LanguageModel, RNNLM], blank_line_lstm: LanguageModel
+) -> None:
+    data = PROSE.encode()
+    by_line = lstm[0].score_stream([data])
+    by_block = blank_line_lstm.score_stream([data])
+    assert by_block.tokens == by_line.tokens - 1  # "... keep peace / and our ...": one sentence
+
+
+def test_score_stream_scores_while_it_reads(
+    lstm: tuple[LanguageModel, RNNLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each sentence is scored soon after its bytes are read: an implementation that read
+    the whole input first (or tokenized it all first) fails at the first sentence."""
+    model, _ = lstm
+    monkeypatch.setattr(text_module, "SNIFF_BYTES", 4096)
+    paragraph = b"We will build a strong nation. Today congress must keep peace. " * 3 + b"\n"
+    data = paragraph * 1000  # 190 kB, 6 sentences a paragraph
+    read = 0
+
+    def source() -> Iterator[bytes]:
+        nonlocal read
+        for chunk in chunked(data, 1000):
+            read += len(chunk)
+            yield chunk
+
+    windows: list[int] = []
+    run = model._run
+
+    def spy(ids: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple:
+        windows.append(ids.shape[1])
+        return run(ids, state)
+
+    monkeypatch.setattr(model, "_run", spy)
+    lags: list[int] = []
+
+    def on_sentence(sentence: SentenceScore) -> None:
+        ends_by = (len(lags) // 6 + 1) * len(paragraph)  # the end of its paragraph
+        lags.append(read - ends_by)
+
+    result = model.score_stream(source(), on_sentence)
+    assert len(lags) == 6 * 1000 and result.bytes == len(data)
+    # Ahead of the scored sentences: the sniffed head, a chunk, a paragraph, a window's tokens.
+    assert max(lags) < 4096 + 1000 + len(paragraph) + 2 * WINDOW * 5 < len(data) // 20
+    assert windows == [WINDOW] * (result.tokens // WINDOW) + [result.tokens % WINDOW]
+
+
+class ReadRecorder(io.RawIOBase):
+    """A binary file that refuses to be read whole and records the reads."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("rb")
+        self.sizes: list[int] = []
+
+    def read(self, size: int = -1) -> bytes:
+        assert 0 < size <= READ_BYTES, f"read({size})"
+        self.sizes.append(size)
+        return self._file.read(size)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def test_score_stream_memory_does_not_grow_with_the_input(
+    lstm: tuple[LanguageModel, RNNLM], tmp_path: Path
+) -> None:
+    """8 MiB (a line of spaces between two sentences), read READ_BYTES at a time, never whole:
+    at most about 2 MiB allocated (the sniffed head of SNIFF_BYTES and its text)."""
+    model, _ = lstm
+    path = tmp_path / "big.txt"
+    with path.open("wb") as out:
+        out.write(b"We will build a strong nation.\n")
+        for _ in range(128):
+            out.write(b" " * (1 << 16))
+        out.write(b"\nToday congress must keep peace.\n")
+    source = ReadRecorder(path)
+    tracemalloc.start()
+    try:
+        result = model.score_stream(source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        source.close()
+    assert result.bytes == path.stat().st_size > 8 << 20
+    two_sentences = "We will build a strong nation.\nToday congress must keep peace."
+    assert result.tokens == model.score(two_sentences).tokens
+    assert peak < 3 * text_module.SNIFF_BYTES < result.bytes // 2
+
+
+def test_score_stream_refusals(lstm: tuple[LanguageModel, RNNLM], tmp_path: Path) -> None:
+    model, _ = lstm
+    with pytest.raises(ValueError, match="nothing to score: the text has no words"):
+        model.score_stream([b" \n\t", b"\r\n"])
+    with pytest.raises(ValueError, match="nothing to score"):
+        model.score_stream(io.BytesIO(b""))
+    with pytest.raises(ValueError, match=r"source = 'we will': expected a binary file"):
+        model.score_stream("we will")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk 'we': expected bytes, got str"):
+        model.score_stream(["we"])  # type: ignore[list-item]
+    (tmp_path / "t.txt").write_text("we will")
+    with (tmp_path / "t.txt").open() as text_file, pytest.raises(ValueError, match="binary mode"):
+        model.score_stream(text_file)  # type: ignore[arg-type]
