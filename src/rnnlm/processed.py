@@ -9,16 +9,18 @@ is wrong, never trained on or scored as garbage:
     read_tokenizer(paths)           tokenizer.json: a TextTokenizer's dict
     read_split(paths, split, size)  <split>.npy: a non-empty 1-D integer array of ids in
                                     [0, size), as int64
+    read_split_rule(paths)          splits.json's `split_by`: the split rule that ran
 """
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import numpy as np
 
-from rnnlm.config import Paths
-from rnnlm.errors import RnnlmError
+from rnnlm.config import Paths, SplitRule
+from rnnlm.errors import RnnlmError, short_repr
 from rnnlm.files import read_json
 from rnnlm.streams import SPECIAL_TOKENS, check_token_ids
 
@@ -88,3 +90,19 @@ def read_split(paths: Paths, split: str, vocab_size: int) -> np.ndarray:
         raise ProcessedDataError(
             f"{path}: {message} (vocabulary of {vocab_size}; {RERUN})"
         ) from None
+
+
+SPLIT_RULES: tuple[str, ...] = typing.get_args(SplitRule)
+
+
+def read_split_rule(paths: Paths) -> str:
+    """Which split rule the tokenize stage ran: `document` or `span` (for the MLflow run)."""
+    path = paths.splits
+    data = _json(path)
+    rule = data.get("split_by") if isinstance(data, dict) else None
+    if rule not in SPLIT_RULES:
+        raise ProcessedDataError(
+            f"{path}: split_by = {short_repr(rule)}, expected one of {', '.join(SPLIT_RULES)} "
+            f"({RERUN})"
+        )
+    return str(rule)

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from rnnlm.config import Paths
-from rnnlm.processed import ProcessedDataError, read_split, read_tokenizer, read_vocab
+from rnnlm.processed import (
+    ProcessedDataError,
+    read_split,
+    read_split_rule,
+    read_tokenizer,
+    read_vocab,
+)
 from tests.fixtures import shipped_params
 
 
@@ -82,3 +88,30 @@ def test_vocabulary_and_tokenizer_round_trip(paths: Paths) -> None:
     paths.tokenizer.write_text(json.dumps({"lowercase": True}))
     with pytest.raises(ProcessedDataError, match="not a tokenizer file"):
         read_tokenizer(paths)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"tokens": ["<unk>", "<eos>", "caf\xe9"]}', "not UTF-8 text (byte 34); not a JSON file"),
+        (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
+        (b'{"tokens": ', "not valid JSON"),
+    ],
+    ids=["latin-1", "deep", "truncated"],
+)
+def test_a_json_input_that_is_no_json_is_refused_naming_the_file(
+    paths: Paths, content: bytes, message: str
+) -> None:
+    paths.vocab.write_bytes(content)
+    with pytest.raises(ProcessedDataError) as err:
+        read_vocab(paths)
+    text = str(err.value)
+    assert text.startswith(f"{paths.vocab}: ") and message in text and "\n" not in text
+
+
+def test_the_split_rule_is_read_and_checked(paths: Paths) -> None:
+    paths.splits.write_text(json.dumps({"split_by": "span", "train": [], "spans": {}}))
+    assert read_split_rule(paths) == "span"
+    paths.splits.write_text(json.dumps({"train": ["a.txt"]}))  # written before split rules
+    with pytest.raises(ProcessedDataError, match=r"split_by = None, expected one of document"):
+        read_split_rule(paths)

@@ -1,7 +1,9 @@
 """Stage `tokenize` and text.py: decoding, paragraphs, Punkt, vocabulary, splits, the stage's files.
 
 Pure helpers are tested on hand-made inputs; `run` and `main` on the synthetic `tinycorpus`
-(20 documents and a README), with every path under tmp_path.
+(20 documents and a README), and the split rules on small "marked" corpora (1 to 12 documents,
+flat or in category folders, UTF-8 and Latin-1, LF and CRLF) whose every sentence starts with
+its own marker word `qa<n>` and ends with `qz<n>`, with every path under tmp_path.
 """
 
 from __future__ import annotations
@@ -11,17 +13,20 @@ import errno
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from nltk.tokenize.punkt import PunktParameters
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
 from rnnlm import tokenization
-from rnnlm.config import Params, Paths
+from rnnlm.config import ConfigError, Params, Paths
 from rnnlm.files import WriteError, describe_os_error
 from rnnlm.streams import EOS, EOS_ID, SPECIAL_TOKENS, UNK, UNK_ID
 from rnnlm.text import (
@@ -39,7 +44,12 @@ from rnnlm.tokenization import (
     TokenizeError,
     assign_splits,
     build_vocab,
+    choose_rule,
+    cut_document,
+    document_text,
     list_documents,
+    spans_to_fill,
+    unit_starts,
 )
 from tests.fixtures import (
     LATIN1_DOC,
@@ -47,6 +57,8 @@ from tests.fixtures import (
     TINY_ID,
     encode_docs,
     fill_disk,
+    params_with,
+    paths_under,
     shipped_params,
     write_files,
     write_params,
@@ -339,7 +351,9 @@ def test_run_writes_every_output(processed_tiny: Params, tiny_docs: dict[str, st
     out = processed_tiny.paths.processed_dir
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     splits = json.loads((out / "splits.json").read_text())
-    assert set(splits) == set(SPLITS)
+    # 20 documents: the rule `auto` splits by document, and splits.json is as it always was
+    # (one list of document names per split) plus the rule.
+    assert set(splits) == {"split_by", *SPLITS} and splits["split_by"] == "document"
     documents = [n for s in SPLITS for n in splits[s]]
     assert sorted(documents) == tiny_doc_names(tiny_docs)  # README is not a document
     assert len(documents) == 20
@@ -359,6 +373,7 @@ def test_run_stats_match_the_arrays(processed_tiny: Params) -> None:
     vocab = json.loads((out / "vocab.json").read_text())["tokens"]
     splits = json.loads((out / "splits.json").read_text())
     assert stats["vocab_size"] == len(vocab)
+    assert stats["split_by"] == "document"
     assert sum(stats[s]["documents"] for s in SPLITS) == 20
     for split in SPLITS:
         ids = load_split(out, split)
@@ -368,6 +383,7 @@ def test_run_stats_match_the_arrays(processed_tiny: Params) -> None:
         n_words = len(ids) - n_sentences
         assert stats[split] == {
             "documents": len(splits[split]),
+            "spans": len(splits[split]),  # each document whole is one span
             "sentences": n_sentences,
             "tokens": len(ids),
             "oov_rate": round(int((ids == UNK_ID).sum()) / n_words, 6),
@@ -482,8 +498,9 @@ def test_failure_keeps_previous_outputs(processed_tiny: Params) -> None:
     corpus = processed_tiny.paths.raw_dir / TINY_ID
     for doc in sorted(corpus.glob("*.txt"))[5:]:
         doc.unlink()
+    by_document = dataclasses.replace(processed_tiny.tokenize, split_by="document")
     with pytest.raises(TokenizeError, match="5 documents leave the validation, test split"):
-        tokenization.run(processed_tiny.tokenize, processed_tiny.paths, TINY_ID)
+        tokenization.run(by_document, processed_tiny.paths, TINY_ID)
     assert read_outputs(out) == before
     assert leftovers(out.parent) == []
 
@@ -629,3 +646,441 @@ def test_main_bad_params_exits_1(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         tokenization.main(["--params", str(params)])
     assert exit_info.value.code == 1
     assert "tokenize.min_freq = 0: must be >= 1" in caplog.text
+
+
+# Split rules: `document`, `span` and `auto`
+
+
+def test_split_by_is_validated() -> None:
+    assert SHIPPED.tokenize.split_by == "auto"
+    with pytest.raises(ConfigError, match=r"tokenize\.split_by = 'sentence': expected one of"):
+        params_with({"tokenize": {"split_by": "sentence"}})
+
+
+@pytest.mark.parametrize(("n_docs", "rule"), [(1, "span"), (2, "span"), (6, "span"), (9, "span")])
+def test_auto_splits_within_documents_when_too_few(n_docs: int, rule: str) -> None:
+    assert choose_rule(n_docs, SHIPPED.tokenize) == rule
+
+
+@pytest.mark.parametrize("n_docs", [10, 12, 65])
+def test_auto_splits_by_document_when_each_split_gets_one(n_docs: int) -> None:
+    assert choose_rule(n_docs, SHIPPED.tokenize) == "document"
+    few = dataclasses.replace(SHIPPED.tokenize, split_every=3, val_remainder=0, test_remainder=1)
+    assert choose_rule(2, few) == "span" and choose_rule(3, few) == "document"
+
+
+@pytest.mark.parametrize("forced", ["document", "span"])
+def test_forced_rule_is_kept(forced: str) -> None:
+    p = dataclasses.replace(SHIPPED.tokenize, split_by=forced)
+    assert choose_rule(1, p) == choose_rule(100, p) == forced
+
+
+def test_cut_document_equal_units_give_equal_spans() -> None:
+    starts = list(range(0, 100, 10))
+    assert cut_document(starts, 100, 10, range(10)) == [(i, i + 10) for i in range(0, 100, 10)]
+    assert cut_document(starts, 100, 5, range(5)) == [(i, i + 20) for i in range(0, 100, 20)]
+
+
+def test_cut_document_cuts_nearest_the_ideal_offsets() -> None:
+    """Units of 4 characters, spans of 10: each cut lies within 2 of k * 10 (earlier on ties)."""
+    spans = cut_document(list(range(0, 100, 4)), 100, 10, range(10))
+    assert [start for start, _ in spans] == [0, 8, 20, 28, 40, 48, 60, 68, 80, 88]
+    assert all(end == spans[i + 1][0] for i, (_, end) in enumerate(spans[:-1]))
+    assert spans[-1][1] == 100
+
+
+def test_cut_document_fills_every_span_whatever_the_lengths() -> None:
+    """One unit of 90 characters, then nine of 1: each span gets one, however unequal."""
+    starts = [0, *range(90, 99)]
+    spans = cut_document(starts, 100, 10, range(10))
+    assert spans == [(0, 90), *((i, i + 1) for i in range(90, 98)), (98, 100)]
+
+
+def test_cut_document_few_units_fill_the_chosen_spans_only() -> None:
+    spans = cut_document([0, 5, 9], 12, 10, {0, 8, 9})
+    assert spans[0] == (0, 5) and spans[8] == (5, 9) and spans[9] == (9, 12)
+    assert all(start == end for start, end in spans[1:8])
+    assert cut_document([], 0, 10, ()) == [(0, 0)] * 10  # an empty document
+    with pytest.raises(ValueError, match="3 spans to fill from 2 units"):
+        cut_document([0, 5], 12, 10, {0, 8, 9})
+
+
+def test_spans_to_fill_prefers_splits_still_empty() -> None:
+    p = SHIPPED.tokenize  # span 0 is the first train span, 8 validation, 9 test
+    assert spans_to_fill(10, p, set()) == spans_to_fill(40, p, set(SPLITS)) == list(range(10))
+    assert spans_to_fill(1, p, set()) == [0]
+    assert spans_to_fill(2, p, set()) == [0, 8]
+    assert spans_to_fill(3, p, set()) == [0, 8, 9]
+    assert spans_to_fill(1, p, {"train"}) == [8]
+    assert spans_to_fill(2, p, {"train", "validation"}) == [0, 9]
+    assert spans_to_fill(4, p, set(SPLITS)) == [0, 1, 8, 9]
+    assert spans_to_fill(0, p, set()) == []
+
+
+def test_unit_starts_at_paragraphs_and_optionally_sentences() -> None:
+    paragraphs = ["One here. Two here.", "Three here. Four here."]
+    assert document_text(paragraphs, "line") == "One here. Two here.\nThree here. Four here."
+    assert unit_starts(paragraphs, "line") == [0, 20]
+    assert unit_starts(paragraphs, "blank_line") == [0, 21]
+    splitter = PunktSentenceTokenizer(PunktParameters())
+    assert unit_starts(paragraphs, "line", splitter) == [0, 10, 20, 32]
+    assert unit_starts([], "line", splitter) == []
+
+
+# Marked corpora: sentence n reads "Qa<n> ... qz<n>." and appears once in the corpus.
+
+SPLIT_NOUNS = ["the river", "the city", "our people", "the farmer", "a school", "the bridge"]
+MARKER = re.compile(r"q[az]\d+")
+
+
+@dataclass(frozen=True)
+class MarkedDoc:
+    name: str  # path under the corpus folder
+    paragraphs: int
+    sentences: int  # in each paragraph
+    latin1: bool = False  # stored in Latin-1 (a "café" makes it invalid UTF-8)
+    crlf: bool = False  # CRLF line ends
+
+
+def marked_corpus(docs: Sequence[MarkedDoc], plain: bool = False) -> tuple[dict[str, bytes], int]:
+    """The files (name -> bytes) of a corpus of one paragraph a line, and its sentence count.
+
+    About a third of the sentences hold "Mr. <Name>" (Punkt must learn that "Mr." ends no
+    sentence). `plain`: every file in UTF-8 with LF line ends, the same text otherwise.
+    """
+    rng = random.Random(len(docs))
+    files: dict[str, bytes] = {}
+    n = 0
+    for doc in docs:
+        lines = []
+        for _ in range(doc.paragraphs):
+            sentences = []
+            for _ in range(doc.sentences):
+                if doc.latin1 and n % 5 == 0:
+                    body = "met the people at the café"
+                elif rng.random() < 0.35:
+                    body = f"and Mr. {rng.choice(NAMES)} {rng.choice(VERBS)} the {NOUNS[n % 6]}"
+                else:
+                    body = f"{rng.choice(VERBS)} {rng.choice(SPLIT_NOUNS)}"
+                sentences.append(f"Qa{n} {body} near qz{n}.")
+                n += 1
+            lines.append(" ".join(sentences))
+        end = "\n" if plain or not doc.crlf else "\r\n"
+        text = end.join(lines) + end
+        files[doc.name] = text.encode("latin-1" if doc.latin1 and not plain else "utf-8")
+    return files, n
+
+
+ONE_DOC = [MarkedDoc("speech.txt", paragraphs=1, sentences=40, crlf=True)]
+TWO_DOCS = [
+    MarkedDoc("north/alpha.txt", paragraphs=3, sentences=8, latin1=True),
+    MarkedDoc("south/beta.txt", paragraphs=12, sentences=3, crlf=True),
+]
+SIX_DOCS = [
+    MarkedDoc("a.txt", paragraphs=14, sentences=2),
+    MarkedDoc("b.txt", paragraphs=2, sentences=9, latin1=True, crlf=True),
+    MarkedDoc("c.txt", paragraphs=1, sentences=12, crlf=True),
+    MarkedDoc("d.txt", paragraphs=10, sentences=1, latin1=True),
+    MarkedDoc("e.txt", paragraphs=5, sentences=4),
+    MarkedDoc("f.txt", paragraphs=1, sentences=3, latin1=True),
+]
+TWELVE_DOCS = [
+    MarkedDoc(
+        f"{('econ', 'law', 'war')[i % 3]}/doc{i:02d}.txt",
+        paragraphs=4 + 3 * (i % 4),
+        sentences=1 + i % 3,
+        latin1=i % 4 == 1,
+        crlf=i % 3 == 2,
+    )
+    for i in range(12)
+]
+CORPORA = {"one": ONE_DOC, "two": TWO_DOCS, "six": SIX_DOCS, "twelve": TWELVE_DOCS}
+
+
+def marked_params(tmp_path: Path, **tokenize: object) -> Params:
+    """Shipped params, paths under tmp_path; min_freq 1 so that every train marker is a word
+    of the vocabulary."""
+    return params_with({"paths": paths_under(tmp_path), "tokenize": {"min_freq": 1, **tokenize}})
+
+
+def write_marked(params: Params, name: str, docs: Sequence[MarkedDoc], plain: bool = False) -> int:
+    files, n_sentences = marked_corpus(docs, plain)
+    for rel, data in files.items():
+        path = params.paths.raw_dir / name / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (params.paths.raw_dir / name / README).write_bytes(b"Qa999 not a document near qz999.\n")
+    return n_sentences
+
+
+def split_texts(params: Params, corpus: str) -> dict[str, list[str]]:
+    """The text of each split, piece by piece, as splits.json describes it."""
+    record = json.loads((params.paths.processed_dir / "splits.json").read_text())
+    rule = params.tokenize.paragraphs
+
+    def text_of(name: str) -> str:
+        return decode_document((params.paths.raw_dir / corpus / name).read_bytes())
+
+    if record["split_by"] == "document":
+        return {split: [text_of(name) for name in record[split]] for split in SPLITS}
+    texts = {
+        split: [
+            document_text(split_paragraphs(text_of(s["document"]), rule), rule)[
+                s["start"] : s["end"]
+            ]
+            for s in record["spans"][split]
+        ]
+        for split in SPLITS
+    }
+    for split in SPLITS:  # each split lists the documents it has text of
+        assert record[split] == sorted({s["document"] for s in record["spans"][split]})
+    return texts
+
+
+def split_sentences(params: Params, corpus: str) -> dict[str, list[list[str]]]:
+    """Each split's sentences, rebuilt from splits.json, the raw files and the saved tokenizer;
+    they must encode (with the saved vocabulary) to exactly the saved arrays."""
+    out = params.paths.processed_dir
+    tokenizer = TextTokenizer.from_dict(json.loads((out / "tokenizer.json").read_text()))
+    stoi = {w: i for i, w in enumerate(json.loads((out / "vocab.json").read_text())["tokens"])}
+    sentences = {}
+    for split, texts in split_texts(params, corpus).items():
+        sentences[split] = [s for text in texts for s in tokenizer.sentences(text)]
+        np.testing.assert_array_equal(
+            load_split(out, split), encode(with_eos(sentences[split]), stoi)
+        )
+    return sentences
+
+
+def split_of_sentences(params: Params, corpus: str, n_sentences: int) -> dict[int, str]:
+    """Sentence number -> its split; asserts that every split has words, and that each
+    sentence lies whole in exactly one split (its two markers there, and nowhere else)."""
+    found: dict[str, list[str]] = {}
+    for split, sentences in split_sentences(params, corpus).items():
+        assert sentences, f"{split} is empty"
+        for token in (t for s in sentences for t in s):
+            if MARKER.fullmatch(token):
+                found.setdefault(token, []).append(split)
+    assert len(found) == 2 * n_sentences  # and no README marker
+    where = {}
+    for n in range(n_sentences):
+        assert len(found[f"qa{n}"]) == 1 and found[f"qa{n}"] == found[f"qz{n}"], n
+        where[n] = found[f"qa{n}"][0]
+    return where
+
+
+def assert_nothing_held_out_reaches_the_tokenizer(params: Params, where: dict[int, str]) -> None:
+    """Markers of validation and test are in neither the vocabulary nor Punkt's word list."""
+    out = params.paths.processed_dir
+    vocab = json.loads((out / "vocab.json").read_text())["tokens"]
+    punkt = json.loads((out / "tokenizer.json").read_text())["punkt"]
+    train = {f"q{side}{n}" for n, split in where.items() if split == "train" for side in "az"}
+    assert {w for w in vocab if MARKER.fullmatch(w)} == train
+    assert {w for w in punkt["ortho_context"] if MARKER.fullmatch(w)} <= train
+
+
+@pytest.mark.parametrize(
+    ("corpus", "rule"), [("one", "span"), ("two", "span"), ("six", "span"), ("twelve", "document")]
+)
+def test_small_corpora_split_with_the_defaults(tmp_path: Path, corpus: str, rule: str) -> None:
+    params = marked_params(tmp_path)
+    n_sentences = write_marked(params, corpus, CORPORA[corpus])
+    stats = tokenization.run(params.tokenize, params.paths, corpus)
+    record = json.loads((params.paths.processed_dir / "splits.json").read_text())
+    assert stats["split_by"] == record["split_by"] == rule
+    assert json.loads((params.paths.processed_dir / "stats.json").read_text()) == stats
+    where = split_of_sentences(params, corpus, n_sentences)
+    assert_nothing_held_out_reaches_the_tokenizer(params, where)
+    counts = Counter(where.values())
+    for split in SPLITS:
+        spans = record["spans"][split] if rule == "span" else record[split]
+        assert stats[split]["spans"] == len(spans)  # type: ignore[index]
+        assert stats[split]["documents"] == len(record[split])  # type: ignore[index]
+    if rule == "span":  # about 8 : 1 : 1 of the sentences, whatever the number of documents
+        assert counts["train"] > 5 * counts["validation"] > 0
+        assert counts["train"] > 5 * counts["test"] > 0
+    else:
+        # Documents in order of their paths: econ/doc00, econ/doc03, ..., war/doc02, war/doc05.
+        assert record["validation"] == ["war/doc02.txt"] and record["test"] == ["war/doc05.txt"]
+
+
+@pytest.mark.parametrize("corpus", ["one", "two", "six", "twelve"])
+def test_spans_begin_and_end_at_sentences(tmp_path: Path, corpus: str) -> None:
+    """In the text itself: every span starts a sentence ("Qa") and ends one ("."), and spans
+    of a document with split_every paragraphs or more start paragraphs."""
+    params = marked_params(tmp_path, split_by="span")
+    write_marked(params, corpus, CORPORA[corpus])
+    tokenization.run(params.tokenize, params.paths, corpus)
+    for split, texts in split_texts(params, corpus).items():
+        for text in texts:
+            assert text.startswith("Qa") and text.rstrip().endswith("."), (split, text)
+    record = json.loads((params.paths.processed_dir / "splits.json").read_text())
+    spans = [s for split in SPLITS for s in record["spans"][split]]
+    for doc in CORPORA[corpus]:
+        starts = {s["start"] for s in spans if s["document"] == doc.name}
+        # Ten spans, or one a sentence when there are fewer ("Mr." ends none): from 3 on,
+        # every split has some of the document.
+        assert len(starts) == min(10, doc.paragraphs * doc.sentences) >= 3
+        assert all(doc.name in record[split] for split in SPLITS)
+        if doc.paragraphs >= 10:
+            text = decode_document((params.paths.raw_dir / corpus / doc.name).read_bytes())
+            paragraphs = split_paragraphs(text, "line")
+            assert starts <= set(unit_starts(paragraphs, "line"))
+
+
+def test_span_rule_forced_on_twelve_documents(tmp_path: Path) -> None:
+    params = marked_params(tmp_path, split_by="span")
+    n_sentences = write_marked(params, "twelve", TWELVE_DOCS)
+    stats = tokenization.run(params.tokenize, params.paths, "twelve")
+    assert stats["split_by"] == "span"
+    where = split_of_sentences(params, "twelve", n_sentences)
+    assert_nothing_held_out_reaches_the_tokenizer(params, where)
+    for split in SPLITS:  # every document has text in every split
+        assert stats[split]["documents"] == 12  # type: ignore[index]
+    spans = sum(min(10, doc.paragraphs * doc.sentences) for doc in TWELVE_DOCS)
+    assert stats["train"]["spans"] == spans - 2 * 12  # type: ignore[index]
+    assert stats["validation"]["spans"] == stats["test"]["spans"] == 12  # type: ignore[index]
+
+
+def test_document_rule_refuses_six_documents(tmp_path: Path) -> None:
+    params = marked_params(tmp_path, split_by="document")
+    write_marked(params, "six", SIX_DOCS)
+    with pytest.raises(TokenizeError) as err:
+        tokenization.run(params.tokenize, params.paths, "six")
+    assert str(err.value) == (
+        "6 documents leave the validation, test split(s) empty with tokenize.split_every = 10: "
+        "the corpus needs at least 10 documents"
+    )
+    assert not params.paths.processed_dir.exists()
+
+
+def test_encodings_and_line_ends_do_not_change_the_outputs(tmp_path: Path) -> None:
+    """The mixed corpus (Latin-1 and UTF-8, CRLF and LF) gives the bytes its all-UTF-8, all-LF
+    twin gives."""
+    outputs = []
+    for plain in (False, True):
+        params = marked_params(tmp_path / str(plain))
+        write_marked(params, "six", SIX_DOCS, plain=plain)
+        tokenization.run(params.tokenize, params.paths, "six")
+        outputs.append(read_outputs(params.paths.processed_dir))
+    assert outputs[0] == outputs[1]
+    raw = tmp_path / "False" / "data" / "raw" / "six"
+    assert b"\r\n" in (raw / "b.txt").read_bytes() and b"caf\xe9" in (raw / "b.txt").read_bytes()
+
+
+def test_span_rule_is_deterministic(tmp_path: Path) -> None:
+    params = marked_params(tmp_path, split_by="span")
+    write_marked(params, "two", TWO_DOCS)
+    tokenization.run(params.tokenize, params.paths, "two")
+    first = read_outputs(params.paths.processed_dir)
+    again = dataclasses.replace(params.paths, processed_dir=tmp_path / "again")
+    tokenization.run(params.tokenize, again, "two")
+    assert read_outputs(again.processed_dir) == first
+
+
+@pytest.mark.parametrize(
+    ("docs", "empty"),
+    [
+        ([MarkedDoc("one.txt", paragraphs=1, sentences=1)], "validation, test"),
+        ([MarkedDoc("one.txt", paragraphs=1, sentences=2)], "test"),
+        ([MarkedDoc("a.txt", paragraphs=1, sentences=1)] * 2, "test"),
+    ],
+)
+def test_corpus_too_small_for_any_rule(tmp_path: Path, docs: list[MarkedDoc], empty: str) -> None:
+    params = marked_params(tmp_path)
+    docs = [dataclasses.replace(d, name=f"{i}{d.name}") for i, d in enumerate(docs)]
+    n_sentences = write_marked(params, "few", docs)
+    with pytest.raises(TokenizeError) as err:
+        tokenization.run(params.tokenize, params.paths, "few")
+    assert str(err.value) == (
+        f"corpus 'few' is too small to split: its {n_sentences} sentence(s) leave the {empty} "
+        "split(s) empty; split within documents (tokenize.split_by = span), it needs at least "
+        "3 sentences"
+    )
+    assert not params.paths.processed_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "docs",
+    [
+        [MarkedDoc("one.txt", paragraphs=1, sentences=3)],
+        [MarkedDoc(f"{i}.txt", paragraphs=1, sentences=1) for i in range(3)],
+    ],
+)
+def test_three_sentences_are_enough(tmp_path: Path, docs: list[MarkedDoc]) -> None:
+    """One sentence a split: a one-sentence document fills the split earlier ones left empty."""
+    params = marked_params(tmp_path)
+    n_sentences = write_marked(params, "few", docs)
+    tokenization.run(params.tokenize, params.paths, "few")
+    assert split_of_sentences(params, "few", n_sentences) == {
+        0: "train",
+        1: "validation",
+        2: "test",
+    }
+
+
+def test_main_too_small_corpus_exits_1_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params_file = _write_params(tmp_path, "few")
+    corpus = tmp_path / "raw" / "few"
+    corpus.mkdir(parents=True)
+    (corpus / "only.txt").write_text("Qa0 saw the river near qz0.\r\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        tokenization.main(["--params", str(params_file)])
+    assert exit_info.value.code == 1
+    message = _one_error_line(caplog, capsys)
+    assert message.startswith("corpus 'few' is too small to split: its 1 sentence(s)")
+    assert not (tmp_path / "processed").exists()
+
+
+def test_document_rule_refuses_a_split_of_empty_documents(tmp_path: Path) -> None:
+    params = marked_params(tmp_path)
+    write_marked(params, "blank", [MarkedDoc(f"{i:02d}.txt", 2, 2) for i in range(9)])
+    (params.paths.raw_dir / "blank" / "09.txt").write_bytes(b"\r\n  \n")  # the test document
+    with pytest.raises(TokenizeError) as err:
+        tokenization.run(params.tokenize, params.paths, "blank")
+    assert str(err.value) == (
+        "corpus 'blank': the test split(s) get no words: their documents are empty "
+        "(tokenize.split_by = document)"
+    )
+
+
+def test_unicode_line_separators_end_lines() -> None:
+    text = decode_document("One.\u2028Two.\u2029Three.\u0085Four.\r\nFive.\rSix.\n".encode())
+    assert split_paragraphs(text, "line") == ["One.", "Two.", "Three.", "Four.", "Five.", "Six."]
+    # U+2029 separates paragraphs, so it ends a hard-wrapped one too.
+    assert split_paragraphs(decode_document("a\nb\u2029c\u2028d".encode()), "blank_line") == [
+        "a b",
+        "c d",
+    ]
+
+
+def test_latin1_byte_0x85_is_not_a_line_end() -> None:
+    # Not UTF-8 (0xe9): read as Latin-1, where 0x85 is Windows-1252's "...", not NEL.
+    assert split_paragraphs(decode_document(b"Wait\x85 what?\xe9\n"), "line") == [
+        "Wait\x85 what?\xe9"
+    ]
+
+
+def test_a_stream_splits_unicode_line_ends_as_the_whole_text() -> None:
+    tokenizer = TextTokenizer(train_punkt(punkt_training_paragraphs()))
+    data = "The city saw.\u2028The river.\u2029Mr. Green met.\u0085The people.\r\nEnd.".encode()
+    whole = list(tokenizer.sentences(decode_document(data)))
+    for cut in range(1, len(data)):
+        assert list(tokenizer.stream_sentences([data[:cut], data[cut:]])) == whole
+    assert len(whole) == 5
+
+
+def test_unicode_line_ends_tokenize_like_lf(tmp_path: Path) -> None:
+    outputs = []
+    for end in ("\n", "\u2028", "\r\n"):
+        params = marked_params(tmp_path / str(ord(end[-1])) / str(len(end)))
+        files, _ = marked_corpus(SIX_DOCS, plain=True)
+        for rel, data in files.items():
+            path = params.paths.raw_dir / "six" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.decode().replace("\n", end).encode())
+        tokenization.run(params.tokenize, params.paths, "six")
+        outputs.append(read_outputs(params.paths.processed_dir))
+    assert outputs[0] == outputs[1] == outputs[2]
