@@ -160,6 +160,17 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _temp_dir_beside(path: Path) -> Path:
+    """A new empty folder `.<name>.<random>.tmp` beside `path` (its parent created); a failure
+    is a WriteError naming `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f"{TEMP_PREFIX}{path.name}."
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=path.parent))
+    except OSError as err:
+        raise write_error(err, path) from err
+
+
 @contextlib.contextmanager
 def staged_files(dest_dir: Path) -> Iterator[Path]:
     """Yield an empty staging folder; on success move each file in it into `dest_dir`.
@@ -171,13 +182,9 @@ def staged_files(dest_dir: Path) -> Iterator[Path]:
     dest_dir = Path(dest_dir)
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
-        stage = Path(
-            tempfile.mkdtemp(
-                prefix=f"{TEMP_PREFIX}{dest_dir.name}.", suffix=TEMP_SUFFIX, dir=dest_dir.parent
-            )
-        )
     except OSError as err:
         raise write_error(err, dest_dir) from err
+    stage = _temp_dir_beside(dest_dir)
     try:
         with writing(stage, dest_dir):
             yield stage
@@ -228,15 +235,7 @@ def scratch_dir(beside: Path) -> Iterator[Path]:
     Named as the other temporaries, so that what a killed process leaves is cleared up by
     `remove_stale_temporaries`. Failing to create it is a WriteError naming `beside`.
     """
-    try:
-        beside.parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(
-            tempfile.mkdtemp(
-                prefix=f"{TEMP_PREFIX}{beside.name}.", suffix=TEMP_SUFFIX, dir=beside.parent
-            )
-        )
-    except OSError as err:
-        raise write_error(err, beside) from err
+    folder = _temp_dir_beside(beside)
     try:
         yield folder
     finally:

@@ -15,17 +15,12 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from rnnlm import cli, tracking
 from rnnlm import spool as spool_module
 from rnnlm.spool import Spool, relog_unsent, unsent_dir
-from tests.unit.test_tracking import Store, write_locked
+from tests.unit.test_tracking import Store, make_store, write_locked
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """A local SQLite store with one experiment, shared by the module (creating one is slow)."""
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    client = mlflow.MlflowClient(uri)
-    experiment_id = client.create_experiment("relog", artifact_location=(db.parent / "a").as_uri())
-    return Store(uri, db, experiment_id)
+    return make_store(tmp_path_factory, "relog")
 
 
 @pytest.fixture

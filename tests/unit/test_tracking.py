@@ -62,14 +62,18 @@ def test_git_info_outside_a_repository(tmp_path: Path) -> None:
 FAST_BUSY_TIMEOUT_MS = 200
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """A local SQLite store with one experiment, shared by the module (creating one is slow)."""
+def make_store(tmp_path_factory: pytest.TempPathFactory, experiment: str) -> Store:
+    """A local SQLite store with one experiment (creating one is slow: modules share one)."""
     db = tmp_path_factory.mktemp("store") / "mlflow.db"
     uri = f"sqlite:///{db}"
-    client = mlflow.MlflowClient(uri)
-    experiment_id = client.create_experiment("faults", artifact_location=(db.parent / "a").as_uri())
+    artifacts = (db.parent / "a").as_uri()
+    experiment_id = mlflow.MlflowClient(uri).create_experiment(experiment, artifacts)
     return Store(uri, db, experiment_id)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    return make_store(tmp_path_factory, "faults")
 
 
 @dataclasses.dataclass(frozen=True)
