@@ -63,34 +63,59 @@ def _holder(lock_file: Path) -> str:
         return "a process that has just started"
 
 
-@contextlib.contextmanager
-def checkout_lock(lock_file: Path, stage: str) -> Iterator[None]:
-    """Hold `lock_file` exclusively for the block, or raise StageBusy naming its holder.
+def _locked_fd(lock_file: Path) -> int:
+    """An open descriptor of `lock_file`, exclusively flocked; StageBusy if another has it.
 
-    An advisory lock (flock) on an open file: the kernel releases it when the process ends,
-    however it ends, so a killed stage never leaves the checkout locked.
+    The holder deletes the file before it lets go (so that a finished stage leaves nothing
+    in models/): a newcomer that opened the file just before may lock a file that is gone,
+    so it checks that its descriptor is still the file at that path, else starts again.
     """
-    try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise write_error(err, lock_file) from err
-    try:
+    while True:
+        try:
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise write_error(err, lock_file) from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            current = os.stat(lock_file, follow_symlinks=False)
         except BlockingIOError:
+            os.close(fd)
             raise StageBusy(
                 f"{lock_file}: another rnnlm stage is running in this checkout: "
                 f"{_holder(lock_file)}. Two stages here would overwrite each other's outputs; "
                 "wait for it to finish (or stop it), or run an experiment in its own copy "
                 "(dvc exp run --temp)"
             ) from None
+        except FileNotFoundError:  # deleted by its holder meanwhile: lock the new one
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if os.path.samestat(current, os.fstat(fd)):
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def checkout_lock(lock_file: Path, stage: str) -> Iterator[None]:
+    """Hold `lock_file` exclusively for the block, or raise StageBusy naming its holder.
+
+    An advisory lock (flock) on an open file: the kernel releases it when the process ends,
+    however it ends, so a killed stage never leaves the checkout locked (only the file, which
+    the next stage takes over). A stage that ends deletes it.
+    """
+    fd = _locked_fd(lock_file)
+    try:
         record = {"stage": stage, "pid": os.getpid(), "started": time.time(), "argv": sys.argv}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race a newcomer)
+        with contextlib.suppress(OSError):
+            lock_file.unlink()  # while still holding it: see _locked_fd
+        os.close(fd)
 
 
 def output_folders(paths: Paths) -> list[Path]:

@@ -165,6 +165,7 @@ def test_a_second_stage_in_the_same_checkout_is_refused_naming_the_first(
     # Released when its holder ends, however it ends: the next stage runs.
     stage.stage_main("a stage", lambda p, a: ran.append(1), ["--params", str(params_file)])
     assert ran == [1]
+    assert not lock.exists()  # a stage that ends leaves nothing in models/
 
 
 def test_a_real_training_process_is_refused_while_another_holds_the_lock(
