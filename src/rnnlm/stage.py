@@ -136,6 +136,27 @@ def _module_name(name: str) -> str:
     return spec.name if spec is not None else name
 
 
+class _MainAsModule(logging.Filter):
+    """Shows what a stage module logs as `__main__` (it runs as `python -m rnnlm.<stage>`)
+    under its own name, as its error lines are."""
+
+    def __init__(self, module: str) -> None:
+        super().__init__()
+        self.module = module
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "__main__":
+            record.name = self.module
+        return True
+
+
+def _name_main_logger(module: str) -> None:
+    for handler in logging.getLogger().handlers:
+        for old in [f for f in handler.filters if isinstance(f, _MainAsModule)]:
+            handler.removeFilter(old)
+        handler.addFilter(_MainAsModule(module))
+
+
 def stage_argparser(description: str) -> argparse.ArgumentParser:
     """The argument parser every stage entry point shares: only `--params`."""
     parser = argparse.ArgumentParser(description=description)
@@ -172,6 +193,7 @@ def stage_main(
     configure_logging(log_level)
     module = _module_name(getattr(work, "__module__", __name__))
     stage_log = logging.getLogger(module)  # the stage's own logger
+    _name_main_logger(module)
 
     def guarded_work() -> None:
         params = load_params(args.params)

@@ -1145,3 +1145,5 @@ def test_a_killed_download_leaves_nothing_the_next_run_keeps(
         **{f"{TINY_ID}/{name}": data for name, data in encode_docs(tiny_docs).items()},
     }
     assert done.stderr.count("left by a stage that was killed") == len(killed)
+    # Run as `python -m rnnlm.download`, its lines still carry the module's name.
+    assert "INFO rnnlm.download: wrote " in done.stderr and "__main__" not in done.stderr
