@@ -501,13 +501,9 @@ class _StreamScorer:
             raise ValueError("nothing to score: the text has no words")
 
     def _window(self, size: int) -> None:
-        targets = np.array(self._ids[:size], dtype=np.int64)
+        inputs, targets = lm_pairs(np.array(self._ids[:size]), self._previous)
         del self._ids[:size]
-        # (1, size): the token before the window, then the window's targets but the last.
-        inputs = np.empty((1, size), dtype=np.int64)
-        inputs[0, 0] = self._previous
-        inputs[0, 1:] = targets[:-1]
-        logits, self._state = self._model._run(inputs, self._state)
+        logits, self._state = self._model._run(inputs[None], self._state)
         if not logits.flags.writeable:
             logits = logits.copy()
         nll = _nll_in_place(logits[0], targets)  # (size,) float64

@@ -5,8 +5,8 @@ A split, or a text to score, is one stream of token ids in which every sentence 
 those ids and of what is done with such a stream, in numpy only (no NLTK, no torch: training,
 the baselines and the torch-free inference path import it):
 
-    lm_pairs(stream)          inputs `<eos>` + stream[:-1], targets the stream: every token is
-                              predicted, the first one from a sentence boundary
+    lm_pairs(stream[, prev])  inputs `<eos>` (or the token before) + stream[:-1], targets the
+                              stream: every token is predicted, the first from a boundary
     padded_history(stream, n) n `<eos>` then the stream: an n-gram model's context at the start
     batchify(array, n_rows)   contiguous rows of equal length (the tail dropped)
     shard_rows(n_rows, r, w)  the rows process r of w owns under DDP
@@ -31,10 +31,12 @@ UNK_ID = 0
 EOS_ID = 1
 
 
-def lm_pairs(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs (`<eos>` then the stream minus its last token) and targets (the stream), int64."""
+def lm_pairs(stream: np.ndarray, previous: int = EOS_ID) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs (`previous` then the stream minus its last token) and targets (the stream),
+    int64. `previous` is the token before the stream: `<eos>` at its start, the last target of
+    the window before when a stream is fed a window at a time."""
     stream = np.asarray(stream, dtype=np.int64)
-    inputs = np.concatenate([np.array([EOS_ID], dtype=np.int64), stream[:-1]])
+    inputs = np.concatenate([np.array([previous], dtype=np.int64), stream[:-1]])
     return inputs, stream
 
 
