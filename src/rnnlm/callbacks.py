@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from rnnlm import tracking
+from rnnlm.errors import format_duration
 from rnnlm.model import State
 from rnnlm.resume import LAST, STATE_KEY, TrainingInterrupted
 
@@ -197,18 +198,6 @@ class ProgressLog(pl.Callback):
             float(outputs["loss"]),
             format_duration(eta),
         )
-
-
-def format_duration(seconds: float) -> str:
-    """12 s, 4 min 05 s, 2 h 03 min; '?' when unknown."""
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _rng_state() -> dict[str, Any]:

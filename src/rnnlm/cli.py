@@ -38,7 +38,7 @@ from typing import BinaryIO, NoReturn, TextIO
 
 from rnnlm import runs
 from rnnlm.entry import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, one_line, run_guarded
-from rnnlm.errors import RnnlmError
+from rnnlm.errors import RnnlmError, format_duration
 from rnnlm.inference import (
     MAX_SAMPLES,
     MAX_THREADS,
@@ -234,11 +234,6 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
-def _duration(seconds: float) -> str:
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{int(rest):02d}s" if minutes else f"{seconds:.1f}s"
-
-
 def _rate(n: int, seconds: float) -> str:
     """Throughput in MB (10^6 bytes) a minute."""
     return f"{n / 1e6 / max(seconds, 1e-9) * 60:.3g} MB/min"
@@ -266,7 +261,7 @@ class _Progress:
         line = f"rnnlm: scoring: {_megabytes(done)}"
         if self._total:
             line += f" of {_megabytes(self._total)} ({min(done / self._total, 1.0):.0%})"
-        line += f", {tokens:,} tokens, {_duration(elapsed)}, {_rate(done, elapsed)}"
+        line += f", {tokens:,} tokens, {format_duration(elapsed)}, {_rate(done, elapsed)}"
         self._out.write(f"\r{line}\x1b[K")
         self._out.flush()
         self._shown = True
@@ -355,7 +350,7 @@ def run_score(args: argparse.Namespace) -> int:
     )
     if _is_terminal(sys.stderr) and result.bytes is not None and result.seconds is not None:
         print(
-            f"rnnlm: scored {_megabytes(result.bytes)} in {_duration(result.seconds)} "
+            f"rnnlm: scored {_megabytes(result.bytes)} in {format_duration(result.seconds)} "
             f"({_rate(result.bytes, result.seconds)}, "
             f"{result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s)",
             file=sys.stderr,

@@ -9,6 +9,10 @@ path uses it too.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 
 class RnnlmError(Exception):
     """An expected failure, reported in one line; `exit_code` is the process's exit status."""
@@ -16,7 +20,20 @@ class RnnlmError(Exception):
     exit_code = 1
 
 
-def short_repr(value: object, width: int = 60) -> str:
-    """repr(value), cut to `width` characters: an error message stays one short line."""
-    text = repr(value)
+def short_repr(value: object, width: int = 60, show: Callable[[Any], str] = repr) -> str:
+    """repr(value) (or `show(value)`), cut to `width` characters: an error message stays one
+    short line."""
+    text = show(value)
     return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 4 min 05 s, 2 h 03 min; '?' when unknown (progress and throughput lines)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -30,7 +30,7 @@ from typing import Any
 from filelock import FileLock
 
 from rnnlm import tracking
-from rnnlm.errors import RnnlmError
+from rnnlm.errors import RnnlmError, short_repr
 from rnnlm.files import write_bytes_atomic
 
 BAD_SUFFIX = ".bad"
@@ -175,9 +175,9 @@ def record_problem(record: Any, run_id: str) -> str | None:
     return None
 
 
-def _short(value: Any, width: int = 60) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _short(value: Any) -> str:
+    """A value of a record as JSON shows it, cut short."""
+    return short_repr(value, show=json.dumps)
 
 
 def parse_spool(data: bytes, run_id: str) -> list[_Line]:

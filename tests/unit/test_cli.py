@@ -158,7 +158,7 @@ def test_score_tells_a_terminal_its_throughput(
     code, out, err = run_cli(capsys, "score", "--model", str(tiny_onnx_model), str(path))
     assert code == 0 and out.startswith("perplexity ") and out.count("\n") == 1
     assert re.fullmatch(
-        r"rnnlm: scored 3\.6 kB in \d+\.\ds \([\d.e+]+ MB/min, [\d,]+ tokens/s\)\n", err
+        r"rnnlm: scored 3\.6 kB in \d+ s \([\d.e+]+ MB/min, [\d,]+ tokens/s\)\n", err
     ), err
     code, out, err = run_cli(capsys, "score", "--model", str(tiny_onnx_model), "--json", str(path))
     assert code == 0 and err == "" and json.loads(out)["bytes"] == len(SPEECH)
@@ -173,7 +173,7 @@ def test_progress_line_on_a_terminal() -> None:
     now[0] += 60.0
     progress(5_000_000, 900_000)
     assert out.getvalue() == (
-        "\rrnnlm: scoring: 5.0 MB of 20.0 MB (25%), 900,000 tokens, 1m00s, 5 MB/min\x1b[K"
+        "\rrnnlm: scoring: 5.0 MB of 20.0 MB (25%), 900,000 tokens, 1 min 00 s, 5 MB/min\x1b[K"
     )
     progress(6_000_000, 1_000_000)  # within a second of the last line: not redrawn
     progress.clear()

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from rnnlm import tracking, train
-from rnnlm.callbacks import format_duration
 from rnnlm.config import CellOverrides, Params
+from rnnlm.errors import format_duration
 from rnnlm.files import md5_file
 from rnnlm.lit_module import LitRNNLM
 from tests.fixtures import (
