@@ -176,6 +176,16 @@ def split_paragraphs(text: str, rule: ParagraphRule) -> list[str]:
     return [block.strip() for block in blocks if block.strip()]
 
 
+# What joins a document's paragraphs so that split_paragraphs gives them back, per rule.
+PARAGRAPH_SEPARATORS: Mapping[str, str] = {"line": "\n", "blank_line": "\n\n"}
+
+
+def join_paragraphs(paragraphs: Sequence[str], rule: ParagraphRule) -> str:
+    """The inverse of `split_paragraphs` under `rule`: one text whose paragraphs they are
+    (the tokenize stage's spans are character offsets into it)."""
+    return PARAGRAPH_SEPARATORS[rule].join(paragraphs)
+
+
 def _cut_point(paragraph: str, limit: int) -> int:
     """Where `cut_long` cuts a paragraph longer than `limit`: it reads `limit` characters."""
     space = _UP_TO_LAST_SPACE.match(paragraph, 0, limit)

@@ -31,9 +31,9 @@ i % split_every == test_remainder, to validation when it is val_remainder, to tr
   documents before it (in name order) left empty, so any corpus of 3 sentences or more splits.
 - `auto` (the default): `document` when every split gets a document that way, else `span`.
 
-A span is a character range of `document_text`: the document's paragraphs joined by a line end
-(`line`) or a blank line (`blank_line`), which has the same paragraphs, and so the same
-sentences and tokens, as the document itself.
+A span is a character range of the document's text (rnnlm.text.join_paragraphs): its
+paragraphs joined by a line end (`line`) or a blank line (`blank_line`), which has the same
+paragraphs, and so the same sentences and tokens, as the document itself.
 
 Run via `dvc repro tokenize`, or directly: `python -m rnnlm.tokenization [--params params.yaml]`.
 """
@@ -58,12 +58,14 @@ from rnnlm.files import (
 from rnnlm.stage import stage_main
 from rnnlm.streams import SPECIAL_TOKENS, split_stats
 from rnnlm.text import (
+    PARAGRAPH_SEPARATORS,
     ParagraphRule,
     PunktSentenceTokenizer,
     TextTokenizer,
     cut_long,
     decode_document,
     encode,
+    join_paragraphs,
     split_paragraphs,
     train_punkt,
     with_eos,
@@ -81,8 +83,6 @@ OUTPUTS = (
 )
 # Files in NLTK corpus packages that describe the corpus rather than belong to it.
 NON_DOCUMENTS = frozenset({"README", "README.txt", "LICENSE", "LICENSE.txt", "CONTENTS"})
-# What joins a document's paragraphs in `document_text`: split_paragraphs gives them back.
-PARAGRAPH_SEPARATORS: Mapping[str, str] = {"line": "\n", "blank_line": "\n\n"}
 
 
 class TokenizeError(RnnlmError):
@@ -91,7 +91,8 @@ class TokenizeError(RnnlmError):
 
 @dataclass(frozen=True)
 class Span:
-    """Characters [start, end) of a document's `document_text`, and the split they go to."""
+    """Characters [start, end) of a document's text (`join_paragraphs` of its paragraphs), and
+    the split they go to."""
 
     document: str
     split: str
@@ -159,18 +160,12 @@ def assign_splits(names: Sequence[str], p: TokenizeParams) -> dict[str, list[str
     return splits
 
 
-def document_text(paragraphs: Sequence[str], rule: ParagraphRule) -> str:
-    """A document's paragraphs (split_paragraphs under `rule`) joined so that split_paragraphs
-    gives them back: the text that spans' offsets refer to."""
-    return PARAGRAPH_SEPARATORS[rule].join(paragraphs)
-
-
 def unit_starts(
     paragraphs: Sequence[str],
     rule: ParagraphRule,
     sentences: PunktSentenceTokenizer | None = None,
 ) -> list[int]:
-    """Where a span may begin in `document_text(paragraphs, rule)`, in increasing order: where
+    """Where a span may begin in `join_paragraphs(paragraphs, rule)`, in increasing order: where
     each paragraph begins and, given a sentence splitter, where each sentence begins (the start
     of a `cut_long` piece counts as one: the tokenizer ends a sentence there too)."""
     separator = PARAGRAPH_SEPARATORS[rule]
@@ -234,7 +229,7 @@ def document_spans(paragraphs: Mapping[str, Sequence[str]], p: TokenizeParams) -
     """Rule `document`: each document whole, in the split its place in name order says."""
     splits = assign_splits(list(paragraphs), p)
     return [
-        Span(name, split, 0, len(document_text(paragraphs[name], p.paragraphs)))
+        Span(name, split, 0, len(join_paragraphs(paragraphs[name], p.paragraphs)))
         for split in SPLITS
         for name in splits[split]
     ]
@@ -253,7 +248,7 @@ def cut_spans(paragraphs: Mapping[str, Sequence[str]], p: TokenizeParams) -> lis
     for name in sorted(paragraphs):
         paras = paragraphs[name]
         starts = unit_starts(paras, p.paragraphs, sentences if len(paras) < p.split_every else None)
-        length = len(document_text(paras, p.paragraphs))
+        length = len(join_paragraphs(paras, p.paragraphs))
         filled = spans_to_fill(len(starts), p, covered)
         for i, (start, end) in enumerate(cut_document(starts, length, p.split_every, filled)):
             if start < end:
@@ -314,7 +309,7 @@ def run(p: TokenizeParams, paths: Paths, corpus_name: str) -> dict[str, object]:
         )
         for f in files
     }
-    texts = {name: document_text(paras, p.paragraphs) for name, paras in paragraphs.items()}
+    texts = {name: join_paragraphs(paras, p.paragraphs) for name, paras in paragraphs.items()}
     rule = choose_rule(len(files), p)
     spans = document_spans(paragraphs, p) if rule == "document" else cut_spans(paragraphs, p)
     by_split = {split: [s for s in spans if s.split == split] for split in SPLITS}

@@ -35,6 +35,7 @@ from rnnlm.text import (
     decode_document,
     detokenize,
     encode,
+    join_paragraphs,
     split_paragraphs,
     train_punkt,
     with_eos,
@@ -46,7 +47,6 @@ from rnnlm.tokenization import (
     build_vocab,
     choose_rule,
     cut_document,
-    document_text,
     list_documents,
     spans_to_fill,
     unit_starts,
@@ -719,7 +719,7 @@ def test_spans_to_fill_prefers_splits_still_empty() -> None:
 
 def test_unit_starts_at_paragraphs_and_optionally_sentences() -> None:
     paragraphs = ["One here. Two here.", "Three here. Four here."]
-    assert document_text(paragraphs, "line") == "One here. Two here.\nThree here. Four here."
+    assert join_paragraphs(paragraphs, "line") == "One here. Two here.\nThree here. Four here."
     assert unit_starts(paragraphs, "line") == [0, 20]
     assert unit_starts(paragraphs, "blank_line") == [0, 21]
     splitter = PunktSentenceTokenizer(PunktParameters())
@@ -825,7 +825,7 @@ def split_texts(params: Params, corpus: str) -> dict[str, list[str]]:
         return {split: [text_of(name) for name in record[split]] for split in SPLITS}
     texts = {
         split: [
-            document_text(split_paragraphs(text_of(s["document"]), rule), rule)[
+            join_paragraphs(split_paragraphs(text_of(s["document"]), rule), rule)[
                 s["start"] : s["end"]
             ]
             for s in record["spans"][split]
