@@ -84,6 +84,7 @@ def build_model(args: argparse.Namespace) -> tuple[RNNLM, list[str], dict, str]:
             dropout=0.0,  # inference: dropout is off anyway
             embedding_dropout=0.0,
             tie_weights=True,
+            weight_drop=0.0,
         )
         net = RNNLM(config).eval()
         vocab = [UNK, EOS, *(f"w{i}" for i in range(2, args.vocab_size))]

@@ -60,6 +60,7 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> RNNLMConfig:
         dropout=0.2,
         embedding_dropout=0.0,
         tie_weights=args.tie,
+        weight_drop=0.0,
     )
 
 

@@ -206,6 +206,8 @@ class ModelParams:
     dropout: float = field(metadata=_range(0.0, 0.95))
     embedding_dropout: float = field(metadata=_range(0.0, 0.95))
     tie_weights: bool
+    # DropConnect on the hidden-to-hidden matrices, one mask per training window (0: off).
+    weight_drop: float = field(metadata=_range(0.0, 0.95))
 
     def __post_init__(self) -> None:
         if self.tie_weights and self.embedding_dim != self.hidden_dim:
@@ -245,6 +247,15 @@ class TrainParams:
     # Relative val-loss improvement below which an epoch counts as a plateau.
     lr_threshold: float = field(metadata=_range(0.0, 1.0))
     min_lr: float = field(metadata=_range(0.0))
+    # Activation regularisation (AR, alpha * mean of the dropped top-layer outputs squared) and
+    # temporal activation regularisation (TAR, beta * mean squared step of the undropped
+    # outputs), Merity et al. 2018; training loss only, 0: off.
+    ar_alpha: float = field(metadata=_range(0.0, 100.0))
+    tar_beta: float = field(metadata=_range(0.0, 100.0))
+    # Validation, test, the checkpoint's exported weights: an exponential moving average of the
+    # weights with this decay per optimizer step (warmed up as min(decay, (1 + n) / (10 + n)));
+    # null: the raw weights.
+    ema_decay: float | None = field(metadata=_range(0.0, 0.99999, lo_open=True))
     early_stopping_patience: int = field(metadata=_range(1))
     cell_overrides: dict[str, CellOverrides]
     # Lightning's built-in accelerators; `auto` picks CUDA or MPS when present, else the CPU.

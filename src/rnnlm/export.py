@@ -130,10 +130,13 @@ def load_checkpoint(path: Path) -> RNNLM:
         )
     try:
         net = RNNLM(RNNLMConfig(**hparams["model"]))
+        state_dict = checkpoint["state_dict"]
+        # A run with weight averaging evaluated and tested the average: ship the same weights.
+        prefix = "average." if any(k.startswith("average.") for k in state_dict) else "net."
         weights = {
-            key.removeprefix("net."): value
-            for key, value in checkpoint["state_dict"].items()
-            if key.startswith("net.")
+            key.removeprefix(prefix): value
+            for key, value in state_dict.items()
+            if key.startswith(prefix)
         }
         net.load_state_dict(weights)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -1,7 +1,12 @@
 """LightningModule around `RNNLM`: loss, truncated BPTT, evaluation, optimizer and schedule.
 
-Logged keys: `train/loss` and `train/lr` per step; `val/loss`, `val/ppl` per epoch; `test/loss`,
+Logged keys: `train/loss` (the cross-entropy) and `train/lr` per step, `train/ar` and
+`train/tar` per step when those regularisers are on; `val/loss`, `val/ppl` per epoch; `test/loss`,
 `test/ppl` after training (epoch time and throughput come from callbacks.EpochSummary).
+
+With `ema_decay` set, `average` holds an exponential moving average of `net`'s weights, updated
+after every optimizer step; validation and test run it, and it is what a checkpoint's consumers
+(export) take. Both live in the checkpoint, so a resumed run continues the same average.
 Evaluation perplexity is exp(total NLL / total tokens) over the whole split (summed across
 processes under DDP, so it is the same number on one device or many: each evaluation row is
 read by exactly one process), not a mean of per-window perplexities. It never touches MLflow or
@@ -10,6 +15,7 @@ paths.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 from typing import Any
 
@@ -24,6 +30,7 @@ from rnnlm.model import RNNLM, RNNLMConfig, State, detach_state
 
 
 class LitRNNLM(pl.LightningModule):
+    average_steps: Tensor  # a buffer, registered when averaging
     def __init__(
         self,
         model: dict[str, Any],
@@ -34,11 +41,20 @@ class LitRNNLM(pl.LightningModule):
         lr_patience: int,
         lr_threshold: float,
         min_lr: float,
+        ar_alpha: float,
+        tar_beta: float,
+        ema_decay: float | None,
     ) -> None:
         super().__init__()
         # Plain dicts and numbers only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(logger=False)
         self.net = RNNLM(RNNLMConfig(**model))
+        self.average: RNNLM | None = None
+        if ema_decay is not None:
+            self.average = copy.deepcopy(self.net).requires_grad_(False)
+            # Optimizer steps averaged so far: drives the decay's warm-up, resumes exactly.
+            self.register_buffer("average_steps", torch.zeros((), dtype=torch.int64))
+        self._steps_averaged: int | None = None
         self._state: dict[str, State | None] = {"train": None, "val": None, "test": None}
         self._nll_sum: dict[str, Tensor] = {}
         self._token_count: dict[str, Tensor] = {}
@@ -55,25 +71,39 @@ class LitRNNLM(pl.LightningModule):
             lr_patience=t.lr_patience,
             lr_threshold=t.lr_threshold,
             min_lr=t.min_lr,
+            ar_alpha=t.ar_alpha,
+            tar_beta=t.tar_beta,
+            ema_decay=t.ema_decay,
         )
 
     def forward(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         return self.net(ids, state)
 
-    def _step(self, split: str, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
-        """Run one window, carrying the state of `split` from the previous window."""
+    @property
+    def eval_net(self) -> RNNLM:
+        """The weights validation, test and export use: the average when there is one."""
+        return self.average if self.average is not None else self.net
+
+    def _step(self, split: str, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int, Tensor, Tensor]:
+        """Run one window, carrying the state of `split` from the previous window.
+
+        Returns the summed NLL, the token count, and the top layer's outputs before and after
+        the output dropout (for AR/TAR)."""
         inputs, targets = batch
+        net = self.net if split == "train" else self.eval_net
         state = self._state[split]
         if state is None:
-            state = self.net.init_state(inputs.shape[0], inputs.device)
-        logits, state = self.net(inputs, state)
+            state = net.init_state(inputs.shape[0], inputs.device)
+        hidden, state = net.recurrent(inputs, state)
+        dropped = net.output_dropout(hidden)
+        logits = net.decoder(dropped)
         # Truncated BPTT: keep the state's values for the next window but cut the graph, so
         # gradients flow back at most one window while the context keeps growing.
         self._state[split] = detach_state(state)
         nll = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
         )
-        return nll, targets.numel()
+        return nll, targets.numel(), hidden, dropped
 
     @property
     def train_state(self) -> State | None:
@@ -88,17 +118,47 @@ class LitRNNLM(pl.LightningModule):
         self._state["train"] = None  # each epoch starts from a zero state
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        nll, n_tokens = self._step("train", batch)
+        nll, n_tokens, hidden, dropped = self._step("train", batch)
         loss = nll / n_tokens
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        return loss
+        ar_alpha, tar_beta = self.hparams["ar_alpha"], self.hparams["tar_beta"]
+        objective = loss
+        if ar_alpha > 0.0:
+            ar = activation_penalty(dropped)
+            self.log("train/ar", ar, on_step=True, on_epoch=False)
+            objective = objective + ar_alpha * ar
+        if tar_beta > 0.0:
+            tar = temporal_activation_penalty(hidden)
+            self.log("train/tar", tar, on_step=True, on_epoch=False)
+            objective = objective + tar_beta * tar
+        return objective
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.average is not None:
+            self._update_average()
         # The learning rate is logged only on the steps the logger writes, to keep steps cheap.
         every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set at runtime
         if self.global_step % every == 0:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.log("train/lr", lr, on_step=True, on_epoch=False)
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        assert self.average is not None  # called only when averaging
+        if self._steps_averaged is None:  # read the buffer once (no device sync per step)
+            self._steps_averaged = int(self.average_steps.item())
+        n = self._steps_averaged
+        # Warm-up: early averages follow the weights closely instead of remembering the random
+        # initialisation for thousands of steps.
+        decay = min(self.hparams["ema_decay"], (1.0 + n) / (10.0 + n))
+        # parameters() yields a tied weight once, in the same order for both copies.
+        averaged: list[Tensor] = list(self.average.parameters())
+        torch._foreach_lerp_(averaged, [p.detach() for p in self.net.parameters()], 1.0 - decay)
+        self._steps_averaged = n + 1
+        self.average_steps.fill_(n + 1)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._steps_averaged = None  # the loaded buffer is the count to continue from
 
     def _start_eval(self, split: str) -> None:
         self._state[split] = None  # each evaluation pass starts from a zero state
@@ -110,7 +170,7 @@ class LitRNNLM(pl.LightningModule):
             # Under DDP with fewer evaluation rows than processes, the processes without a row
             # step through empty windows alongside the others and add nothing to the sums.
             return
-        nll, n_tokens = self._step(split, batch)
+        nll, n_tokens, _, _ = self._step(split, batch)
         self._nll_sum[split] += nll.double()
         self._token_count[split] += n_tokens
 
@@ -142,7 +202,7 @@ class LitRNNLM(pl.LightningModule):
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
-        params = self.parameters()
+        params = self.net.parameters()  # not the average: it follows, it is not trained
         kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         optimizer: torch.optim.Optimizer = kinds[hp["optimizer"]](
             params, lr=hp["lr"], weight_decay=hp["weight_decay"]
@@ -160,3 +220,16 @@ class LitRNNLM(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"},
         }
+
+
+def activation_penalty(dropped: Tensor) -> Tensor:
+    """AR: the mean square of the top layer's (dropped) outputs; keeps activations small."""
+    return dropped.pow(2).mean()
+
+
+def temporal_activation_penalty(hidden: Tensor) -> Tensor:
+    """TAR: the mean square of the step h_t - h_{t-1} of the undropped outputs (batch, time,
+    features); favours slowly changing states. Zero for a one-step window."""
+    if hidden.shape[1] < 2:
+        return hidden.new_zeros(())
+    return (hidden[:, 1:] - hidden[:, :-1]).pow(2).mean()

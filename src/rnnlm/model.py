@@ -2,6 +2,10 @@
 
     ids (batch, time) -> embedding -> dropout -> RNN/GRU/LSTM layers -> dropout -> linear -> logits
 
+In training, `weight_drop` applies DropConnect to the hidden-to-hidden matrices (Merity et al.
+2018, "Regularizing and Optimizing LSTM Language Models"): one mask per forward call, that is per
+truncated-BPTT window. Evaluation and the exported graph use the plain weights.
+
 The vanilla `rnn_tanh` cell is h_t = tanh(W h_{t-1} + U x_t + b) and the output distribution
 o_t = softmax(V h_t + c); `rnn_relu`, `gru` and `lstm` swap the recurrence. The recurrent state
 goes in and out of `forward` explicitly, as a tuple of tensors of shape
@@ -15,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from rnnlm.config import Cell, ModelParams
 
@@ -37,6 +42,7 @@ class RNNLMConfig:
     dropout: float  # on the recurrent layers' outputs (and between layers)
     embedding_dropout: float  # on the embeddings fed to the first layer
     tie_weights: bool
+    weight_drop: float  # DropConnect on the hidden-to-hidden weights, training only
 
     @classmethod
     def of(cls, model: ModelParams, vocab_size: int) -> RNNLMConfig:
@@ -126,15 +132,35 @@ class RNNLM(nn.Module):
         device = device or self.embedding.weight.device
         return tuple(torch.zeros(shape, device=device) for _ in state_names(self.config.cell))
 
-    def forward(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
-        """ids (batch, time) int64, state -> logits (batch, time, vocab), next state."""
+    def _dropped_recurrent_weights(self) -> dict[str, Tensor]:
+        """The hidden-to-hidden matrices with DropConnect applied: a fresh mask per call."""
+        p = self.config.weight_drop
+        return {
+            name: nn.functional.dropout(weight, p, training=True)
+            for name, weight in self.rnn.named_parameters()
+            if name.startswith("weight_hh")
+        }
+
+    def recurrent(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+        """ids (batch, time), state -> the top layer's outputs (batch, time, hidden_dim) before
+        the output dropout, and the next state."""
         x = self.embedding_dropout(self.embedding(ids))  # (batch, time, embedding_dim)
         rnn_state = state if self.config.cell == "lstm" else state[0]
-        out, next_state = self.rnn(x, rnn_state)  # out: (batch, time, hidden_dim)
-        logits = self.decoder(self.output_dropout(out))
+        if self.training and self.config.weight_drop > 0.0:
+            # The dropped matrices replace the parameters for this call only; gradients flow
+            # back to the plain weights through the mask.
+            weights = self._dropped_recurrent_weights()
+            out, next_state = functional_call(self.rnn, weights, (x, rnn_state), strict=False)
+        else:
+            out, next_state = self.rnn(x, rnn_state)
         if not isinstance(next_state, tuple):
             next_state = (next_state,)
-        return logits, next_state
+        return out, next_state
+
+    def forward(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+        """ids (batch, time) int64, state -> logits (batch, time, vocab), next state."""
+        out, next_state = self.recurrent(ids, state)
+        return self.decoder(self.output_dropout(out)), next_state
 
 
 def detach_state(state: State) -> State:

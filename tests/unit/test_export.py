@@ -69,6 +69,7 @@ def build_net(
     config = RNNLMConfig(
         vocab_size=vocab_size, cell=cell, embedding_dim=hidden, hidden_dim=hidden,
         num_layers=layers, dropout=0.3, embedding_dropout=0.1, tie_weights=False,
+        weight_drop=0.0,
     )  # fmt: skip
     net = RNNLM(config)
     with torch.no_grad():
@@ -166,6 +167,7 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
     assert model.config == {
         "vocab_size": len(VOCAB), "cell": "lstm", "embedding_dim": 8, "hidden_dim": 8,
         "num_layers": 2, "dropout": 0.3, "embedding_dropout": 0.1, "tie_weights": False,
+        "weight_drop": 0.0,
     }  # fmt: skip
     assert model.state_names == ["h", "c"]
     assert model.precision == "fp32"

@@ -29,6 +29,7 @@ def tiny_config(cell: str, **overrides: object) -> dict:
         "dropout": 0.0,
         "embedding_dropout": 0.0,
         "tie_weights": True,
+        "weight_drop": 0.0,
     }
     config.update(overrides)
     return config
@@ -160,7 +161,7 @@ def _eval_nll(module: LitRNNLM, stream: np.ndarray, bptt: int) -> float:
     total = 0.0
     with torch.no_grad():
         for i in range(len(windows := StreamWindows(stream, 1, bptt))):
-            nll, _ = module._step("val", windows[i])
+            nll = module._step("val", windows[i])[0]
             total += nll.item()
     return total
 
