@@ -37,13 +37,21 @@ STARTUP_TIMEOUT_S = 120  # imports + first epoch, on a busy 2-core CI machine
 @pytest.fixture(scope="module")
 def slow_epochs(tmp_path_factory: pytest.TempPathFactory) -> Params:
     """The tiny corpus, prepared once; two epochs of 1 x 2-token windows (seconds each),
-    with dropout so that the RNG state matters."""
+    with dropout and weight drop so that the RNG state matters, and every regulariser and the
+    weight average on so that resuming covers them."""
     p = prepare_tiny_project(tmp_path_factory.mktemp("resume"))
     return dataclasses.replace(
         p,
-        model=dataclasses.replace(p.model, dropout=0.3, embedding_dropout=0.1),
+        model=dataclasses.replace(p.model, dropout=0.3, embedding_dropout=0.1, weight_drop=0.3),
         train=dataclasses.replace(
-            p.train, batch_size=1, bptt=2, max_epochs=2, log_every_n_steps=20
+            p.train,
+            batch_size=1,
+            bptt=2,
+            max_epochs=2,
+            log_every_n_steps=20,
+            ar_alpha=2.0,
+            tar_beta=1.0,
+            ema_decay=0.99,
         ),
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +13,8 @@ import torch.nn.functional as F
 
 from rnnlm.config import ConfigError, Params
 from rnnlm.datamodule import CorpusDataModule, StreamWindows
-from rnnlm.lit_module import LitRNNLM
+from rnnlm.export import load_checkpoint
+from rnnlm.lit_module import LitRNNLM, temporal_activation_penalty
 from rnnlm.model import RNNLM, RNNLMConfig, detach_state, state_names
 from rnnlm.streams import batchify, shard_rows
 from tests.fixtures import shipped_params
@@ -208,3 +211,124 @@ def test_detach_state_cuts_the_graph() -> None:
     (detached,) = detach_state((h,))
     assert h.requires_grad and not detached.requires_grad
     assert torch.equal(detached, h)
+
+
+def _regularised(cell: str = "gru", **train: object) -> LitRNNLM:
+    """A tiny module with the shipped train params, `train` values replaced."""
+    config = RNNLMConfig(**tiny_config(cell, weight_drop=float(train.pop("weight_drop", 0.0))))
+    t = dataclasses.replace(shipped_params().train, **train)  # type: ignore[arg-type]
+    return LitRNNLM.of(config, t)
+
+
+def _windows(rows: int = 2, bptt: int = 6) -> StreamWindows:
+    stream = np.random.default_rng(1).integers(2, 23, size=200).astype(np.int32)
+    return StreamWindows(stream, n_rows=rows, bptt=bptt)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn_tanh"])
+def test_weight_drop_changes_training_but_not_evaluation(cell: str) -> None:
+    torch.manual_seed(0)
+    dropped = RNNLM(RNNLMConfig(**tiny_config(cell, weight_drop=0.5)))
+    plain = RNNLM(RNNLMConfig(**tiny_config(cell)))
+    plain.load_state_dict(dropped.state_dict())
+    ids, _ = _windows()[0]
+    state = plain.init_state(ids.shape[0])
+    # Training: a fresh DropConnect mask per call, and gradients reach the plain weights.
+    first, _ = dropped.train()(ids, state)
+    second, _ = dropped(ids, state)
+    assert not torch.allclose(first, second)
+    first.sum().backward()
+    grad = dropped.rnn.weight_hh_l0.grad
+    assert grad is not None and 0.2 < (grad == 0).float().mean().item() < 0.8  # the mask's zeros
+    # Evaluation: exactly the network without weight drop.
+    torch.testing.assert_close(dropped.eval()(ids, state), plain.eval()(ids, state))
+
+
+def test_ar_and_tar_change_the_training_objective_only() -> None:
+    torch.manual_seed(0)
+    plain, regularised = _regularised(), _regularised(ar_alpha=2.0, tar_beta=1.0)
+    regularised.load_state_dict(plain.state_dict())
+    batch = _windows()[0]
+    for module in (plain, regularised):
+        module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no trainer
+        module.on_train_epoch_start()
+    loss = plain.training_step(batch, 0)
+    objective = regularised.training_step(batch, 0)
+    hidden, _ = plain.net.recurrent(batch[0], plain.net.init_state(batch[0].shape[0]))
+    dropped = plain.net.output_dropout(hidden)  # dropout 0 in tiny_config: equal to hidden
+    penalty = 2.0 * dropped.pow(2).mean() + 1.0 * (hidden[:, 1:] - hidden[:, :-1]).pow(2).mean()
+    assert penalty.item() > 1e-4
+    torch.testing.assert_close(objective, loss + penalty)
+    # Evaluation NLL is the cross-entropy alone, whatever the training penalties.
+    stream = np.random.default_rng(2).integers(2, 23, size=60).astype(np.int32)
+    assert _eval_nll(regularised.eval(), stream, 16) == pytest.approx(
+        _eval_nll(plain.eval(), stream, 16), rel=1e-6
+    )
+
+
+def test_tar_of_a_one_step_window_is_zero() -> None:
+    assert temporal_activation_penalty(torch.ones(3, 1, 4)).item() == 0.0
+
+
+def _train_steps(module: LitRNNLM, steps: int) -> list[dict[str, torch.Tensor]]:
+    """`steps` SGD steps on the tiny windows; the raw weights after each step."""
+    optimizer = torch.optim.SGD(module.net.parameters(), lr=0.5)
+    windows, history = _windows(), []
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no trainer
+    module.train().on_train_epoch_start()
+    for i in range(steps):
+        optimizer.zero_grad()
+        module.training_step(windows[i % len(windows)], i).backward()
+        optimizer.step()
+        module._update_average()
+        history.append({k: v.detach().clone() for k, v in module.net.state_dict().items()})
+    return history
+
+
+def test_the_average_follows_the_weights_and_is_what_evaluation_and_export_use(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    module = _regularised(ema_decay=0.9)
+    assert module.average is not None
+    average = {k: v.clone() for k, v in module.net.state_dict().items()}
+    for n, weights in enumerate(_train_steps(module, 12)):
+        decay = min(0.9, (1 + n) / (10 + n))
+        average = {k: decay * average[k] + (1 - decay) * weights[k] for k in average}
+    for key, value in module.average.state_dict().items():
+        torch.testing.assert_close(value, average[key], msg=key)
+    assert int(module.average_steps) == 12
+    assert not torch.allclose(module.average.rnn.weight_hh_l0, module.net.rnn.weight_hh_l0)
+    # Validation runs the average.
+    stream = np.random.default_rng(2).integers(2, 23, size=60).astype(np.int32)
+    module.eval()
+    expected = LitRNNLM.of(module.average.config, shipped_params().train).eval()
+    expected.net.load_state_dict(module.average.state_dict())
+    assert _eval_nll(module, stream, 16) == pytest.approx(_eval_nll(expected, stream, 16))
+    # The checkpoint holds both; export takes the average.
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
+               checkpoint)  # fmt: skip
+    exported = load_checkpoint(checkpoint)
+    for key, value in exported.state_dict().items():
+        torch.testing.assert_close(value, module.average.state_dict()[key], msg=key)
+
+
+def test_averaging_continues_from_a_loaded_checkpoint() -> None:
+    """The average and its step count are state: a module loaded from a checkpoint continues
+    them (the e2e resume test checks a whole interrupted training)."""
+    torch.manual_seed(0)
+    running = _regularised(ema_decay=0.95)
+    _train_steps(running, 3)
+    loaded = _regularised(ema_decay=0.95)
+    loaded.load_state_dict(running.state_dict())  # as Lightning restores a checkpoint
+    loaded.on_load_checkpoint({})
+    for module in (running, loaded):
+        with torch.no_grad():
+            for param in module.net.parameters():
+                param.add_(0.25)
+        module._update_average()
+    assert int(loaded.average_steps) == int(running.average_steps) == 4
+    assert running.average is not None and loaded.average is not None
+    for key, value in loaded.average.state_dict().items():
+        torch.testing.assert_close(value, running.average.state_dict()[key], msg=key)
