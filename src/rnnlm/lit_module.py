@@ -31,6 +31,7 @@ from rnnlm.model import RNNLM, RNNLMConfig, State, detach_state
 
 class LitRNNLM(pl.LightningModule):
     average_steps: Tensor  # a buffer, registered when averaging
+
     def __init__(
         self,
         model: dict[str, Any],
