@@ -28,6 +28,7 @@ Used by rnnlm.inference (scoring, next words) and the export stage (tuning).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ MAX_THETA = 1_000.0
 # Positions scored per matrix product when tuning (the dot products of a block against its
 # window of history): (block, window + block) float32 scores at a time.
 TUNE_BLOCK = 256
+# `out_of_reach` masks of at most this many entries (bytes) are kept for reuse, the last 16.
+_KEPT_MASK_ENTRIES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -73,26 +76,42 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def visible(rows: int, history: int, window: int) -> np.ndarray:
-    """Which keys each position's cache holds: (rows, history + rows) bool.
+def out_of_reach(rows: int, history: int, window: int) -> np.ndarray:
+    """Which keys each position's cache does not hold: (rows, history + rows) bool, read-only.
 
     Keys are `history` earlier positions (oldest first), then the `rows` positions scored;
-    position r sees the `window` keys just before it: columns [history + r - window,
-    history + r).
+    position r holds the `window` keys just before it: columns [history + r - window,
+    history + r). A stream's windows, and the blocks of a grid search, ask for the same few
+    shapes again and again: small masks are kept.
     """
+    if rows * (history + rows) <= _KEPT_MASK_ENTRIES:
+        return _kept_mask(rows, history, window)
+    return _mask(rows, history, window)
+
+
+@functools.lru_cache(maxsize=16)
+def _kept_mask(rows: int, history: int, window: int) -> np.ndarray:
+    mask = _mask(rows, history, window)
+    mask.flags.writeable = False
+    return mask
+
+
+def _mask(rows: int, history: int, window: int) -> np.ndarray:
     column = np.arange(history + rows)
     end = history + np.arange(rows)[:, None]
-    return (column >= end - window) & (column < end)
+    return (column < end - window) | (column >= end)
 
 
-def shifted_scores(dots: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The dot products minus each row's largest visible one, -inf where not visible; and
-    which rows see any key (an empty cache leaves the model alone).
+def shifted_scores(dots: np.ndarray, unreachable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The dot products minus each row's largest held one, -inf where not held
+    (`out_of_reach`), float32; and which rows hold any key (an empty cache leaves the model
+    alone).
 
     theta * (these) are the log-sum-exp-shifted scores for any theta > 0: at most 0, so `exp`
     cannot overflow, and each row's best key gets exactly 1.
     """
-    masked = np.where(seen, dots, -np.inf)
+    masked = np.array(dots, dtype=np.float32)  # a copy: `dots` may be shared (tune_cache)
+    np.copyto(masked, -np.inf, where=unreachable)
     top = masked.max(axis=1, initial=-np.inf)
     nonempty = np.isfinite(top)
     masked -= np.where(nonempty, top, 0)[:, None]
@@ -100,15 +119,19 @@ def shifted_scores(dots: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def cache_logprobs(shifted: np.ndarray, match: np.ndarray, theta: float) -> np.ndarray:
-    """log p_cache(target) per row, float64: -inf where no visible key is followed by it.
+    """log p_cache(target) per row, float64: -inf where no held key is followed by it.
 
     Args:
-        shifted: `shifted_scores` (rows, keys).
+        shifted: `shifted_scores` (rows, keys) float32.
         match: (rows, keys) bool, whether key j was followed by row r's target.
+
+    The weights and their (pairwise) sums are float32: a relative error of about 1e-7.
     """
-    weights = np.exp(theta * shifted)  # (rows, keys), 0 where not visible
-    total = weights.sum(axis=1, dtype=np.float64)
-    hits = np.where(match, weights, 0).sum(axis=1, dtype=np.float64)
+    weights = np.multiply(shifted, np.float32(theta))
+    np.exp(weights, out=weights)  # (rows, keys), 0 where not held
+    total = weights.sum(axis=1).astype(np.float64)
+    weights *= match
+    hits = weights.sum(axis=1).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):  # log 0 = -inf; empty rows: 0/0
         return np.where(total > 0, np.log(hits) - np.log(total), -np.inf)
 
@@ -195,7 +218,7 @@ class ContinuousCache:
         keys = np.concatenate([self.keys, hidden]) if len(self) else hidden
         words = np.concatenate([self.words, targets]) if len(self) else targets
         dots = hidden @ keys.T  # (T, held + T)
-        shifted, nonempty = shifted_scores(dots, visible(len(targets), len(self), window))
+        shifted, nonempty = shifted_scores(dots, out_of_reach(len(targets), len(self), window))
         cache = cache_logprobs(shifted, words[None, :] == targets[:, None], theta)
         mixed = np.where(nonempty, mix_logprobs(model_logp, cache, lam), model_logp)
         self.extend(hidden, targets)
@@ -300,8 +323,8 @@ def tune_cache(
         for w, window in enumerate(windows):
             history = min(window, start)  # a suffix of the longest window's history
             columns = slice(start - first - history, None)
-            seen = visible(stop - start, history, window)
-            shifted, nonempty = shifted_scores(dots[:, columns], seen)
+            unreachable = out_of_reach(stop - start, history, window)
+            shifted, nonempty = shifted_scores(dots[:, columns], unreachable)
             for t, theta in enumerate(thetas):
                 cache = cache_logprobs(shifted, match[:, columns], theta)
                 mixed = np.where(nonempty, mix_logprobs(base, cache, lam), base)
