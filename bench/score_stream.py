@@ -2,6 +2,7 @@
 
     python bench/score_stream.py                         # 5 MB and 20 MB of state_union prose
     python bench/score_stream.py --sizes 1 5 50 --per-sentence
+    python bench/score_stream.py --sizes 1 --no-cache    # also without the continuous cache
     python bench/score_stream.py --source synthetic      # words from the model's vocabulary
     python bench/score_stream.py --pythonpath /tmp/old/src   # another version's rnnlm, same inputs
 
@@ -46,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a folder of .txt files to draw paragraphs from, or 'synthetic'",
     )
     parser.add_argument("--per-sentence", action="store_true", help="also time --per-sentence")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="also time --no-cache: the network alone, what the continuous cache costs",
+    )
     parser.add_argument("--threads", type=int, help="passed to rnnlm score (default: its own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
@@ -169,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             modes = [("", [])] + (
                 [("per-sentence", ["--per-sentence"])] if args.per_sentence else []
             )
+            modes += [("no-cache", ["--no-cache"])] if args.no_cache else []
             for mode, extra in modes:
                 row = {"mb": size / MB, "mode": mode or "total", **score(args, path, extra)}
                 rows.append(row)

@@ -2,15 +2,17 @@
 
     rnnlm generate [--model M] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]
                    [--top-p P] [--seed S] [--num-samples N] [--stop-at-eos]
-    rnnlm score    [--model M] [--per-sentence] [--json] FILE|-   (any size: read as a stream)
-    rnnlm next     [--model M] [--prompt TEXT] [-k K]
+    rnnlm score    [--model M] [--per-sentence] [--json] [--no-cache] FILE|-   (any size: a stream)
+    rnnlm next     [--model M] [--prompt TEXT] [-k K] [--no-cache]
     rnnlm runs     [--sort COLUMN] [--json] [--all-params]   (the MLflow runs, side by side)
     rnnlm relog    [--tracking-uri URI]   (send what a training could not log to MLflow)
 
 The model file is self-contained (vocabulary and tokenizer are in its metadata), so `--model`
-is all a subcommand needs. Exit codes (rnnlm.entry lists them all): 0 success; 1 the model
-or the input cannot be used; 2 bad command-line arguments; 130 Ctrl-C. Errors are one line on
-stderr; only a bug shows a traceback, and says that it is one.
+is all a subcommand needs. `score` and `next` use the continuous cache the export stage tuned
+(rnnlm.cache) when the model carries it; `--no-cache` gives the network alone. Exit codes
+(rnnlm.entry lists them all): 0 success; 1 the model or the input cannot be used; 2 bad
+command-line arguments; 130 Ctrl-C. Errors are one line on stderr; only a bug shows a
+traceback, and says that it is one.
 
 Adding a subcommand: write `add_<name>(subparsers)` that creates its parser with `_command`
 and sets `handler=<function(args) -> int>`, then append it to `SUBCOMMANDS`. This module
@@ -112,8 +114,17 @@ def _command(
     return parser
 
 
-def _load(args: argparse.Namespace) -> LanguageModel:
-    return LanguageModel(args.model, threads=args.threads)
+def _load(args: argparse.Namespace, cache: bool = True) -> LanguageModel:
+    return LanguageModel(args.model, threads=args.threads, cache=cache)
+
+
+def _add_no_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="the network alone, without the continuous cache (default: the cache is on when "
+        "the model carries the settings the export stage tuned for it)",
+    )
 
 
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -178,6 +189,7 @@ def add_score(subparsers: argparse._SubParsersAction) -> None:
         "--per-sentence", action="store_true", help="also the perplexity of each sentence"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_no_cache(parser)
     parser.set_defaults(handler=run_score)
 
 
@@ -313,7 +325,7 @@ def run_score(args: argparse.Namespace) -> int:
     printed at the end). On a terminal, stderr shows progress for long inputs and, in text
     mode, the throughput at the end; `--json` gives `bytes` and `seconds` instead.
     """
-    model = _load(args)  # first: a bad --model is reported before stdin is read
+    model = _load(args, cache=not args.no_cache)  # first: a bad --model before stdin is read
     stream = open_input(args.file)
     spool = _JsonSentences() if args.per_sentence and args.json else None
     on_sentence: Callable[[SentenceScore], None] | None = spool
@@ -344,9 +356,10 @@ def run_score(args: argparse.Namespace) -> int:
             else:
                 print(json.dumps(result.to_dict(), ensure_ascii=False))
             return EXIT_OK
+    cache = f"; continuous cache: {model.cache}" if model.cache is not None else ""
     print(
         f"perplexity {result.ppl:.2f} over {result.tokens} tokens "
-        f"({result.mean_nll:.4f} nats/token, {result.unknown} unknown)"
+        f"({result.mean_nll:.4f} nats/token, {result.unknown} unknown{cache})"
     )
     if _is_terminal(sys.stderr) and result.bytes is not None and result.seconds is not None:
         print(
@@ -364,11 +377,12 @@ def add_next(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-k", type=_number(int, 1), default=5, help="how many words to list (default: 5)"
     )
+    _add_no_cache(parser)
     parser.set_defaults(handler=run_next)
 
 
 def run_next(args: argparse.Namespace) -> int:
-    for word, prob in _load(args).next_words(args.prompt, args.k):
+    for word, prob in _load(args, cache=not args.no_cache).next_words(args.prompt, args.k):
         print(f"{word}\t{prob:.6f}")
     return EXIT_OK
 

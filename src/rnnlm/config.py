@@ -320,6 +320,11 @@ class ExportParams:
     latency_tokens: int = field(metadata=_range(1, 100000))
     latency_threads: int = field(metadata=_range(1, 256))
     registered_model_name: str | None  # null: log to MLflow without registering
+    # The continuous cache's grid, searched on the validation split (rnnlm.cache.tune_cache):
+    # every combination is tried, and the cache off (lambda 0) is always a candidate.
+    cache_thetas: list[float] = field(metadata=_range(0.0, 1000.0, lo_open=True))
+    cache_lambdas: list[float] = field(metadata=_range(0.0, 0.99, lo_open=True))
+    cache_windows: list[int] = field(metadata=_range(1, 100_000))
 
 
 @dataclass(frozen=True)
@@ -405,6 +410,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is Path:
         if isinstance(value, str) and value.strip():
             return Path(value)
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, list) and value:
+            try:
+                return [_coerce(key, item, item_tp) for item in value]
+            except ConfigError:
+                pass
+        raise ConfigError(
+            f"{key} = {short_repr(value)}: expected a non-empty list of {_type_name(item_tp)}"
+        )
     elif origin is dict:
         if isinstance(value, Mapping):
             key_tp, value_tp = typing.get_args(tp)
@@ -416,18 +431,21 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """The range in `meta` holds for `value`, or for each item of a list."""
     lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
     if value is None or (lo is None and hi is None):
         return
-    too_low = lo is not None and (value <= lo if lo_open else value < lo)
-    too_high = hi is not None and value > hi
+    items = value if isinstance(value, list) else [value]
+    too_low = lo is not None and any(v <= lo if lo_open else v < lo for v in items)
+    too_high = hi is not None and any(v > hi for v in items)
     if too_low or too_high:
         bounds = [
             f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
             f"<= {hi}" if hi is not None else "",
         ]
         allowed = " and ".join(b for b in bounds if b)
-        raise ConfigError(f"{key} = {short_repr(value)}: must be {allowed}")
+        each = "each value " if isinstance(value, list) else ""
+        raise ConfigError(f"{key} = {short_repr(value)}: {each}must be {allowed}")
 
 
 def _key_text(key: Any) -> str:

@@ -1,22 +1,27 @@
 """Stage `evaluate`: the shipped ONNX model against count-based baselines on the test split.
 
     models/model.onnx                  the exported model, run with onnxruntime (rnnlm.inference)
-    data/processed/{train,test}.npy, vocab.json
+    data/processed/{train,validation,test}.npy, vocab.json
     metrics/train.json                 PyTorch test perplexity
     metrics/train_run.json             the MLflow run id
     metrics/export_model.json          the registered model version export created
-      -> metrics/eval.json             perplexities (RNN via ONNX, Kneser-Ney, unigram), the
+      -> metrics/eval.json             perplexities (RNN via ONNX without and with its continuous
+                                       cache, Kneser-Ney, unigram, RNN + KN interpolated), the
                                        RNN's improvement over Kneser-Ney, the test OOV rate
       -> metrics/samples.txt           generated text: fixed seed, the prompts from params
       -> MLflow                        the same metrics and both files, in the training run;
                                        the registered version's test_ppl tag, and the alias
                                        @champion moved to it when it beats the champion
 
-The RNN's test perplexity `headline/test_ppl` is that of the shipped artifact: the ONNX model via
-`LanguageModel.score_ids`, over the whole test stream with the state carried. It must agree
-with the PyTorch test perplexity of the `train` stage within `evaluate.tolerance` (relative),
-or the stage fails: a gap means the exported graph or the inference code is not the model that
-was trained. When `train.eval_batch_size` > 1 the PyTorch figure was computed over that many
+The RNN's test perplexity `headline/test_ppl` is that of the shipped network: the ONNX model via
+`LanguageModel.score_ids` without the continuous cache, over the whole test stream with the
+state carried. It must agree with the PyTorch test perplexity of the `train` stage within
+`evaluate.tolerance` (relative), or the stage fails: a gap means the exported graph or the
+inference code is not the model that was trained. It is also what the registered version's
+`test_ppl` tag and the @champion alias compare, like with like across versions.
+`headline/cache_test_ppl` is what `rnnlm score` gives: the same stream with the continuous cache
+the export stage tuned on validation (rnnlm.cache; equal to `headline/test_ppl` when the model
+carries none). When `train.eval_batch_size` > 1 the PyTorch figure was computed over that many
 parallel rows (each from a zero state, the tail dropped), so the check scores the ONNX model in
 the same layout; eval.json always reports the whole-stream figure.
 
@@ -24,8 +29,11 @@ The baselines (rnnlm.baselines) use the same split, vocabulary and convention: a
 and interpolated Kneser-Ney of order `evaluate.kn_order`, counts from train.npy only.
 `headline/improvement_over_kn_pct` is 100 * (1 - RNN / KN perplexity); `test/oov_rate` is
 defined as in the tokenize stage's stats.json: the share of word tokens (`<eos>` excluded) that
-are `<unk>`. The `headline/` metrics are what runs are compared by: MLflow's chart view shows
-their section first (train adds `headline/val_ppl`).
+are `<unk>`. `test/kn_interp_ppl` measures what Kneser-Ney still adds to the shipped model:
+p = (1 - w) p_rnn + w p_kn per token, p_rnn with the cache as `rnnlm score` scores, the weight
+`test/kn_interp_weight` fitted by EM on the validation split (`baselines.interpolation_weight`);
+rnnlm does not ship that mixture. The `headline/` metrics are what runs are compared by:
+MLflow's chart view shows their section first (train adds `headline/val_ppl`).
 
 Run via `dvc repro evaluate`, or directly: `python -m rnnlm.evaluate [--params params.yaml]`.
 """
@@ -42,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from rnnlm import baselines, tracking
+from rnnlm.cache import mix_logprobs
 from rnnlm.config import (
     EvaluateParams,
     MlflowParams,
@@ -198,7 +207,9 @@ def run(
         eval_batch_size: `train.eval_batch_size`, the row layout of the PyTorch test figure.
     """
     vocab = read_vocab(paths)
-    train, test = (read_split(paths, split, len(vocab)) for split in ("train", "test"))
+    train, validation, test = (
+        read_split(paths, split, len(vocab)) for split in ("train", "validation", "test")
+    )
     torch_ppl = read_train_test_ppl(paths)
     lm = load_model(paths.onnx_model, vocab)
     run_id = tracking.read_run_id(paths.train_run)
@@ -206,24 +217,34 @@ def run(
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before the work
 
     start = time.perf_counter()
-    rnn_ppl = lm.score_ids(test).ppl
+    rnn_ppl = lm.score_ids(test, cache=False).ppl
     seconds = {"rnn": time.perf_counter() - start}
     comparable = rnn_ppl if eval_batch_size == 1 else score_rows(lm, test, eval_batch_size)
     rel_diff = check_agreement(comparable, torch_ppl, p.tolerance)
     start = time.perf_counter()
+    shipped = -lm.token_nlls(test)  # log-probs as `rnnlm score` gives them: with the cache
+    seconds["cache"] = time.perf_counter() - start
+    start = time.perf_counter()
     kn = baselines.fit_kneser_ney(train, len(vocab), p.kn_order, p.kn_discount)
-    kn_ppl = baselines.perplexity(kn.logprobs(test))
+    kn_logp = kn.logprobs(test)
+    kn_ppl = baselines.perplexity(kn_logp)
     seconds["kn"] = time.perf_counter() - start
     unigram_ppl = baselines.perplexity(
         baselines.unigram_logprobs(baselines.fit_unigram(train, len(vocab)), test)
     )
+    kn_weight = baselines.interpolation_weight(-lm.token_nlls(validation), kn.logprobs(validation))
     metrics: dict[str, Any] = {
         "headline/test_ppl": round(rnn_ppl, 4),
+        "headline/cache_test_ppl": round(baselines.perplexity(shipped), 4),
         "test/pytorch_ppl": torch_ppl,
         "test/onnx_pytorch_rel_diff": float(f"{rel_diff:.3g}"),
         "headline/kn_test_ppl": round(kn_ppl, 4),
         "headline/unigram_test_ppl": round(unigram_ppl, 4),
         "headline/improvement_over_kn_pct": round(improvement_pct(rnn_ppl, kn_ppl), 4),
+        "test/kn_interp_ppl": round(
+            baselines.perplexity(mix_logprobs(shipped, kn_logp, kn_weight)), 4
+        ),
+        "test/kn_interp_weight": round(kn_weight, 4),
         "test/oov_rate": split_stats(test, n_docs=0)["oov_rate"],
         "test/tokens": len(test),
     }
@@ -237,17 +258,23 @@ def run(
         )
         tracking.record_test_perplexity(tracked, name, version, rnn_ppl, description)
     log.info(
-        "test perplexity: RNN (ONNX) %.2f [%.1fs; PyTorch %.2f, %.2g%% apart], Kneser-Ney "
-        "order %d %.2f [%.1fs], unigram %.2f; RNN vs KN %+.1f%%; OOV %.2f%%",
+        "test perplexity: RNN (ONNX) %.2f [%.1fs; PyTorch %.2f, %.2g%% apart], with its cache "
+        "(%s) %.2f [%.1fs], Kneser-Ney order %d %.2f [%.1fs], unigram %.2f; RNN vs KN %+.1f%%; "
+        "RNN (as scored) + %.3f x KN %.2f; OOV %.2f%%",
         rnn_ppl,
         seconds["rnn"],
         torch_ppl,
         100 * rel_diff,
+        lm.cache or "off",
+        metrics["headline/cache_test_ppl"],
+        seconds["cache"],
         p.kn_order,
         kn_ppl,
         seconds["kn"],
         unigram_ppl,
         -metrics["headline/improvement_over_kn_pct"],
+        kn_weight,
+        metrics["test/kn_interp_ppl"],
         100 * metrics["test/oov_rate"],
     )
     return metrics

@@ -1,9 +1,10 @@
 """Stage `export`: models/model.ckpt -> models/model.onnx (+ model.int8.onnx), metrics/export.json.
 
     models/model.ckpt + data/processed/{vocab,tokenizer}.json + metrics/train_run.json (run id)
-      -> models/model.onnx        tokens (batch, time) int64, h0[, c0] -> logits, h1[, c1]
+      -> models/model.onnx        tokens (batch, time) int64, h0[, c0] -> logits, hidden, h1[, c1]
       -> models/model.int8.onnx   the same with dynamic int8 weights
-      -> metrics/export.json      parity error, sizes, per-token latency, validation perplexity
+      -> metrics/export.json      parity error, sizes, per-token latency, validation perplexity,
+                                  the continuous cache tuned on validation
       -> metrics/export_model.json  the logged model's id and URI, its registered version
       -> MLflow                   ONNX flavor logged to the training run, registered by name
 
@@ -15,9 +16,18 @@ every export and the stage fails unless onnxruntime matches PyTorch within `expo
 sizes and lengths other than the example's, from a non-zero state, and one token per call with
 the state fed back matches the whole sequence at once.
 
-The model is self-contained: vocabulary, tokenizer and provenance travel in its metadata (the
-schema is in rnnlm.inference). Everything is written to a staging folder first and moved into
-models/ only when every check passed, so a failed export leaves models/ as it was.
+The continuous cache (rnnlm.cache, Grave et al. 2017) needs no training, only three settings:
+the stage runs the exported model once over the validation split, collecting each token's
+log-probability and the top layer's hidden vector, then scores every combination of
+`export.cache_thetas` x `cache_lambdas` x `cache_windows` on those arrays (`tune_cache`; a few
+seconds). The best goes into both models' metadata (`rnnlm.cache`), which `rnnlm score` and
+`next` then use; when none beats the model alone the entry is null and they score without.
+`onnx/val_ppl` and `int8/val_ppl` stay the network's own; `cache/val_ppl` is with the cache.
+
+The model is self-contained: vocabulary, tokenizer, provenance and the cache's settings travel
+in its metadata (the schema is in rnnlm.inference). Everything is written to a staging folder
+first and moved into models/ only when every check passed, so a failed export leaves models/ as
+it was.
 
 The int8 model is a DVC out like model.onnx, so the two always come from the same checkpoint:
 `dvc checkout`, `dvc exp apply` and `dvc pull` restore them together. Its size, speed-up and
@@ -47,6 +57,7 @@ import torch
 from torch import nn
 
 from rnnlm import tracking
+from rnnlm.cache import CacheTuning, tune_cache
 from rnnlm.config import (
     ExportParams,
     MlflowParams,
@@ -62,9 +73,11 @@ from rnnlm.files import (
     write_json_atomic,
 )
 from rnnlm.inference import (
+    CACHE_KEY,
     CONVENTIONS_KEY,
     FORMAT_KEY,
     FORMAT_VERSION,
+    HIDDEN_OUTPUT,
     IO_KEY,
     LOGITS_OUTPUT,
     MODEL_KEY,
@@ -74,6 +87,7 @@ from rnnlm.inference import (
     TOKENS_INPUT,
     VOCAB_KEY,
     LanguageModel,
+    cache_metadata,
     conventions,
     io_metadata,
     state_io_names,
@@ -145,25 +159,29 @@ def load_checkpoint(path: Path) -> RNNLM:
 
 
 class _SingleStateGraph(nn.Module):
-    """The exported signature for rnn_tanh/rnn_relu/gru: (tokens, h0) -> (logits, h1)."""
+    """The exported signature for rnn_tanh/rnn_relu/gru: (tokens, h0) -> (logits, hidden, h1).
+
+    `hidden` (batch, time, hidden_dim) is the top layer's output at every step, for the
+    continuous cache (rnnlm.cache).
+    """
 
     def __init__(self, net: RNNLM) -> None:
         super().__init__()
         self.net = net
 
     def forward(self, tokens: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, state = self.net(tokens, (h0,))
-        return (logits, *state)
+        logits, state, hidden = self.net.forward_with_hidden(tokens, (h0,))
+        return (logits, hidden, *state)
 
 
 class _LSTMGraph(_SingleStateGraph):
-    """The exported signature for lstm: (tokens, h0, c0) -> (logits, h1, c1)."""
+    """The exported signature for lstm: (tokens, h0, c0) -> (logits, hidden, h1, c1)."""
 
     def forward(  # type: ignore[override]
         self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        logits, state = self.net(tokens, (h0, c0))
-        return (logits, *state)
+        logits, state, hidden = self.net.forward_with_hidden(tokens, (h0, c0))
+        return (logits, hidden, *state)
 
 
 @contextlib.contextmanager
@@ -178,7 +196,8 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_onnx(net: RNNLM, path: Path, exporter: str, opset: int) -> None:
-    """Write `net` as ONNX: tokens, h0[, c0] -> logits, h1[, c1]; batch and time dynamic."""
+    """Write `net` as ONNX: tokens, h0[, c0] -> logits, hidden, h1[, c1]; batch and time
+    dynamic."""
     config = net.config
     names = state_names(config.cell)
     state_in, state_out = state_io_names(names)
@@ -190,7 +209,7 @@ def export_onnx(net: RNNLM, path: Path, exporter: str, opset: int) -> None:
     graph = (_LSTMGraph if config.cell == "lstm" else _SingleStateGraph)(net).eval()
     common: dict[str, Any] = {
         "input_names": [TOKENS_INPUT, *state_in],
-        "output_names": [LOGITS_OUTPUT, *state_out],
+        "output_names": [LOGITS_OUTPUT, HIDDEN_OUTPUT, *state_out],
         "opset_version": opset,
     }
     try:
@@ -211,8 +230,8 @@ def export_onnx(net: RNNLM, path: Path, exporter: str, opset: int) -> None:
                 )
             elif exporter == "torchscript":
                 axes = {
-                    TOKENS_INPUT: {0: "batch", 1: "time"},
-                    LOGITS_OUTPUT: {0: "batch", 1: "time"},
+                    name: {0: "batch", 1: "time"}
+                    for name in (TOKENS_INPUT, LOGITS_OUTPUT, HIDDEN_OUTPUT)
                 }
                 axes.update({name: {1: "batch"} for name in [*state_in, *state_out]})
                 torch.onnx.export(
@@ -242,7 +261,7 @@ def fixed_dimensions(session: ort.InferenceSession) -> list[str]:
     """Batch/time dimensions the graph declares with a fixed size, e.g. ['logits[1] = 5']."""
     problems = []
     for arg in [*session.get_inputs(), *session.get_outputs()]:
-        dynamic = (0, 1) if arg.name in (TOKENS_INPUT, LOGITS_OUTPUT) else (1,)
+        dynamic = (0, 1) if arg.name in (TOKENS_INPUT, LOGITS_OUTPUT, HIDDEN_OUTPUT) else (1,)
         for dim in dynamic:
             size = arg.shape[dim] if dim < len(arg.shape) else None
             if isinstance(size, int):
@@ -262,13 +281,14 @@ def verify_parity(
     """Compare the ONNX model at `model_path` with `net`; raise ParityError beyond `atol`.
 
     For each (batch, time) in `shapes`: random tokens and a random non-zero initial state;
-    logits and final states must match PyTorch's. Then `step_shape`: tokens fed one per call
-    with the state fed back must match the whole sequence run at once (and PyTorch). Last,
-    the graph must not declare a fixed batch or time size (`fixed_dimensions`).
+    logits, the top layer's hidden vectors and final states must match PyTorch's. Then
+    `step_shape`: tokens fed one per call with the state fed back must match the whole
+    sequence run at once (and PyTorch). Last, the graph must not declare a fixed batch or time
+    size (`fixed_dimensions`).
 
     Returns:
-        The max absolute difference of each check, e.g. {"b3_t11/logits": 2e-7, ...,
-        "step/logits": ..., "max": ...}.
+        The max absolute difference of each check, e.g. {"b3_t11/logits": 2e-7,
+        "b3_t11/hidden": ..., ..., "step/logits": ..., "max": ...}.
     """
     config = net.config
     names = state_names(config.cell)
@@ -276,7 +296,8 @@ def verify_parity(
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    outputs = [LOGITS_OUTPUT, *state_out]
+    outputs = [LOGITS_OUTPUT, HIDDEN_OUTPUT, *state_out]
+    checked = ["logits", "hidden", *names]  # the keys of `errors`, in the order of `outputs`
     rng = _generator(seed)
 
     def sample(batch: int, length: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -295,28 +316,29 @@ def verify_parity(
                 "fixed a dimension that must stay dynamic (try export.exporter: torchscript)."
             ) from None
 
+    def run_torch(tokens: torch.Tensor, state: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+        with torch.no_grad():
+            logits, next_state, hidden = net.forward_with_hidden(tokens, state)
+        return [logits.numpy(), hidden.numpy(), *(s.numpy() for s in next_state)]
+
     errors: dict[str, float] = {}
     for batch, length in shapes:
         tokens, state = sample(batch, length)
-        with torch.no_grad():
-            logits, next_state = net(tokens, state)
-        expected = [logits.numpy(), *(s.numpy() for s in next_state)]
+        expected = run_torch(tokens, state)
         got = run_onnx(tokens.numpy(), [s.numpy() for s in state])
-        for name, e, g in zip(["logits", *names], expected, got, strict=True):
+        for name, e, g in zip(checked, expected, got, strict=True):
             errors[f"b{batch}_t{length}/{name}"] = _max_abs(e, g)
     # One token per call with the state fed back vs the whole sequence at once (and PyTorch).
     tokens, state = sample(*step_shape)
-    with torch.no_grad():
-        logits, next_state = net(tokens, state)
+    expected = run_torch(tokens, state)
     full = run_onnx(tokens.numpy(), [s.numpy() for s in state])
-    steps: list[np.ndarray] = []
+    steps: list[list[np.ndarray]] = []  # per step: logits, hidden (batch, 1, ...)
     onnx_state = [s.numpy() for s in state]
     for t in range(step_shape[1]):
-        step_logits, *onnx_state = run_onnx(tokens[:, t : t + 1].numpy(), onnx_state)
-        steps.append(step_logits)
-    stepped = [np.concatenate(steps, axis=1), *onnx_state]
-    expected = [logits.numpy(), *(s.numpy() for s in next_state)]
-    for name, e, f, g in zip(["logits", *names], expected, full, stepped, strict=True):
+        step_logits, step_hidden, *onnx_state = run_onnx(tokens[:, t : t + 1].numpy(), onnx_state)
+        steps.append([step_logits, step_hidden])
+    stepped = [np.concatenate(outs, axis=1) for outs in zip(*steps, strict=True)] + onnx_state
+    for name, e, f, g in zip(checked, expected, full, stepped, strict=True):
         errors[f"step/{name}"] = max(_max_abs(f, g), _max_abs(e, g))
     fixed = fixed_dimensions(session)
     if fixed:
@@ -350,10 +372,7 @@ def build_metadata(
             "vocab.json and model.ckpt come from different runs of the pipeline"
         )
     TextTokenizer.from_dict(tokenizer)  # fails here, not at inference time, when malformed
-
-    def dump(value: Any) -> str:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
+    dump = _json_entry
     return {
         FORMAT_KEY: dump(FORMAT_VERSION),
         MODEL_KEY: dump(dataclasses.asdict(config)),
@@ -364,16 +383,24 @@ def build_metadata(
         CONVENTIONS_KEY: dump(
             conventions(bool(tokenizer["lowercase"]), str(tokenizer["paragraphs"]))
         ),
+        CACHE_KEY: dump(cache_metadata(None)),  # until the export stage tunes it
         PRECISION_KEY: precision,
     }
 
 
-def attach_metadata(path: Path, metadata: Mapping[str, str], doc: str) -> None:
-    """Set the rnnlm metadata on the ONNX file at `path` (in place) and run onnx.checker."""
+def _json_entry(value: Any) -> str:
+    """A metadata value as compact JSON."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def attach_metadata(path: Path, metadata: Mapping[str, str], doc: str | None = None) -> None:
+    """Set the rnnlm metadata on the ONNX file at `path` (in place) and run onnx.checker;
+    `doc` replaces the model's description (None keeps it)."""
     model = onnx.load(str(path))
     kept = {p.key: p.value for p in model.metadata_props if p.key not in metadata}
     onnx.helper.set_model_props(model, {**kept, **metadata})
-    model.doc_string = doc
+    if doc is not None:
+        model.doc_string = doc
     model.producer_name = "rnnlm"
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -430,13 +457,35 @@ def measure_latency(
 def model_metrics(
     path: Path, prefix: str, validation: np.ndarray, p: ExportParams
 ) -> dict[str, float]:
-    """Size, per-token generation latency and validation perplexity of an exported file."""
+    """Size, per-token generation latency and validation perplexity (the network alone,
+    without the continuous cache) of an exported file."""
     return {
         f"{prefix}/size_mb": round(path.stat().st_size / 1e6, 3),
         f"{prefix}/ms_per_token": round(
             measure_latency(path, p.latency_tokens, p.latency_threads), 4
         ),
-        f"{prefix}/val_ppl": round(LanguageModel(path).score_ids(validation).ppl, 4),
+        f"{prefix}/val_ppl": round(LanguageModel(path, cache=False).score_ids(validation).ppl, 4),
+    }
+
+
+def tune_model_cache(path: Path, validation: np.ndarray, p: ExportParams) -> CacheTuning:
+    """The continuous cache's best settings for the exported model at `path` on `validation`:
+    one pass of the network, then `export.cache_*`'s grid on the collected arrays."""
+    logp, hidden = LanguageModel(path, cache=False).logprobs_and_hidden(validation)
+    return tune_cache(logp, hidden, validation, p.cache_thetas, p.cache_lambdas, p.cache_windows)
+
+
+def cache_metrics(tuning: CacheTuning, seconds: float) -> dict[str, float]:
+    """`cache/*` of metrics/export.json: the tuned settings (0 when the cache is off), the
+    validation perplexity with them and its gain over the network alone (`onnx/val_ppl`)."""
+    settings = tuning.settings
+    return {
+        "cache/val_ppl": round(tuning.ppl, 4),
+        "cache/val_gain_pct": round(100 * (1 - tuning.ppl / tuning.model_ppl), 4),
+        "cache/theta": settings.theta if settings else 0.0,
+        "cache/lambda": settings.lam if settings else 0.0,
+        "cache/window": settings.window if settings else 0,
+        "cache/tune_s": round(seconds, 2),
     }
 
 
@@ -445,9 +494,10 @@ def signature_specs(config: RNNLMConfig) -> tuple[list[tuple], list[tuple]]:
     state_in, state_out = state_io_names(state_names(config.cell))
     state_shape = (config.num_layers, -1, config.hidden_dim)
     inputs = [(TOKENS_INPUT, "int64", (-1, -1))] + [(n, "float32", state_shape) for n in state_in]
-    outputs = [(LOGITS_OUTPUT, "float32", (-1, -1, config.vocab_size))] + [
-        (n, "float32", state_shape) for n in state_out
-    ]
+    outputs = [
+        (LOGITS_OUTPUT, "float32", (-1, -1, config.vocab_size)),
+        (HIDDEN_OUTPUT, "float32", (-1, -1, config.hidden_dim)),
+    ] + [(n, "float32", state_shape) for n in state_out]
     return inputs, outputs
 
 
@@ -540,11 +590,25 @@ def run(p: ExportParams, paths: Paths, ml: MlflowParams, digest: str) -> dict[st
         )
         parity = verify_parity(net, fp32, p.atol)
         log.info("parity with PyTorch: max |difference| %.2g (atol %g)", parity["max"], p.atol)
+        started = time.perf_counter()
+        tuning = tune_model_cache(fp32, validation, p)
+        tune_s = time.perf_counter() - started
+        entry = {CACHE_KEY: _json_entry(cache_metadata(tuning.settings))}
+        for path in (fp32, int8):
+            attach_metadata(path, entry)
+        log.info(
+            "continuous cache tuned on validation in %.1fs: %s, val ppl %.2f -> %.2f",
+            tune_s,
+            tuning.settings or "off (no setting beats the model alone)",
+            tuning.model_ppl,
+            tuning.ppl,
+        )
         metrics: dict[str, Any] = {
             "parity/max_abs_err": parity["max"],
             "parity/step_max_abs_err": max(v for k, v in parity.items() if k.startswith("step/")),
             **model_metrics(fp32, "onnx", validation, p),
             **model_metrics(int8, "int8", validation, p),
+            **cache_metrics(tuning, tune_s),
         }
         metrics["int8/speedup"] = round(
             metrics["onnx/ms_per_token"] / metrics["int8/ms_per_token"], 3

@@ -3,23 +3,33 @@
     LanguageModel("models/model.onnx")   -> .score(text), .score_stream(file), .score_ids(ids),
                                             .next_words(prompt, k), .generate(prompt, ...),
                                             .step(ids, state)
+    LanguageModel(path, cache=False)     -> the same without the continuous cache
 
 The `.onnx` file written by the `export` stage is self-contained: besides the network it holds,
 as JSON strings in its metadata (`metadata_props`), the vocabulary, the tokenizer settings
 (lowercase flag, paragraph rule, Punkt sentence-splitter parameters), the model configuration,
-the names of the recurrent-state inputs/outputs and the provenance (MLflow run, git commit,
-params digest). This module defines that metadata schema and is the only reader of it.
+the names of the recurrent-state inputs/outputs, the provenance (MLflow run, git commit,
+params digest) and the continuous cache's settings tuned by the export stage. This module
+defines that metadata schema and is the only reader of it.
 
 The network's signature is `tokens (batch, time) int64, h0[, c0] (layers, batch, hidden)
-float32 -> logits (batch, time, vocab), h1[, c1]`. Generation feeds one token per call and
-carries the state (the prefix is never re-run); scoring walks a stream in windows with the state
-carried across them, with the `<eos>`-start convention of `streams.lm_pairs`. `score_stream`
-scores a file of any size in bounded memory: bytes are read in chunks, cut into paragraphs
-(rnnlm.text.PieceSplitter), tokenized, and fed in windows as the tokens arrive.
+float32 -> logits (batch, time, vocab), hidden (batch, time, hidden), h1[, c1]`, where `hidden`
+is the top layer's output at each step (models exported before it have no `hidden` output and
+score without the cache). Generation feeds one token per call and carries the state (the prefix
+is never re-run); scoring walks a stream in windows with the state carried across them, with
+the `<eos>`-start convention of `streams.lm_pairs`. `score_stream` scores a file of any size in
+bounded memory: bytes are read in chunks, cut into paragraphs (rnnlm.text.PieceSplitter),
+tokenized, and fed in windows as the tokens arrive.
 
-Imports numpy, onnxruntime and `rnnlm.text` only: never torch, lightning or mlflow, so that the
-CLI starts fast and runs where only onnxruntime is installed. Used by `rnnlm.cli` (the `rnnlm`
-command), the `export` stage (latency and perplexity of the exported files) and bench/.
+Scoring and `next_words` mix the network's distribution with a continuous cache (rnnlm.cache:
+Grave et al. 2017) when the model's metadata carries tuned settings (`rnnlm.cache`), unless
+the model is opened with `cache=False`; `score_ids`/`token_nlls` also take `cache=False`.
+Generation does not use the cache (yet).
+
+Imports numpy, onnxruntime, `rnnlm.cache` and `rnnlm.text` only: never torch, lightning or
+mlflow, so that the CLI starts fast and runs where only onnxruntime is installed. Used by
+`rnnlm.cli` (the `rnnlm` command), the `export` stage (latency and perplexity of the exported
+files, the cache's tuning) and bench/.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import onnxruntime as ort
 
+from rnnlm.cache import CacheSettings, ContinuousCache
 from rnnlm.errors import RnnlmError, short_repr
 from rnnlm.streams import EOS, EOS_ID, UNK, UNK_ID, check_token_ids, lm_pairs
 from rnnlm.text import READ_BYTES, TextTokenizer, detokenize
@@ -57,8 +68,10 @@ TOKENIZER_KEY = "rnnlm.tokenizer"  # TextTokenizer.to_dict()
 PROVENANCE_KEY = "rnnlm.provenance"  # run id, git commit, params digest, exporter, opset
 PRECISION_KEY = "rnnlm.precision"  # "fp32" or "int8"
 CONVENTIONS_KEY = "rnnlm.conventions"  # how text becomes the model's input: see conventions()
+# The continuous cache tuned on validation: cache_metadata(); null (or absent): no cache.
+CACHE_KEY = "rnnlm.cache"
 REQUIRED_KEYS = (FORMAT_KEY, MODEL_KEY, IO_KEY, VOCAB_KEY, TOKENIZER_KEY)
-_JSON_KEYS = (*REQUIRED_KEYS, PROVENANCE_KEY, CONVENTIONS_KEY)
+_JSON_KEYS = (*REQUIRED_KEYS, PROVENANCE_KEY, CONVENTIONS_KEY, CACHE_KEY)
 # What the metadata reader accepts before it parses anything: an exported model's entries
 # total a few MB (the tokenizer's Punkt tables, a vocabulary of up to a few 100k words).
 MAX_METADATA_CHARS = 64 << 20
@@ -69,6 +82,7 @@ MAX_LAYERS = 64
 
 TOKENS_INPUT = "tokens"
 LOGITS_OUTPUT = "logits"
+HIDDEN_OUTPUT = "hidden"  # the top layer's output at each step: the continuous cache's keys
 # Tokens per call when feeding a prompt or scoring a stream: bounds memory (window x vocab
 # logits) whatever the text's length; the state carries the context across windows.
 WINDOW = 256
@@ -105,6 +119,7 @@ def io_metadata(state_names: Sequence[str]) -> dict[str, Any]:
     return {
         "tokens": TOKENS_INPUT,
         "logits": LOGITS_OUTPUT,
+        "hidden": HIDDEN_OUTPUT,
         "state": list(state_names),
         "state_in": state_in,
         "state_out": state_out,
@@ -145,7 +160,21 @@ def conventions(lowercase: bool, paragraphs: str) -> dict[str, Any]:
             "of shape (num_layers, batch, hidden_dim) start one"
         ),
         "output": "logits over rnnlm.vocab; softmax gives p(next token | stream so far)",
+        "cache": (
+            f"optional ({CACHE_KEY} not null): keep the last `window` pairs ({HIDDEN_OUTPUT} "
+            "vector h_i at position i, the token that followed it); at position t, "
+            "p_cache(w) = sum over the pairs followed by w of exp(theta h_t.h_i), divided by "
+            "the sum over all pairs, and p = (1 - lambda) softmax(logits) + lambda p_cache "
+            "(p = softmax(logits) while no pair is kept). Grave et al., ICLR 2017"
+        ),
     }
+
+
+def cache_metadata(settings: CacheSettings | None) -> dict[str, Any] | None:
+    """The `rnnlm.cache` entry: the tuned settings, or None for a model scored without."""
+    if settings is None or settings.lam == 0:
+        return None
+    return {"window": settings.window, "theta": settings.theta, "lambda": settings.lam}
 
 
 @dataclass(frozen=True)
@@ -441,6 +470,24 @@ def read_metadata(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
     return parsed
 
 
+def _read_cache(path: Path, entry: Any) -> CacheSettings | None:
+    """The cache settings of the `rnnlm.cache` entry (see `cache_metadata`); None when it is
+    null or absent, or its lambda is 0: the model is scored without the cache."""
+    if entry is None:
+        return None
+    keys = {"window", "theta", "lambda"}
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise ModelLoadError(
+            f"{path}: rnnlm metadata {CACHE_KEY} = {short_repr(entry)}: expected null or an "
+            "object with exactly the keys lambda, theta, window"
+        )
+    try:
+        settings = CacheSettings(entry["window"], entry["theta"], entry["lambda"])
+    except ValueError as err:
+        raise ModelLoadError(f"{path}: rnnlm metadata {CACHE_KEY}: {err}") from None
+    return settings if settings.lam > 0 else None
+
+
 def _check_dims(path: Path, config: Mapping[str, Any]) -> None:
     """The network's sizes in the metadata: whole numbers in a sane range."""
     for key, high in (
@@ -462,7 +509,8 @@ class _StreamScorer:
 
     Tokens are fed to the network in windows of exactly WINDOW (the last one shorter), the
     state carried from window to window, so the windows are those of `token_nlls` on the whole
-    stream. Holds fewer than WINDOW unscored tokens and the sentences they belong to.
+    stream. Holds fewer than WINDOW unscored tokens and the sentences they belong to. With the
+    model's continuous cache, each window's NLLs pass through `ContinuousCache.mix`.
     """
 
     def __init__(
@@ -471,6 +519,7 @@ class _StreamScorer:
         self._model = model
         self._on_sentence = on_sentence
         self._state = model.initial_state(1)
+        self._cache = model.new_cache()  # None: the network alone
         self._previous = EOS_ID  # the input before the next token: a stream starts after <eos>
         self._ids: list[int] = []  # tokens not scored yet (fewer than WINDOW between calls)
         # Sentences not fully scored yet, and how many tokens and nats of the first one are.
@@ -503,10 +552,15 @@ class _StreamScorer:
     def _window(self, size: int) -> None:
         inputs, targets = lm_pairs(np.array(self._ids[:size]), self._previous)
         del self._ids[:size]
-        logits, self._state = self._model._run(inputs[None], self._state)
+        if self._cache is None:
+            logits, self._state = self._model._run(inputs[None], self._state)
+        else:
+            logits, hidden, self._state = self._model._run_hidden(inputs[None], self._state)
         if not logits.flags.writeable:
             logits = logits.copy()
         nll = _nll_in_place(logits[0], targets)  # (size,) float64
+        if self._cache is not None:
+            nll = -self._cache.mix(-nll, hidden[0], targets)
         self._previous = int(targets[-1])
         self.nll += float(nll.sum())
         self.tokens += size
@@ -560,9 +614,18 @@ class LanguageModel:
     Args:
         path: the `.onnx` file written by the export stage.
         threads: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
+        cache: True: score with the continuous cache the export stage tuned, when the model
+            carries one (`tuned_cache`; a model without scores with the network alone); False:
+            never; CacheSettings: these settings (the model needs the `hidden` output).
     """
 
-    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+    def __init__(
+        self, path: Path | str, threads: int | None = None, cache: bool | CacheSettings = True
+    ) -> None:
+        if not isinstance(cache, bool | CacheSettings):
+            raise ValueError(
+                f"cache = {short_repr(cache)}: expected True, False or a CacheSettings"
+            )
         self.path = Path(path)
         if not self.path.exists():
             raise ModelLoadError(f"{self.path}: model file not found")
@@ -583,6 +646,15 @@ class LanguageModel:
             self._apply_metadata(meta)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ModelLoadError(f"{self.path}: malformed rnnlm metadata ({err!r})") from None
+        # The settings scoring uses: None scores with the network alone.
+        self.cache: CacheSettings | None = self.tuned_cache if cache is True else cache or None
+        if self.cache is not None and self.cache.lam == 0:
+            self.cache = None
+        if self.cache is not None and self._hidden_name is None:
+            raise ModelLoadError(
+                f"{self.path}: no {HIDDEN_OUTPUT!r} output, which the continuous cache needs: "
+                "the model was exported before it; re-export it (dvc repro export)"
+            )
 
     def _apply_metadata(self, meta: dict[str, Any]) -> None:
         """Read the configuration, vocabulary, tokenizer and I/O names; check them against
@@ -599,14 +671,21 @@ class LanguageModel:
         self._tokens_name: str = io["tokens"]
         self._state_in: list[str] = list(io["state_in"])
         self._outputs: list[str] = [io["logits"], *io["state_out"]]
+        # Models exported before the cache have no hidden output.
+        self._hidden_name: str | None = io.get("hidden")
+        declared = self._outputs if self._hidden_name is None else [*self._outputs, io["hidden"]]
         inputs = sorted(i.name for i in self._session.get_inputs())
         outputs = sorted(o.name for o in self._session.get_outputs())
-        if inputs != sorted([self._tokens_name, *self._state_in]) or outputs != sorted(
-            self._outputs
-        ):
+        if inputs != sorted([self._tokens_name, *self._state_in]) or outputs != sorted(declared):
             raise ModelLoadError(
                 f"{self.path}: inputs {inputs} / outputs {outputs} do not match the rnnlm "
-                f"metadata ({[self._tokens_name, *self._state_in]} / {self._outputs})"
+                f"metadata ({[self._tokens_name, *self._state_in]} / {declared})"
+            )
+        self.tuned_cache = _read_cache(self.path, meta.get(CACHE_KEY))
+        if self.tuned_cache is not None and self._hidden_name is None:
+            raise ModelLoadError(
+                f"{self.path}: rnnlm metadata {CACHE_KEY} is set but the network has no "
+                f"{HIDDEN_OUTPUT!r} output for it"
             )
         self.num_layers = int(self.config["num_layers"])
         self.hidden_dim = int(self.config["hidden_dim"])
@@ -642,6 +721,27 @@ class LanguageModel:
         # The returned arrays are fed back as they are on the next call: no copies.
         return logits, tuple(next_state)
 
+    def _run_hidden(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray, State]:
+        """`_run`, plus the top layer's hidden vectors (batch, time, hidden_dim) float32."""
+        if self._hidden_name is None:
+            raise ModelLoadError(
+                f"{self.path}: no {HIDDEN_OUTPUT!r} output (exported before the continuous "
+                "cache); re-export it (dvc repro export)"
+            )
+        feeds = {self._tokens_name: ids}
+        feeds.update(zip(self._state_in, state, strict=True))
+        logits, hidden, *next_state = self._session.run(
+            [self._outputs[0], self._hidden_name, *self._outputs[1:]], feeds
+        )
+        return logits, hidden, tuple(next_state)
+
+    def new_cache(self) -> ContinuousCache | None:
+        """An empty continuous cache for one stream, with the settings scoring uses (`cache`);
+        None when the model scores without."""
+        if self.cache is None:
+            return None
+        return ContinuousCache(self.cache.window, self.cache.theta, self.cache.lam)
+
     def step(self, ids: np.ndarray, state: State | None = None) -> tuple[np.ndarray, State]:
         """Run `ids` (batch, time) from `state` (zero when None); return logits and next state."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -671,6 +771,23 @@ class LanguageModel:
         assert logits is not None, "nothing to feed"
         return logits[:, -1, :], state
 
+    def _feed_cached(
+        self, ids: np.ndarray, state: State, cache: ContinuousCache
+    ) -> tuple[np.ndarray, np.ndarray, State]:
+        """`_feed` that also caches each position's hidden vector with the token after it.
+
+        Returns the last logits (1, V), the last position's hidden vector (d,) (its next token
+        is not known: it is not cached) and the state.
+        """
+        logits = hidden = None
+        for start in range(0, len(ids), WINDOW):
+            window = ids[None, start : start + WINDOW]
+            logits, hidden, state = self._run_hidden(window, state)
+            following = ids[start + 1 : start + WINDOW + 1]  # one short at the very end
+            cache.extend(hidden[0, : len(following)], following)
+        assert logits is not None and hidden is not None, "nothing to feed"
+        return logits[:, -1, :], hidden[0, -1], state
+
     def encode_words(self, words: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Word tokens -> int64 ids, and the words that were out of vocabulary (as `<unk>`)."""
         get = self.stoi.get
@@ -694,6 +811,12 @@ class LanguageModel:
 
     def _prompt(self, prompt: str) -> tuple[np.ndarray, State, list[str]]:
         """Logits (1, V) for the token after `prompt`, the state there, the prompt's tokens."""
+        stream, tokens = self._prompt_stream(prompt)
+        logits, state = self._feed(stream, self.initial_state(1))
+        return logits, state, tokens
+
+    def _prompt_stream(self, prompt: str) -> tuple[np.ndarray, list[str]]:
+        """The ids fed for `prompt` (`<eos>` first) and its tokens; warns of unknown words."""
         check_text("prompt", prompt)
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(
@@ -710,16 +833,23 @@ class LanguageModel:
             log.warning(
                 "%d prompt word(s) not in the vocabulary, read as %s: %s", len(unknown), UNK, shown
             )
-        stream = np.concatenate([np.array([EOS_ID], dtype=np.int64), ids])
-        logits, state = self._feed(stream, self.initial_state(1))
-        return logits, state, tokens
+        return np.concatenate([np.array([EOS_ID], dtype=np.int64), ids]), tokens
 
     def next_words(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
-        """The k most likely next tokens after `prompt`, with their probabilities, best first."""
+        """The k most likely next tokens after `prompt`, with their probabilities, best first.
+
+        With the cache on, the prompt's own words fill it: p is the mixed distribution.
+        """
         if not _is_int(k) or k < 1:
             raise ValueError(f"k = {k!r}: must be an integer >= 1")
-        logits, _, _ = self._prompt(prompt)
-        probs = softmax(logits[0])
+        stream, _ = self._prompt_stream(prompt)
+        cache = self.new_cache()
+        if cache is None:
+            logits, _ = self._feed(stream, self.initial_state(1))
+            probs = softmax(logits[0])
+        else:
+            logits, hidden, _ = self._feed_cached(stream, self.initial_state(1), cache)
+            probs = cache.distribution(softmax(logits[0]), hidden)
         k = min(k, self.vocab_size)
         top = np.argpartition(probs, self.vocab_size - k)[self.vocab_size - k :]
         top = top[np.argsort(-probs[top], kind="stable")]
@@ -774,28 +904,68 @@ class LanguageModel:
             for row in range(num_samples)
         ]
 
-    def score_ids(self, stream: Iterable[int] | np.ndarray, window: int = WINDOW) -> ScoreResult:
+    def score_ids(
+        self, stream: Iterable[int] | np.ndarray, window: int = WINDOW, cache: bool = True
+    ) -> ScoreResult:
         """NLL and perplexity of a whole token stream, state carried from start to end.
 
         Same convention as training's evaluation (`streams.lm_pairs`): the input starts
-        with `<eos>` and every token of `stream` is predicted.
+        with `<eos>` and every token of `stream` is predicted. `cache=False`: the network
+        alone, even when the model scores with the continuous cache.
         """
-        nll = self.token_nlls(stream, window)
+        nll = self.token_nlls(stream, window, cache)
         return ScoreResult(nll=float(nll.sum()), tokens=len(nll), unknown=0)
 
-    def token_nlls(self, stream: Iterable[int] | np.ndarray, window: int = WINDOW) -> np.ndarray:
-        """-log p(token | everything before it) for each token of `stream`, float64."""
+    def token_nlls(
+        self, stream: Iterable[int] | np.ndarray, window: int = WINDOW, cache: bool = True
+    ) -> np.ndarray:
+        """-log p(token | everything before it) for each token of `stream`, float64.
+
+        With the model's continuous cache unless `cache` is False (or the model has none).
+        """
+        if not isinstance(cache, bool):
+            raise ValueError(f"cache = {short_repr(cache)}: expected True or False")
         stream = check_token_ids(stream, self.vocab_size)
+        mixer = self.new_cache() if cache else None
+        nll = np.empty(len(stream), dtype=np.float64)
+        for start, stop, logp, hidden in self._windows(stream, window, mixer is not None):
+            if mixer is not None:
+                logp = mixer.mix(logp, hidden, stream[start:stop])
+            nll[start:stop] = -logp
+        return nll
+
+    def logprobs_and_hidden(
+        self, stream: Iterable[int] | np.ndarray, window: int = WINDOW
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The network alone over a whole stream: log p(token | everything before it) (N,)
+        float64 and the top layer's hidden vector at each position (N, hidden_dim) float32,
+        what the continuous cache is tuned on (the export stage)."""
+        stream = check_token_ids(stream, self.vocab_size)
+        logp = np.empty(len(stream), dtype=np.float64)
+        vectors = np.empty((len(stream), self.hidden_dim), dtype=np.float32)
+        for start, stop, window_logp, hidden in self._windows(stream, window, True):
+            logp[start:stop], vectors[start:stop] = window_logp, hidden
+        return logp, vectors
+
+    def _windows(
+        self, stream: np.ndarray, window: int, hidden: bool
+    ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """Walk a checked stream in windows, state carried: (start, stop, log p of each token
+        (stop - start,) float64, the hidden vectors there (stop - start, d), or an empty array
+        unless `hidden`)."""
         if not _is_int(window) or window < 1:
             raise ValueError(f"window = {short_repr(window)}: must be an integer >= 1")
         inputs, _ = lm_pairs(stream)
-        nll = np.empty(len(stream), dtype=np.float64)
         state = self.initial_state(1)
+        vectors = np.empty((0, self.hidden_dim), dtype=np.float32)
         for start in range(0, len(stream), window):
             stop = min(start + window, len(stream))
-            logits, state = self._run(inputs[None, start:stop], state)
-            nll[start:stop] = token_nll(logits[0], stream[start:stop])
-        return nll
+            if hidden:
+                logits, batch_vectors, state = self._run_hidden(inputs[None, start:stop], state)
+                vectors = batch_vectors[0]
+            else:
+                logits, state = self._run(inputs[None, start:stop], state)
+            yield start, stop, -token_nll(logits[0], stream[start:stop]), vectors
 
     def score(self, text: str) -> ScoreResult:
         """Perplexity of a text, tokenized as the training data was (sentences end in <eos>)."""

@@ -159,8 +159,17 @@ class RNNLM(nn.Module):
 
     def forward(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         """ids (batch, time) int64, state -> logits (batch, time, vocab), next state."""
+        logits, next_state, _ = self.forward_with_hidden(ids, state)
+        return logits, next_state
+
+    def forward_with_hidden(self, ids: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
+        """`forward`, plus the top layer's output at every step (batch, time, hidden_dim).
+
+        That output (h of the top layer, for LSTM too) is what the exported model also returns
+        for the continuous cache (rnnlm.cache); it is taken before the output dropout.
+        """
         out, next_state = self.recurrent(ids, state)
-        return self.decoder(self.output_dropout(out)), next_state
+        return self.decoder(self.output_dropout(out)), next_state, out
 
 
 def detach_state(state: State) -> State:

@@ -188,3 +188,24 @@ def test_logprobs_of_an_empty_stream_and_perplexity_of_nothing() -> None:
     assert lm.logprobs(np.array([], dtype=np.int32)).shape == (0,)
     with pytest.raises(ValueError, match="empty"):
         baselines.perplexity(np.array([]))
+
+
+def test_interpolation_weight_maximises_the_held_out_likelihood() -> None:
+    """EM's weight is the maximum of the mixture's log-likelihood (found here by brute force);
+    a model that is never better gets weight ~0, one that always is gets weight ~1."""
+    rng = np.random.default_rng(0)
+    first = np.log(rng.uniform(0.01, 0.5, size=2000))
+    second = np.log(rng.uniform(0.01, 0.5, size=2000) * rng.choice([0.2, 3.0], size=2000))
+    weight = baselines.interpolation_weight(first, second)
+
+    def likelihood(w: float) -> float:
+        return float(np.logaddexp(np.log1p(-w) + first, np.log(w) + second).sum())
+
+    grid = np.linspace(0, 1, 2001)[1:-1]
+    best = max(grid, key=likelihood)
+    assert likelihood(weight) >= likelihood(best) - 1e-9
+    assert weight == pytest.approx(best, abs=1e-3) and 0.05 < weight < 0.95
+    assert baselines.interpolation_weight(first, first - 1.0) < 1e-3
+    assert baselines.interpolation_weight(first, first + 1.0) > 1 - 1e-3
+    with pytest.raises(ValueError, match=r"need two equal \(N,\) arrays"):
+        baselines.interpolation_weight(first, second[:5])

@@ -10,6 +10,7 @@ import argparse
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,10 +19,11 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rnnlm import cli
+from rnnlm import cli, export
 from rnnlm import text as text_module
+from rnnlm.cache import CacheSettings
 from rnnlm.cli import SUBCOMMANDS, build_parser, main
-from rnnlm.inference import LanguageModel
+from rnnlm.inference import CACHE_KEY, LanguageModel, cache_metadata
 from rnnlm.text import decode_document
 from tests.unit.test_export import one_torch_thread  # noqa: F401 (autouse)
 from tests.unit.test_inference import identity_model
@@ -212,6 +214,44 @@ def test_next(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None
     probs = [float(p) for _, p in rows]
     assert code == 0 and len(rows) == 4
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+
+
+def test_score_and_next_use_the_tuned_cache_unless_no_cache(
+    tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model carrying tuned cache settings is scored with them (the summary line says so);
+    `--no-cache` gives the network alone, for `score` and `next`."""
+    path = tmp_path / "cached.onnx"
+    shutil.copyfile(tiny_onnx_model, path)
+    tuned = CacheSettings(window=40, theta=0.5, lam=0.3)
+    export.attach_metadata(path, {CACHE_KEY: json.dumps(cache_metadata(tuned))})
+    speech = tmp_path / "speech.txt"
+    speech.write_bytes(SPEECH)
+    text = decode_document(SPEECH)
+    on, off = LanguageModel(path).score(text), LanguageModel(path, cache=False).score(text)
+    assert on.ppl < off.ppl
+    code, out, err = run_cli(capsys, "score", "--model", str(path), str(speech))
+    assert code == 0 and err == ""
+    assert out == (
+        f"perplexity {on.ppl:.2f} over 840 tokens ({on.mean_nll:.4f} nats/token, 90 unknown; "
+        "continuous cache: window 40, theta 0.5, lambda 0.3)\n"
+    )
+    code, out, err = run_cli(capsys, "score", "--model", str(path), "--no-cache", str(speech))
+    assert code == 0 and err == ""
+    assert out == (
+        f"perplexity {off.ppl:.2f} over 840 tokens ({off.mean_nll:.4f} nats/token, 90 unknown)\n"
+    )
+    for flags, cache in (([], True), (["--no-cache"], False)):
+        model = LanguageModel(path, cache=cache)
+        prompt = "we will build a strong nation. we will build a strong"
+        code, out, _ = run_cli(capsys, "next", "--model", str(path), "--prompt", prompt, *flags)
+        rows = [line.split("\t") for line in out.splitlines()]
+        expected = model.next_words(prompt, 5)
+        assert code == 0 and [w for w, _ in rows] == [w for w, _ in expected]
+        assert [float(p) for _, p in rows] == pytest.approx([p for _, p in expected], abs=1e-6)
+    for command in ("score", "next"):
+        code, out, _ = run_cli(capsys, command, "--help")
+        assert code == 0 and "--no-cache" in out and "continuous cache" in out
 
 
 def test_empty_prompt(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -542,11 +542,29 @@ def _options(tp: Any) -> set[Any]:
     return set(typing.get_args(tp) if union else [tp]) - {type(None)}
 
 
+def _range_ends(leaf: Leaf, kind: type) -> list[tuple[str, object]]:
+    """A value of type `kind` just outside each end of `leaf`'s range."""
+    step = 1e-6 if kind is float else 1
+    lo, hi = leaf.metadata.get("lo"), leaf.metadata.get("hi")
+    ends: list[tuple[str, object]] = []
+    if lo is not None:
+        ends.append(("below range", kind(lo if leaf.metadata["lo_open"] else lo - step)))
+    if hi is not None:
+        ends.append(("above range", kind(hi + step * max(1, abs(hi)))))
+    return ends
+
+
 def bad_values(leaf: Leaf) -> list[tuple[str, object]]:
     """(what is wrong, value) pairs that params.yaml must refuse for `leaf`."""
     tp = leaf.annotation
     if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
         return [("wrong type", value) for value in ("x", 5, [1], True)]
+    if typing.get_origin(tp) is list:  # a grid: a non-empty list, each value in the range
+        (item,) = typing.get_args(tp)
+        bad = [("wrong type", value) for value in ("x", 5, [], ["x"], [True], {"x": 1}, None)]
+        if item is float:
+            bad.append(("not finite", [0.5, float("nan")]))
+        return bad + [(what, [end]) for what, end in _range_ends(leaf, item)]
     options = _options(tp)
     literals = [o for o in options if typing.get_origin(o) is Literal]
     numbers = options & {int, float}
@@ -564,13 +582,7 @@ def bad_values(leaf: Leaf) -> list[tuple[str, object]]:
         bad += [("not finite", value) for value in (float("nan"), float("inf"), -float("inf"))]
     bad += CHECKED_AFTER_TYPES.get(leaf.key, [])
     if numbers and leaf.metadata:
-        kind = float if float in numbers else int
-        step = 1e-6 if kind is float else 1
-        lo, hi = leaf.metadata.get("lo"), leaf.metadata.get("hi")
-        if lo is not None:
-            bad.append(("below range", kind(lo if leaf.metadata["lo_open"] else lo - step)))
-        if hi is not None:
-            bad.append(("above range", kind(hi + step * max(1, abs(hi)))))
+        bad += _range_ends(leaf, float if float in numbers else int)
     return bad
 
 
@@ -592,10 +604,16 @@ def test_the_walk_reaches_every_key() -> None:
 
 def test_every_numeric_key_has_a_range() -> None:
     """A number with no bounds is an unchecked knob: give the new field `_range(...)`."""
+
+    def numeric(tp: Any) -> bool:
+        if typing.get_origin(tp) is list:  # a grid of numbers
+            return numeric(typing.get_args(tp)[0])
+        return bool(_options(tp)) and _options(tp) <= {int, float}
+
     unbounded = [
         leaf.key
         for leaf in LEAVES
-        if _options(leaf.annotation) and _options(leaf.annotation) <= {int, float}
+        if numeric(leaf.annotation)
         if leaf.metadata.get("lo") is None and leaf.metadata.get("hi") is None
     ]
     assert unbounded == []

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from rnnlm import baselines, evaluate, export, train
+from rnnlm.cache import CacheSettings, mix_logprobs
 from rnnlm.config import Params
 from rnnlm.datamodule import StreamWindows
-from rnnlm.inference import LanguageModel
+from rnnlm.inference import CACHE_KEY, LanguageModel, cache_metadata
 from rnnlm.processed import ProcessedDataError
 from tests.fixtures import shipped_params, write_full_params
 from tests.unit.test_export import build_net, write_model
@@ -67,6 +68,9 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     paths = exported.paths
     train_metrics = json.loads(paths.train_metrics.read_text())
     run_id = json.loads(paths.train_run.read_text())["run_id"]
+    # Whether tuning turned the cache on for this tiny model is the export tests' business:
+    # here it is off first, then on with fixed settings (below).
+    set_cache(paths.onnx_model, None)
     metrics = evaluate.run(EVAL_PARAMS, paths, exported.mlflow)
 
     written = json.loads((paths.metrics_dir / "eval.json").read_text())
@@ -95,10 +99,22 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     assert metrics["test/oov_rate"] == stats["test"]["oov_rate"] > 0
     assert metrics["test/tokens"] == len(test_ids) == stats["test"]["tokens"]
 
+    # Without a cache in the model, headline/cache_test_ppl is the network's.
+    lm = LanguageModel(paths.models_dir / "model.onnx")
+    assert lm.cache is None
+    assert metrics["headline/cache_test_ppl"] == metrics["headline/test_ppl"]
+    # What Kneser-Ney adds to the model as scored, the weight fitted on validation.
+    val_ids = np.load(paths.processed_dir / "validation.npy")
+    weight = baselines.interpolation_weight(-lm.token_nlls(val_ids), kn.logprobs(val_ids))
+    assert metrics["test/kn_interp_weight"] == pytest.approx(weight, abs=1e-4) and 0 < weight < 1
+    interpolated = mix_logprobs(-lm.token_nlls(test_ids), kn.logprobs(test_ids), weight)
+    assert metrics["test/kn_interp_ppl"] == pytest.approx(
+        baselines.perplexity(interpolated), abs=1e-4
+    )
+
     # Samples: a header, each prompt, its samples; reproducible from the seed.
     samples = (paths.metrics_dir / "samples.txt").read_text()
     assert "seed 11" in samples and run_id in samples
-    lm = LanguageModel(paths.models_dir / "model.onnx")
     for name, prompt in EVAL_PARAMS.sample_prompts.items():
         assert f"## {name}: {prompt!r}" in samples
         texts = lm.generate(prompt, max_tokens=8, seed=11, num_samples=2)
@@ -130,14 +146,25 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     net = export.load_checkpoint(paths.models_dir / "model.ckpt")
     rows_ppl = torch_rows_ppl(net, test_ids, n_rows=3, bptt=8)
     assert evaluate.score_rows(lm, test_ids, 3, window=5) == pytest.approx(rows_ppl, rel=1e-5)
-    assert evaluate.score_rows(lm, test_ids, 1) == pytest.approx(lm.score_ids(test_ids).ppl)
+    assert evaluate.score_rows(lm, test_ids, 1) == pytest.approx(
+        lm.score_ids(test_ids, cache=False).ppl
+    )
     (paths.metrics_dir / "train.json").write_text(
         json.dumps({**train_metrics, "test_ppl": round(rows_ppl, 4)})
     )
+    # With the cache in the model: the gate and headline/test_ppl stay the network's, and
+    # headline/cache_test_ppl is what `rnnlm score` gives.
+    set_cache(paths.onnx_model, CacheSettings(window=50, theta=0.5, lam=0.2))
     rows_metrics = evaluate.run(EVAL_PARAMS, paths, exported.mlflow, eval_batch_size=3)
     # Still the whole stream:
     assert rows_metrics["headline/test_ppl"] == metrics["headline/test_ppl"]
     assert rows_metrics["test/onnx_pytorch_rel_diff"] < 1e-4
+    cached = LanguageModel(paths.onnx_model)
+    assert cached.cache == CacheSettings(window=50, theta=0.5, lam=0.2)
+    assert rows_metrics["headline/cache_test_ppl"] == pytest.approx(
+        cached.score_ids(test_ids).ppl, abs=1e-4
+    )
+    assert rows_metrics["headline/cache_test_ppl"] != rows_metrics["headline/test_ppl"]
 
     # A PyTorch figure 0.2% away fails the stage and leaves its outputs as they were.
     before = {
@@ -152,6 +179,11 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     loose = dataclasses.replace(EVAL_PARAMS, tolerance=0.01, sample_prompts={}, kn_order=2)
     bigram = evaluate.run(loose, paths, exported.mlflow)["headline/kn_test_ppl"]
     assert bigram != metrics["headline/kn_test_ppl"]
+
+
+def set_cache(path: Path, settings: CacheSettings | None) -> None:
+    """Put these cache settings (None: no cache) into the exported model's metadata."""
+    export.attach_metadata(path, {CACHE_KEY: json.dumps(cache_metadata(settings))})
 
 
 def test_check_agreement() -> None:

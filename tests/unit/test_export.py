@@ -8,6 +8,7 @@ SQLite store under tmp_path. `write_model` is reused by test_inference.py and te
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -105,12 +106,41 @@ def test_parity_for_each_cell_at_several_shapes(tmp_path: Path, cell: str) -> No
     export.export_onnx(net, path, "torchscript", 17)
     shapes = ((1, 1), (3, 11), (5, 2), (2, 40))
     errors = export.verify_parity(net, path, atol=1e-4, shapes=shapes, step_shape=(4, 7))
-    state = ["h", "c"] if cell == "lstm" else ["h"]
-    expected = {f"b{b}_t{t}/{n}" for b, t in shapes for n in ["logits", *state]}
-    expected |= {f"step/{n}" for n in ["logits", *state]} | {"max"}
+    checked = ["logits", "hidden", *(["h", "c"] if cell == "lstm" else ["h"])]
+    expected = {f"b{b}_t{t}/{n}" for b, t in shapes for n in checked}
+    expected |= {f"step/{n}" for n in checked} | {"max"}
     assert set(errors) == expected
     assert 0 <= errors["max"] < 1e-5
     assert errors["max"] == max(v for k, v in errors.items() if k != "max")
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_hidden_output_is_the_top_layer_and_the_parity_check_covers_it(
+    tmp_path: Path, cell: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hidden` is the top layer's h at every step (batch, time, hidden_dim), for LSTM too;
+    a graph whose `hidden` alone is wrong fails the parity check."""
+    net = build_net(cell, layers=2)
+    path = write_model(tmp_path / "m.onnx", net)
+    ids = torch.randint(0, len(VOCAB), (3, 6), generator=torch.Generator().manual_seed(0))
+    model = LanguageModel(path)
+    _, hidden, state = model._run_hidden(ids.numpy(), model.initial_state(3))
+    assert hidden.shape == (3, 6, 8) and hidden.dtype == np.float32
+    np.testing.assert_allclose(hidden[:, -1], state[0][-1], atol=1e-6)  # h1 of the top layer
+    zero = net.init_state(3)
+    with torch.no_grad():
+        out, _ = net.rnn(net.embedding(ids), zero if cell == "lstm" else zero[0])
+    np.testing.assert_allclose(hidden, out.numpy(), atol=1e-5)
+
+    real = net.forward_with_hidden
+
+    def shifted(ids: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple:
+        logits, next_state, hidden = real(ids, state)
+        return logits, next_state, hidden + 1e-3
+
+    monkeypatch.setattr(net, "forward_with_hidden", shifted)
+    with pytest.raises(export.ParityError, match=r"0\.001 > export\.atol = 0\.0001 at \w+/hidden"):
+        export.verify_parity(net, path, atol=1e-4)
 
 
 def test_parity_shapes_differ_from_the_export_example() -> None:
@@ -172,6 +202,12 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
     assert model.state_names == ["h", "c"]
     assert model.precision == "fp32"
     assert [i.name for i in model._session.get_inputs()] == ["tokens", "h0", "c0"]
+    outputs = {o.name: o.shape for o in model._session.get_outputs()}
+    assert outputs == {
+        "logits": ["batch", "time", len(VOCAB)], "hidden": ["batch", "time", 8],
+        "h1": [2, "batch", 8], "c1": [2, "batch", 8],
+    }  # fmt: skip
+    assert model.tuned_cache is None and model.cache is None  # until the export stage tunes it
 
 
 def test_metadata_refuses_a_vocabulary_of_another_model() -> None:
@@ -293,7 +329,22 @@ def test_run_end_to_end_logs_and_registers(
     validation = np.load(paths.processed_dir / "validation.npy")
     assert written["onnx/val_ppl"] == pytest.approx(torch_stream_ppl(net, validation), rel=1e-4)
 
+    # The continuous cache tuned on validation: the best grid point, in both models' metadata.
     model = LanguageModel(onnx_path)
+    tuned = model.tuned_cache
+    assert tuned is not None and model.cache == tuned
+    assert LanguageModel(int8_path).tuned_cache == tuned
+    grid = (p.cache_thetas, p.cache_lambdas, p.cache_windows)
+    assert (tuned.theta, tuned.lam, tuned.window) in itertools.product(*grid)
+    assert (written["cache/theta"], written["cache/lambda"], written["cache/window"]) == (
+        tuned.theta, tuned.lam, tuned.window,
+    )  # fmt: skip
+    assert written["cache/val_ppl"] == pytest.approx(model.score_ids(validation).ppl, rel=1e-5)
+    assert written["cache/val_ppl"] < written["onnx/val_ppl"]
+    assert written["cache/val_gain_pct"] == pytest.approx(
+        100 * (1 - written["cache/val_ppl"] / written["onnx/val_ppl"]), abs=1e-3
+    )
+    assert 0 < written["cache/tune_s"] < 60
     assert model.provenance["mlflow_run_id"] == run_id
     assert model.conventions["stream_start"].startswith("a stream starts at a sentence boundary")
     assert model.provenance["params_digest"] == params_digest(
@@ -309,13 +360,16 @@ def test_run_end_to_end_logs_and_registers(
     assert versions[0].run_id == run_id
     run = client.get_run(run_id)
     assert run.data.metrics["parity/max_abs_err"] == pytest.approx(written["parity/max_abs_err"])
+    for key in ("cache/val_ppl", "cache/theta", "cache/lambda", "cache/window"):
+        assert run.data.metrics[key] == pytest.approx(written[key]), key
     artifacts = {a.path for a in client.list_artifacts(run_id, "onnx_int8")}
     assert artifacts == {"onnx_int8/model.int8.onnx"}
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=f"{logged.artifact_location}/model.onnx", dst_path=str(paths.metrics_dir)
     )
     assert LanguageModel(local).vocab == model.vocab  # the logged file is self-contained
-    assert logged.metrics and {m.key for m in logged.metrics} >= {"onnx/val_ppl"}
+    assert logged.metrics and {m.key for m in logged.metrics} >= {"onnx/val_ppl", "cache/val_ppl"}
+    assert logged.params["export.cache_windows"] == str(p.cache_windows)  # the grid searched
     monkeypatch.setenv("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri)  # for models:/ URIs
     info = mlflow.models.get_model_info(record["model_uri"])
     assert [spec.name for spec in info.signature.inputs.inputs] == ["tokens", "h0", "c0"]

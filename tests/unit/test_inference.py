@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +25,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rnnlm import export
 from rnnlm import text as text_module
+from rnnlm.cache import CacheSettings
 from rnnlm.inference import (
+    CACHE_KEY,
     WINDOW,
     LanguageModel,
     ModelLoadError,
     SentenceScore,
+    cache_metadata,
     check_sampling,
     inverse_cdf,
     sample_next,
@@ -49,6 +54,7 @@ from rnnlm.text import (
     normalize_line_ends,
     split_paragraphs,
 )
+from tests.unit.test_cache import direct
 from tests.unit.test_export import (
     VOCAB,
     build_net,
@@ -697,3 +703,155 @@ def test_score_stream_refusals(lstm: tuple[LanguageModel, RNNLM], tmp_path: Path
     (tmp_path / "t.txt").write_text("we will")
     with (tmp_path / "t.txt").open() as text_file, pytest.raises(ValueError, match="binary mode"):
         model.score_stream(text_file)  # type: ignore[arg-type]
+
+
+# The continuous cache (rnnlm.cache) in scoring and next words.
+CACHE = CacheSettings(window=40, theta=0.5, lam=0.3)
+
+
+def with_cache_entry(path: Path, entry: str) -> Path:
+    """The model at `path` with its `rnnlm.cache` metadata set to `entry` (JSON), in place."""
+    export.attach_metadata(path, {CACHE_KEY: entry})
+    return path
+
+
+@pytest.fixture(scope="module")
+def cached(
+    lstm: tuple[LanguageModel, RNNLM], tmp_path_factory: pytest.TempPathFactory
+) -> LanguageModel:
+    """The `lstm` network as the export stage ships it once tuned: CACHE in its metadata."""
+    path = tmp_path_factory.mktemp("cached") / "model.onnx"
+    shutil.copyfile(lstm[0].path, path)
+    return LanguageModel(with_cache_entry(path, json.dumps(cache_metadata(CACHE))), threads=1)
+
+
+def test_cache_settings_round_trip_through_the_metadata(
+    lstm: tuple[LanguageModel, RNNLM], cached: LanguageModel
+) -> None:
+    plain = lstm[0]
+    assert plain.tuned_cache is None and plain.cache is None and plain.new_cache() is None
+    assert cached.tuned_cache == CACHE and cached.cache == CACHE  # on by default
+    off = LanguageModel(cached.path, cache=False)
+    assert off.tuned_cache == CACHE and off.cache is None and off.new_cache() is None
+    other = CacheSettings(5, 1.0, 0.5)
+    assert LanguageModel(cached.path, cache=other).cache == other
+    assert LanguageModel(plain.path, cache=other).cache == other  # any model with `hidden`
+    assert LanguageModel(cached.path, cache=CacheSettings(5, 1.0, 0.0)).cache is None
+    assert cache_metadata(None) is None and cache_metadata(CacheSettings(5, 1.0, 0.0)) is None
+    with pytest.raises(ValueError, match="cache = 'yes': expected True, False or a CacheSettings"):
+        LanguageModel(cached.path, cache="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cache = None: expected True or False"):
+        cached.token_nlls([2, 3], cache=None)  # type: ignore[arg-type]
+
+
+def test_scoring_with_the_cache_follows_the_formula(
+    lstm: tuple[LanguageModel, RNNLM], cached: LanguageModel
+) -> None:
+    """token_nlls / score_ids mix the network with the cache as the paper's formula says, the
+    same in windows of any size; cache=False gives the network alone."""
+    plain, net = lstm
+    stream = np.random.default_rng(4).integers(0, 6, size=300) + 2  # few words: they repeat
+    logp, hidden = plain.logprobs_and_hidden(stream)
+    with torch.no_grad():
+        inputs = torch.tensor([[EOS_ID, *stream[:-1].tolist()]])
+        _, _, expected_hidden = net.forward_with_hidden(inputs, net.init_state(1))
+    np.testing.assert_allclose(hidden, expected_hidden[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(logp, -plain.token_nlls(stream), rtol=1e-12)
+    expected = -direct(logp, hidden, stream, CACHE)
+    for window in (7, 256, 1000):
+        np.testing.assert_allclose(cached.token_nlls(stream, window), expected, rtol=1e-6)
+    assert cached.score_ids(stream).nll == pytest.approx(expected.sum(), rel=1e-6)
+    assert cached.score_ids(stream, cache=False).nll == pytest.approx(-logp.sum(), rel=1e-12)
+    assert cached.score_ids(stream).nll < -logp.sum()  # repeated words: the cache helps
+
+
+def test_score_and_score_stream_use_the_cache(cached: LanguageModel) -> None:
+    data = (PROSE * 8).encode()
+    text = decode_document(data)
+    whole = cached.score(text)
+    tokens = [t for s in cached.tokenizer.sentences(text) for t in (*s, "<eos>")]
+    assert whole.tokens == len(tokens) > 2 * WINDOW
+    assert whole.nll == pytest.approx(cached.token_nlls(ids_of(cached, tokens)).sum(), rel=1e-6)
+    plain = LanguageModel(cached.path, cache=False).score(text)
+    assert plain.nll == pytest.approx(cached.token_nlls(ids_of(cached, tokens), cache=False).sum())
+    assert whole.nll < plain.nll
+    sentences: list[SentenceScore] = []
+    streamed = cached.score_stream(chunked(data, 7), on_sentence=sentences.append)
+    assert streamed.nll == pytest.approx(whole.nll, rel=1e-9)
+    assert [s.nll for s in sentences] == pytest.approx([s.nll for s in whole.sentences], rel=1e-9)
+
+
+def test_next_words_with_the_cache(
+    lstm: tuple[LanguageModel, RNNLM], cached: LanguageModel
+) -> None:
+    """The mixed distribution after a prompt whose words fill the cache: the network's, mixed
+    with the words that followed the prompt's positions, weighted by their likeness."""
+    plain = lstm[0]
+    prompt = "we will build a strong nation. we will build a strong nation. we will build a strong"
+    mixed = dict(cached.next_words(prompt, k=len(VOCAB)))
+    alone = dict(plain.next_words(prompt, k=len(VOCAB)))
+    assert sum(mixed.values()) == pytest.approx(1.0)
+    ids = ids_of(plain, plain.prompt_tokens(prompt))
+    _, hidden = plain.logprobs_and_hidden([*ids, 0])  # the last position is the query
+    keys, words, query = hidden[:-1][-CACHE.window :], np.array(ids[-CACHE.window :]), hidden[-1]
+    weights = np.exp(CACHE.theta * (keys @ query - (keys @ query).max()))
+    for word, p in mixed.items():
+        p_cache = weights[words == plain.stoi[word]].sum() / weights.sum()
+        assert p == pytest.approx((1 - CACHE.lam) * alone[word] + CACHE.lam * p_cache, rel=1e-5)
+    assert mixed["nation"] > alone["nation"]  # it followed "strong" twice in the prompt
+    assert dict(LanguageModel(cached.path, cache=False).next_words(prompt, k=3)) == {
+        w: pytest.approx(p, rel=1e-6) for w, p in plain.next_words(prompt, k=3)
+    }
+
+
+def without_hidden_output(path: Path) -> Path:
+    """The model as exported before the cache: no `hidden` output, no `hidden` in rnnlm.io."""
+    model = onnx.load(str(path))
+    kept = [o for o in model.graph.output if o.name != "hidden"]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    props = {p.key: p.value for p in model.metadata_props}
+    io_entry = {k: v for k, v in json.loads(props["rnnlm.io"]).items() if k != "hidden"}
+    del props[CACHE_KEY]
+    onnx.helper.set_model_props(model, {**props, "rnnlm.io": json.dumps(io_entry)})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_exported_before_the_cache_scores_without_it(
+    tmp_path: Path, lstm: tuple[LanguageModel, RNNLM]
+) -> None:
+    path = without_hidden_output(write_model(tmp_path / "old.onnx", lstm[1]))
+    old = LanguageModel(path)
+    assert old.tuned_cache is None and old.cache is None
+    assert old.score(TEXT).nll == pytest.approx(lstm[0].score(TEXT).nll, rel=1e-9)
+    assert old.next_words("we", k=2) == lstm[0].next_words("we", k=2)
+    with pytest.raises(ModelLoadError, match="no 'hidden' output, which the continuous cache"):
+        LanguageModel(path, cache=CACHE)
+    with_cache_entry(path, json.dumps(cache_metadata(CACHE)))
+    with pytest.raises(ModelLoadError, match=r"rnnlm\.cache is set but the network has no"):
+        LanguageModel(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('{"window": 0, "theta": 0.3, "lambda": 0.1}', r"window = 0: must be an integer in \[1,"),
+        ('{"window": 500.0, "theta": 0.3, "lambda": 0.1}', "window = 500.0: must be an integer"),
+        ('{"window": 500, "theta": -1, "lambda": 0.1}', r"theta = -1: must be a number in \(0,"),
+        ('{"window": 500, "theta": "0.3", "lambda": 0.1}', "theta = '0.3': must be a number"),
+        ('{"window": 500, "theta": 0.3, "lambda": 1}', r"lambda = 1: must be a number in \[0, 1\)"),
+        ('{"window": 500, "theta": 0.3}', "expected null or an object with exactly the keys"),
+        ('{"window": 5, "theta": 1, "lambda": 0.1, "x": 1}', "exactly the keys lambda, theta"),
+        ("[500, 0.3, 0.1]", r"rnnlm\.cache = \[500, 0\.3, 0\.1\]: expected null or an object"),
+    ],
+)
+def test_bad_cache_metadata_is_refused_in_one_line(
+    tmp_path: Path, lstm: tuple[LanguageModel, RNNLM], entry: str, message: str
+) -> None:
+    path = with_cache_entry(write_model(tmp_path / "m.onnx", lstm[1]), entry)
+    with pytest.raises(ModelLoadError, match=message) as err:
+        LanguageModel(path, cache=False)  # refused even when not used: the file is wrong
+    assert str(err.value).startswith(f"{path}: rnnlm metadata rnnlm.cache")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+    assert LanguageModel(with_cache_entry(path, "null")).tuned_cache is None
