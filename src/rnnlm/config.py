@@ -309,6 +309,12 @@ class ExportParams:
     latency_tokens: int = field(metadata=_range(1, 100000))
     latency_threads: int = field(metadata=_range(1, 256))
     registered_model_name: str | None  # null: log to MLflow without registering
+    # The registered pyfunc model's model_config (rnnlm.serving.ServingConfig): onnxruntime
+    # threads per loaded copy, and what one request may hold; null: no limit.
+    serving_threads: int = field(metadata=_range(1, 256))
+    serving_max_documents: int | None = field(metadata=_range(1))
+    serving_max_chars: int | None = field(metadata=_range(1))
+    serving_max_tokens: int | None = field(metadata=_range(1))
 
 
 @dataclass(frozen=True)
