@@ -744,9 +744,12 @@ def download_model(model_uri: str, dest: Path, ml: MlflowParams) -> Path:
     uri = resolve_tracking_uri(ml)
     check_tracking_uri(uri)
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=model_uri, dst_path=str(dest), tracking_uri=uri, registry_uri=uri
-        )
+        # The fluent URI as well: MLflow 3.17 resolves models:/name/version with the process's
+        # registry URI whatever registry_uri says (else a stray ./mlflow.db is created, empty).
+        with fluent_tracking_uri(uri):
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=str(dest), tracking_uri=uri, registry_uri=uri
+            )
     except Exception as err:
         raise store_error(uri, err, f"downloading model {model_uri}") from err
     return Path(local)
