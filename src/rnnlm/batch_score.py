@@ -104,10 +104,10 @@ class Job:
 def input_format(path: Path, requested: str) -> str:
     """text, parquet or csv: `requested` unless auto, else from the path's suffix (a folder
     of .parquet or .csv parts counts as one), else text."""
-    if requested != "auto":
-        return requested
     if not path.exists():
         raise BatchScoreError(f"{path}: no such file or folder")
+    if requested != "auto":
+        return requested
     suffixes = (
         {p.suffix for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))}
         if path.is_dir()
@@ -127,6 +127,14 @@ def mlflow_params(params: Path) -> MlflowParams:
     return MlflowParams(experiment_name="rnnlm", tracking_uri=None)
 
 
+def unlimited(threads: int) -> serving.ServingConfig:
+    """The served model's config for batch scoring: no request limits (a Spark batch is no
+    HTTP request, and a document may be a book), `threads` onnxruntime threads."""
+    return serving.ServingConfig(
+        threads=threads, max_documents=None, max_chars=None, max_tokens=None
+    )
+
+
 def prepare_model(model: str, folder: Path, params: Path) -> Path:
     """A local pyfunc folder for `model` (written under `folder` unless it is one already)."""
     if _URI.match(model):
@@ -142,10 +150,7 @@ def prepare_model(model: str, folder: Path, params: Path) -> Path:
         LanguageModel(path)  # an unusable file fails here, in rnnlm's words
     except ModelLoadError as err:
         raise BatchScoreError(str(err)) from None
-    unlimited = serving.ServingConfig(
-        threads=1, max_documents=None, max_chars=None, max_tokens=None
-    )
-    with serving.model_files(path, unlimited) as files:
+    with serving.model_files(path, unlimited(threads=1)) as files:
         tracking.save_pyfunc_model(files, folder)
     return folder
 
@@ -214,14 +219,12 @@ def list_documents(folder: Path) -> list[str]:
     return sorted(names)
 
 
-def read_documents(spark: SparkSession, path: Path, kind: str) -> DataFrame:
+def read_documents(spark: SparkSession, path: Path, kind: str, names: list[str]) -> DataFrame:
     """The input as Spark rows: the key columns, and `text` (a table) or nothing more (a text
-    folder: the workers read each file by its `path`)."""
+    folder, its files `names`: the workers read each file by its `path`)."""
     from pyspark.sql.types import LongType, StringType, StructField, StructType
 
     if kind == "text":
-        # Listed here, not with Spark's binaryFile source, which drops empty files unseen.
-        names = list_documents(path)
         return spark.createDataFrame([(name,) for name in names], f"{PATH_COLUMN} string")
     if kind == "parquet":
         frame = spark.read.parquet(spark_path(path))
@@ -285,24 +288,20 @@ def scorer(
     return score
 
 
-def score(spark: SparkSession, job: Job, model_dir: Path) -> DataFrame:
-    """The scored documents: key columns, then RESULT_FIELDS, sorted by the key."""
+def score(spark: SparkSession, job: Job, kind: str, names: list[str], model_dir: Path) -> DataFrame:
+    """The scored documents (of a text folder: its files `names`): key columns, then
+    RESULT_FIELDS, sorted by the key."""
     from pyspark.sql.types import StructType
 
-    kind = input_format(job.input, job.format)
-    documents = read_documents(spark, job.input, kind)
+    documents = read_documents(spark, job.input, kind, names)
     key = PATH_COLUMN if kind == "text" else ROW_COLUMN
     keys = [f for f in documents.schema.fields if f.name != serving.TEXT_COLUMN]
     schema = StructType(keys)
     for name, dtype in RESULT_FIELDS:
         schema = schema.add(name, dtype, True)
     spark.sparkContext.addFile(str(model_dir), recursive=True)
-    config = {
-        "threads": int(spark.conf.get("spark.task.cpus", "1") or 1),
-        "max_documents": None,
-        "max_chars": None,
-        "max_tokens": None,
-    }
+    threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
+    config = unlimited(threads).to_dict()  # overrides what a registered model was saved with
     partitions = job.partitions or spark.sparkContext.defaultParallelism
     folder = str(job.input.resolve()) if kind == "text" else None
     scored = documents.repartition(partitions).mapInPandas(
@@ -331,12 +330,15 @@ def spark_path(path: Path) -> str:
 def run(job: Job) -> dict[str, Any]:
     """Prepare the model, score every document on Spark, write the output atomically; return
     the counts and throughput that were logged."""
-    kind = input_format(job.input, job.format)  # a missing input fails before Spark starts
+    # A missing input, or a folder without files, fails before Spark starts. A text folder is
+    # listed here, not by Spark's binaryFile source, which drops empty files unseen.
+    kind = input_format(job.input, job.format)
+    names = list_documents(job.input) if kind == "text" else []
     with scratch_dir(job.output) as scratch:
         model_dir = prepare_model(job.model, scratch / "model", job.params)
         spark = start_spark(job.master)
         started = time.perf_counter()
-        scored = score(spark, job, model_dir)
+        scored = score(spark, job, kind, names, model_dir)
         with atomic_path(job.output) as tmp:
             scored.write.parquet(str(tmp))
         seconds = time.perf_counter() - started

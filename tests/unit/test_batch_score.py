@@ -54,8 +54,9 @@ def test_the_input_kind_comes_from_the_path(tmp_path: Path) -> None:
     assert batch_score.input_format(texts, "auto") == "text"
     assert batch_score.input_format(tmp_path / "docs.csv", "auto") == "csv"
     assert batch_score.input_format(texts, "csv") == "csv"
-    with pytest.raises(BatchScoreError, match=r"missing: no such file or folder"):
-        batch_score.input_format(tmp_path / "missing", "auto")
+    for requested in ("auto", "parquet"):
+        with pytest.raises(BatchScoreError, match=r"missing: no such file or folder"):
+            batch_score.input_format(tmp_path / "missing", requested)
 
 
 def test_a_text_folder_lists_every_file_empty_ones_included(tmp_path: Path) -> None:
@@ -181,7 +182,7 @@ def test_a_failed_job_leaves_the_previous_output(
     (tmp_path / "docs" / "a.txt").write_text("Some text.")
     spark: Any = SimpleNamespace()
     monkeypatch.setattr(batch_score, "start_spark", lambda master: spark)
-    monkeypatch.setattr(batch_score, "score", lambda spark, job, model_dir: _FailingWrite())
+    monkeypatch.setattr(batch_score, "score", lambda *args: _FailingWrite())
     job = Job(tmp_path / "docs", output, str(model), "auto", None, None, Path("params.yaml"))
     with pytest.raises(RuntimeError, match="Job aborted"):
         batch_score.run(job)
