@@ -8,7 +8,7 @@ STAMP := $(VENV)/.rnnlm-installed
 # dvc.yaml's commands say `python -m rnnlm...`: the venv's python must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast e2e lint format clean-venv mlflow-ui mlflow-server exps
+.PHONY: install repro test test-fast e2e lint format clean-venv mlflow-ui mlflow-server exps serve
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "==> [2/3] pip"
 	$(BIN)/python -m pip install --progress-bar on --upgrade pip
 	@echo "==> [3/3] rnnlm and its dependencies, pinned by constraints.txt (first time: minutes)"
-	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e '.[dev,spark]'
 	@touch $@
 	@echo "==> installed; next time this step is skipped until pyproject.toml or constraints.txt change"
 
@@ -72,6 +72,24 @@ mlflow-server: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/server.db \
 		--artifacts-destination ./mlruns/server-artifacts --serve-artifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# The registered model behind MLflow's scoring server on 127.0.0.1 (README: Serving): the latest
+# version of export.registered_model_name from the pipeline's tracking store (MLFLOW_TRACKING_URI,
+# else mlruns/), in this venv (--env-manager local). Another version or port:
+#   make serve SERVE_MODEL=models:/rnnlm@champion SERVE_PORT=5051
+SERVE_PORT ?= 5050
+SERVE_MODEL ?=
+serve: install
+	@set -e; \
+	params='from rnnlm import tracking; from rnnlm.config import load_params; p = load_params()'; \
+	uri=$$($(BIN)/python -c "$$params; print(tracking.resolve_tracking_uri(p.mlflow))"); \
+	model='$(SERVE_MODEL)'; \
+	if [ -z "$$model" ]; then \
+		model=models:/$$($(BIN)/python -c "$$params; print(p.export.registered_model_name)")/latest; \
+	fi; \
+	echo "==> $$model from $$uri on http://127.0.0.1:$(SERVE_PORT)/invocations"; \
+	MLFLOW_TRACKING_URI="$$uri" exec $(BIN)/mlflow models serve -m "$$model" --env-manager local \
+		--host 127.0.0.1 --port $(SERVE_PORT)
 
 # Experiments side by side in a terminal: the params that differ and the headline metrics.
 # `dvc exp show` alone lists every param, metric and dependency hash (over 140 columns).

@@ -11,6 +11,8 @@
   (`SHORT_BODY`), a connection reset (`RESET`) or a stall (`STALL`).
 - `mlflow_server` runs a real `mlflow server` (this venv's, `make mlflow-server`'s flags) on a
   free loopback port with its SQLite store and proxied artifacts in a folder; stops it on exit.
+- `write_import_blocker` makes torch (and Lightning) look uninstalled in the processes started
+  with it on PYTHONPATH and logs them (`blocker_log`): the torch-free paths are tested that way.
 
 Import with `from tests.fixtures import ...`; conftest.py turns the common cases into fixtures.
 """
@@ -493,6 +495,74 @@ def mlflow_server(
         yield server
     finally:
         server.stop()
+
+
+# What the torch-free paths must never import.
+HEAVY_MODULES = ("torch", "lightning", "pytorch_lightning")
+_BLOCKER = """\
+# Written by tests.fixtures.write_import_blocker: {blocked} look uninstalled in this process.
+import os
+import sys
+
+_LOG = {log!r}
+_BLOCKED = {blocked!r}
+
+
+def _note(kind, text):
+    with open(os.path.join(_LOG, f"{{kind}}.{{os.getpid()}}"), "a", encoding="utf-8") as log:
+        log.write(text + "\\n")
+
+
+with open("/proc/self/cmdline", "rb") as _cmdline:
+    _note("process", _cmdline.read().replace(b"\\0", b" ").decode("utf-8", "replace"))
+
+
+class _Hiding:
+    \"\"\"A finder of sys.meta_path that does not find the blocked packages.\"\"\"
+
+    def __init__(self, finder):
+        self._finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in _BLOCKED:
+            _note("hidden", name)
+            return None
+        return self._finder.find_spec(name, path, target)
+
+    def __getattr__(self, attribute):
+        return getattr(self._finder, attribute)
+
+
+# Every finder hides them, so `import torch` fails as if it were not installed and
+# importlib.util.find_spec("torch") (pyspark probes it) says None, as it would then.
+sys.meta_path[:] = [_Hiding(finder) for finder in sys.meta_path]
+"""
+
+
+def write_import_blocker(folder: Path, log_dir: Path) -> Path:
+    """A sitecustomize.py in `folder` (put `folder` first on PYTHONPATH) under which torch,
+    lightning and pytorch_lightning look uninstalled in every Python process started with it,
+    forks included: importing them fails, probing finds nothing. Each such process leaves
+    `log_dir/process.<pid>` (its command line) and `log_dir/hidden.<pid>` (the lookups it
+    answered with nothing). Returns `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    code = _BLOCKER.format(log=str(log_dir), blocked=HEAVY_MODULES)
+    (folder / "sitecustomize.py").write_text(code, encoding="utf-8")
+    return folder
+
+
+def blocker_log(log_dir: Path) -> tuple[list[str], list[str]]:
+    """(command lines of the processes the blocker ran in, the lookups it hid)."""
+
+    def lines(kind: str) -> list[str]:
+        return [
+            line
+            for path in sorted(log_dir.glob(f"{kind}.*"))
+            for line in path.read_text(encoding="utf-8").splitlines()
+        ]
+
+    return lines("process"), lines("hidden")
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

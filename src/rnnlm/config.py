@@ -325,6 +325,12 @@ class ExportParams:
     cache_thetas: list[float] = field(metadata=_range(0.0, 1000.0, lo_open=True))
     cache_lambdas: list[float] = field(metadata=_range(0.0, 0.99, lo_open=True))
     cache_windows: list[int] = field(metadata=_range(1, 100_000))
+    # The registered pyfunc model's model_config (rnnlm.serving.ServingConfig): onnxruntime
+    # threads per loaded copy, and what one request may hold; null: no limit.
+    serving_threads: int = field(metadata=_range(1, 256))
+    serving_max_documents: int | None = field(metadata=_range(1))
+    serving_max_chars: int | None = field(metadata=_range(1))
+    serving_max_tokens: int | None = field(metadata=_range(1))
 
 
 @dataclass(frozen=True)

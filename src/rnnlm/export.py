@@ -6,7 +6,9 @@
       -> metrics/export.json      parity error, sizes, per-token latency, validation perplexity,
                                   the continuous cache tuned on validation
       -> metrics/export_model.json  the logged model's id and URI, its registered version
-      -> MLflow                   ONNX flavor logged to the training run, registered by name
+      -> MLflow                   a pyfunc model (rnnlm.serving: text in, results out, the
+                                  .onnx file inside) logged to the training run, registered
+                                  by name
 
 The network is rebuilt from the checkpoint (loaded with weights_only=True) and exported with the
 exporter `export.exporter` names. With torch 2.13 only the TorchScript exporter keeps the time
@@ -56,7 +58,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from rnnlm import tracking
+from rnnlm import serving, tracking
 from rnnlm.cache import CacheTuning, tune_cache
 from rnnlm.config import (
     ExportParams,
@@ -99,7 +101,7 @@ from rnnlm.text import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-MLFLOW_MODEL_NAME = "onnx"  # the logged model's name in the run
+MLFLOW_MODEL_NAME = "pyfunc"  # the logged model's name in the run (rnnlm.serving's model)
 
 # (batch, time) of the example the exporter traces. The parity check runs at shapes that differ
 # from it in both dimensions, so an axis the exporter fixed to the example's size is caught.
@@ -489,26 +491,6 @@ def cache_metrics(tuning: CacheTuning, seconds: float) -> dict[str, float]:
     }
 
 
-def signature_specs(config: RNNLMConfig) -> tuple[list[tuple], list[tuple]]:
-    """(name, dtype, shape) of the inputs and outputs, -1 for dynamic dimensions."""
-    state_in, state_out = state_io_names(state_names(config.cell))
-    state_shape = (config.num_layers, -1, config.hidden_dim)
-    inputs = [(TOKENS_INPUT, "int64", (-1, -1))] + [(n, "float32", state_shape) for n in state_in]
-    outputs = [
-        (LOGITS_OUTPUT, "float32", (-1, -1, config.vocab_size)),
-        (HIDDEN_OUTPUT, "float32", (-1, -1, config.hidden_dim)),
-    ] + [(n, "float32", state_shape) for n in state_out]
-    return inputs, outputs
-
-
-def input_example(config: RNNLMConfig, length: int = 4) -> dict[str, np.ndarray]:
-    """A small feed for MLflow: one stream starting at a sentence start, zero state."""
-    state_in, _ = state_io_names(state_names(config.cell))
-    tokens = (np.arange(length, dtype=np.int64) + 1) % config.vocab_size
-    zeros = np.zeros((config.num_layers, 1, config.hidden_dim), dtype=np.float32)
-    return {TOKENS_INPUT: tokens[None, :], **{name: zeros for name in state_in}}
-
-
 def write_onnx_models(
     net: RNNLM,
     folder: Path,
@@ -543,6 +525,16 @@ def write_onnx_models(
     return fp32, int8
 
 
+def serving_config(p: ExportParams) -> serving.ServingConfig:
+    """The registered model's model_config, from the `export.serving_*` params."""
+    return serving.ServingConfig(
+        threads=p.serving_threads,
+        max_documents=p.serving_max_documents,
+        max_chars=p.serving_max_chars,
+        max_tokens=p.serving_max_tokens,
+    )
+
+
 def provenance_of(p: ExportParams, run_id: str, digest: str) -> dict[str, Any]:
     """Where the model comes from: MLflow run, code version, params, exporter."""
     git = tracking.git_info(tracking.project_root())
@@ -568,7 +560,6 @@ def run(p: ExportParams, paths: Paths, ml: MlflowParams, digest: str) -> dict[st
         (model_uri, model_id, registered_model, registered_version) of export_model.json.
     """
     net = load_checkpoint(paths.checkpoint)
-    config = net.config
     vocab = read_vocab(paths)
     tokenizer = read_tokenizer(paths)
     validation = read_split(paths, "validation", len(vocab))
@@ -616,18 +607,15 @@ def run(p: ExportParams, paths: Paths, ml: MlflowParams, digest: str) -> dict[st
         metrics["int8/val_ppl_change_pct"] = round(
             100 * (metrics["int8/val_ppl"] / metrics["onnx/val_ppl"] - 1), 4
         )
-        inputs, outputs = signature_specs(config)
-        record = tracking.log_onnx_model(
-            tracked,
-            fp32,
-            name=MLFLOW_MODEL_NAME,
-            registered_model_name=p.registered_model_name,
-            input_example=input_example(config),
-            inputs=inputs,
-            outputs=outputs,
-            params={f"export.{k}": v for k, v in as_flat_dict(p).items()},
-            metrics=metrics,
-        )
+        with serving.model_files(fp32, serving_config(p)) as model:
+            record = tracking.log_pyfunc_model(
+                tracked,
+                model,
+                name=MLFLOW_MODEL_NAME,
+                registered_model_name=p.registered_model_name,
+                params={f"export.{k}": v for k, v in as_flat_dict(p).items()},
+                metrics=metrics,
+            )
         tracked.log_artifact(int8, "onnx_int8")
     with staged_files(paths.metrics_dir) as staged:
         write_json_atomic(staged / paths.export_metrics.name, metrics)

@@ -1,4 +1,8 @@
-"""MLflow in one place: the only module of the pipeline that imports mlflow.
+"""MLflow in one place: the only module of the pipeline that calls mlflow.
+
+Logging (runs, metrics, artifacts), the model registry, and saving or downloading models happen
+here. (rnnlm.serving, the served model's own code, imports mlflow for its interface: the
+PythonModel base class, its exception and the signature types.)
 
 Tracking URI: MLFLOW_TRACKING_URI when set, else `mlflow.tracking_uri` from params.yaml, else a
 SQLite store under the PROJECT's `mlruns/` (`sqlite:///<root>/mlruns/mlflow.db`, artifacts in
@@ -45,8 +49,10 @@ EXPERIMENT_DESCRIPTION = (
     "?workflowType=machine_learning to the URL) to see the runs."
 )
 REGISTERED_MODEL_DESCRIPTION = (
-    "Recurrent language models exported by the rnnlm pipeline as self-contained ONNX files "
-    "(vocabulary and tokenizer in the model's metadata; run them with onnxruntime, no torch). "
+    "Recurrent language models exported by the rnnlm pipeline. Each version is a pyfunc model, "
+    "text in and results out (params task = score, next or generate; mlflow models serve runs "
+    "it, no torch needed), holding the self-contained ONNX file as artifacts/model.onnx "
+    "(vocabulary and tokenizer in its metadata; onnxruntime alone runs it). "
     "Each version carries tags corpus and test_ppl; the alias @champion is the version with "
     "the lowest test perplexity on its corpus, moved by the evaluate stage only when a new "
     "version beats it."
@@ -658,24 +664,22 @@ def fail_pending_models(tracked: TrackedRun) -> list[str]:
     return pending
 
 
-def log_onnx_model(
+def log_pyfunc_model(
     tracked: TrackedRun,
-    model_path: Path,
+    model: Mapping[str, Any],
     *,
     name: str,
     registered_model_name: str | None,
-    input_example: Mapping[str, Any],
-    inputs: Sequence[tuple[str, str, tuple[int, ...]]],
-    outputs: Sequence[tuple[str, str, tuple[int, ...]]],
     params: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
 ) -> dict[str, str | None]:
-    """Log an ONNX file to `tracked`'s run with MLflow's ONNX flavor; register it by name.
+    """Log a pyfunc model to `tracked`'s run; register it by name.
 
-    The model becomes a LoggedModel linked to the run (source run = the training run), with a
-    tensor signature (`inputs`/`outputs`: name, dtype, shape; -1 = dynamic) and an input
-    example. `metrics` go to the run and to the logged model. With `registered_model_name` a
-    new version of that registered model is created from it.
+    `model` holds the keywords of mlflow.pyfunc.log_model that make the model (rnnlm.serving.
+    model_files: its code, artifacts, signature, input example, requirements, model_config).
+    It becomes a LoggedModel linked to the run (source run = the training run). `metrics` go to
+    the run and to the logged model. With `registered_model_name` a new version of that
+    registered model is created from it.
 
     Returns:
         {"model_uri": ..., "model_id": ..., "registered_model": ..., "registered_version": ...}
@@ -683,31 +687,17 @@ def log_onnx_model(
     """
     try:
         import mlflow
-        import mlflow.onnx
-        import numpy as np
-        import onnx
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
-
-        def schema(specs: Sequence[tuple[str, str, tuple[int, ...]]]) -> Schema:
-            return Schema([TensorSpec(np.dtype(t), tuple(shape), n) for n, t, shape in specs])
 
         _client(tracked.uri)  # the retry settings
         # The fluent API (start_run, log_model, register_model) reads a process-wide URI.
-        with fluent_tracking_uri(tracked.uri):
-            model = onnx.load(str(model_path))
-            with mlflow.start_run(run_id=tracked.run_id):
-                info = mlflow.onnx.log_model(
-                    model,
-                    name=name,
-                    signature=ModelSignature(inputs=schema(inputs), outputs=schema(outputs)),
-                    input_example=dict(input_example),
-                    save_as_external_data=False,  # one self-contained .onnx file, as exported
-                    params={k: str(v) for k, v in (params or {}).items()} or None,
-                    onnx_execution_providers=["CPUExecutionProvider"],
-                )
-                if metrics:
-                    mlflow.log_metrics(dict(metrics), model_id=info.model_id)
+        with fluent_tracking_uri(tracked.uri), mlflow.start_run(run_id=tracked.run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                params={k: str(v) for k, v in (params or {}).items()} or None,
+                **model,
+            )
+            if metrics:
+                mlflow.log_metrics(dict(metrics), model_id=info.model_id)
             result = {
                 "model_uri": info.model_uri,
                 "model_id": info.model_id,
@@ -719,11 +709,12 @@ def log_onnx_model(
                 ),
             }
     except Exception as err:  # MLflow raises many types; all mean "could not log"
-        doing = f"logging {model_path.name} to MLflow run {tracked.run_id}"
-        raise store_error(tracked.uri, err, doing) from err
+        raise store_error(
+            tracked.uri, err, f"logging model {name!r} to run {tracked.run_id}"
+        ) from err
     log.info(
-        "logged %s to run %s as %s%s",
-        model_path.name,
+        "logged model %r to run %s as %s%s",
+        name,
         tracked.run_id,
         info.model_uri,
         f", registered {registered_model_name} v{result['registered_version']}"
@@ -731,6 +722,37 @@ def log_onnx_model(
         else "",
     )
     return result
+
+
+def save_pyfunc_model(model: Mapping[str, Any], path: Path) -> None:
+    """Write a pyfunc model into the new folder `path` (the keywords of mlflow.pyfunc.save_model
+    in `model`, as for log_pyfunc_model): a model no store holds, e.g. from a plain .onnx file."""
+    import mlflow
+
+    try:
+        mlflow.pyfunc.save_model(str(path), **model)
+    except Exception as err:  # MLflow raises many types
+        raise TrackingError(f"cannot build a pyfunc model in {path}: {error_cause(err)}") from err
+
+
+def download_model(model_uri: str, dest: Path, ml: MlflowParams) -> Path:
+    """Download the MLflow model at `model_uri` (models:/name/version, models:/name@alias,
+    runs:/..., or a folder) from the store `ml` resolves to, into the empty folder `dest`;
+    returns the local folder of the model."""
+    import mlflow
+
+    uri = resolve_tracking_uri(ml)
+    check_tracking_uri(uri)
+    try:
+        # The fluent URI as well: MLflow 3.17 resolves models:/name/version with the process's
+        # registry URI whatever registry_uri says (else a stray ./mlflow.db is created, empty).
+        with fluent_tracking_uri(uri):
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=str(dest), tracking_uri=uri, registry_uri=uri
+            )
+    except Exception as err:
+        raise store_error(uri, err, f"downloading model {model_uri}") from err
+    return Path(local)
 
 
 def _register(tracked: TrackedRun, model_uri: str, name: str) -> str:

@@ -4,9 +4,9 @@ Starts `mlflow server` as `make mlflow-server` does (SQLite backend, artifacts p
 server, here both in tmp_path), runs `dvc repro` in a copy of the project with
 MLFLOW_TRACKING_URI pointing at it, and reads everything back through the server: the run, its
 params and metrics (per step, per epoch, final, evaluate's), its artifacts (downloaded through
-the server's artifact proxy), the logged ONNX model and the registered version. Nothing may land
-in a local store. Then, with the server stopped, the train stage must fail fast with one clear
-line and leave models/ as it was.
+the server's artifact proxy), the logged pyfunc model (its ONNX file inside) and the registered
+version. Nothing may land in a local store. Then, with the server stopped, the train stage must
+fail fast with one clear line and leave models/ as it was.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def check_run(client: MlflowClient, project: Path, tmp: Path) -> str:
 
 
 def check_model(client: MlflowClient, project: Path, run_id: str, tmp: Path) -> None:
-    """The ONNX model logged from the run, and version 1 of `rnnlm` registered from it."""
+    """The pyfunc model logged from the run (the ONNX file inside it), and version 1 of
+    `rnnlm` registered from it."""
     export = json.loads((project / "metrics" / "export_model.json").read_text(encoding="utf-8"))
     logged = client.get_logged_model(export["model_id"])
     assert logged.source_run_id == run_id
@@ -110,8 +111,8 @@ def check_model(client: MlflowClient, project: Path, run_id: str, tmp: Path) -> 
             registry_uri=uri,
         )
     )
-    assert "onnx" in (folder / "MLmodel").read_text(encoding="utf-8")
-    served = onnx.load(str(folder / "model.onnx"))
+    assert "python_function" in (folder / "MLmodel").read_text(encoding="utf-8")
+    served = onnx.load(str(folder / "artifacts" / "model.onnx"))  # the pyfunc's ONNX file
     shipped = onnx.load(str(project / "models" / "model.onnx"))
     assert served.SerializeToString() == shipped.SerializeToString()
 

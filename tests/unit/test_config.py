@@ -20,6 +20,7 @@ from typing import Any, Literal
 import pytest
 import yaml
 
+from rnnlm import serving
 from rnnlm.config import (
     SPLITS,
     CellOverrides,
@@ -686,6 +687,11 @@ def _imported_modules(module: str, src: Path = ROOT / "src" / "rnnlm") -> set[st
     return found
 
 
+# Modules a stage does not import but ships: the export stage logs the registered model with
+# the file MLflow executes to build it (rnnlm.serving.MODEL_CODE), so editing it reruns export.
+SHIPPED_NOT_IMPORTED = {"export": {serving.MODEL_CODE.stem}}
+
+
 def test_each_stage_depends_on_exactly_the_modules_it_imports() -> None:
     """A module a stage imports but does not list would not rerun it when edited; one it lists
     but does not import reruns it for nothing (evaluate must not rerun for tokenization.py)."""
@@ -694,7 +700,7 @@ def test_each_stage_depends_on_exactly_the_modules_it_imports() -> None:
         module = re.fullmatch(r"PYTHONPATH=src python -m rnnlm\.(\w+)", stage["cmd"])
         assert module, f"{name}: cmd {stage['cmd']!r}"
         listed = {Path(dep).stem for dep in stage["deps"] if dep.startswith("src/rnnlm/")}
-        assert listed == _imported_modules(module[1]), name
+        assert listed == _imported_modules(module[1]) | SHIPPED_NOT_IMPORTED.get(name, set()), name
     assert "tokenization" not in _imported_modules("evaluate")
 
 

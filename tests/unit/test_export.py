@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import torch
 from nltk.tokenize.punkt import PunktParameters
@@ -364,20 +365,32 @@ def test_run_end_to_end_logs_and_registers(
         assert run.data.metrics[key] == pytest.approx(written[key]), key
     artifacts = {a.path for a in client.list_artifacts(run_id, "onnx_int8")}
     assert artifacts == {"onnx_int8/model.int8.onnx"}
+    # The registered version is the pyfunc model, the exported file inside it byte for byte.
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{logged.artifact_location}/model.onnx", dst_path=str(paths.metrics_dir)
+        artifact_uri=f"{logged.artifact_location}/artifacts/model.onnx",
+        dst_path=str(paths.metrics_dir),
     )
-    assert LanguageModel(local).vocab == model.vocab  # the logged file is self-contained
+    assert Path(local).read_bytes() == onnx_path.read_bytes()
     assert logged.metrics and {m.key for m in logged.metrics} >= {"onnx/val_ppl", "cache/val_ppl"}
     assert logged.params["export.cache_windows"] == str(p.cache_windows)  # the grid searched
     monkeypatch.setenv("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri)  # for models:/ URIs
-    info = mlflow.models.get_model_info(record["model_uri"])
-    assert [spec.name for spec in info.signature.inputs.inputs] == ["tokens", "h0", "c0"]
-    assert info.signature.inputs.inputs[0].shape == (-1, -1)
+    info = mlflow.models.get_model_info("models:/tiny-lm/1")
+    assert info.signature.inputs.input_names() == ["text"]
+    assert {spec.name for spec in info.signature.params.params} >= {"task", "k", "max_tokens"}
     assert info.saved_input_example_info is not None
-    example = export.input_example(net.config)
-    predicted = mlflow.pyfunc.load_model(record["model_uri"]).predict(example)
-    assert predicted["logits"].shape == (1, 4, len(model.vocab))
+    assert info.flavors["python_function"]["config"] == {
+        "threads": p.serving_threads,
+        "max_documents": p.serving_max_documents,
+        "max_chars": p.serving_max_chars,
+        "max_tokens": p.serving_max_tokens,
+    }
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/tiny-lm/1")).read_text()
+    assert "onnxruntime==" in requirements and "torch" not in requirements
+    served = mlflow.pyfunc.load_model("models:/tiny-lm/1")
+    texts = ["The nation will build a strong economy.", ""]
+    scored = served.predict(pd.DataFrame({"text": texts}))
+    assert scored["ppl"][0] == model.score(texts[0]).ppl
+    assert scored["error"].tolist() == [None, "nothing to score: the text has no words"]
 
 
 def test_failed_parity_leaves_models_untouched(trained_layout: Params) -> None:
