@@ -32,7 +32,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, NoReturn, TextIO
 
@@ -47,7 +47,6 @@ from rnnlm.inference import (
     ScoreResult,
     SentenceScore,
 )
-from rnnlm.text import READ_BYTES
 
 DEFAULT_MODEL = Path("models/model.onnx")
 
@@ -200,20 +199,6 @@ def open_input(name: str) -> BinaryIO:
         raise CliError(f"{name!r}: not a valid file name") from None
 
 
-def read_chunks(stream: BinaryIO, name: str) -> Iterator[bytes]:
-    """`stream` READ_BYTES at a time; a read error is one line naming the input."""
-    while True:
-        try:
-            chunk = stream.read(READ_BYTES)
-        except IsADirectoryError:
-            raise CliError(f"{name}: is a directory, expected a text file") from None
-        except OSError as err:
-            raise CliError(f"{name}: cannot read ({err.strerror})") from None
-        if not chunk:
-            return
-        yield chunk
-
-
 def _is_terminal(stream: TextIO | None) -> bool:
     try:
         return stream is not None and stream.isatty()
@@ -330,9 +315,7 @@ def run_score(args: argparse.Namespace) -> int:
         if spool is not None:
             stack.callback(spool.close)
         try:
-            result = model.score_stream(
-                read_chunks(stream, args.file), on_sentence, progress, name=args.file
-            )
+            result = model.score_stream(stream, on_sentence, progress, name=args.file)
         except ValueError as err:
             raise CliError(f"{args.file}: {err}") from None
         finally:

@@ -31,9 +31,11 @@ import json
 import logging
 import math
 import numbers
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,7 +45,7 @@ import onnxruntime as ort
 
 from rnnlm.errors import RnnlmError, short_repr
 from rnnlm.streams import EOS, EOS_ID, UNK, UNK_ID, check_token_ids, lm_pairs
-from rnnlm.text import READ_BYTES, TextTokenizer, detokenize
+from rnnlm.text import TextTokenizer, detokenize, read_chunks
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,10 @@ WINDOW = 256
 MAX_TOKENS = 1_000_000
 MAX_SAMPLES = 1_000
 MAX_THREADS = 1_024
+# Intra-op threads of generation (and `next`, and `token_nlls`) unless `threads` is given: one
+# token per call is a matrix-vector product bound by memory bandwidth, with an op-by-op fork and
+# join of the thread pool that costs more than a second core gains (bench/inference.py).
+GENERATE_THREADS = 1
 # A prompt is context for the recurrent state, which keeps only the recent past: a longer one
 # is almost surely a whole file passed by mistake, and NLTK's tokenizers take up to ~70 us a
 # character on short-sentence text (a 100k-character prompt: seconds, not minutes).
@@ -296,6 +302,11 @@ def inverse_cdf(p: np.ndarray, u: np.ndarray) -> np.ndarray:
     return np.array([_draw_row(row, u_row) for row, u_row in zip(p, u.tolist(), strict=True)])
 
 
+# The nucleus (top-p) is looked for among the best _NUCLEUS_FIRST tokens, then 8 times as many,
+# and so on: a partial selection (argpartition) instead of a sort of the whole vocabulary.
+_NUCLEUS_FIRST = 64
+
+
 def sample_next(
     logits: np.ndarray,
     rng: np.random.Generator,
@@ -347,19 +358,6 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_norm - x[np.arange(len(targets)), targets]
 
 
-def _nll_in_place(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """`token_nll` for float32 logits (n, vocab), which it overwrites; float64 out.
-
-    The exponentials and their sum stay float32 (numpy's SIMD exp, no float64 copy of the
-    logits); the result differs from `token_nll`'s by a relative ~1e-7 at most.
-    """
-    top = logits.max(axis=-1)
-    target_gap = top.astype(np.float64) - logits[np.arange(len(targets)), targets]
-    logits -= top[:, None]  # <= 0: exp cannot overflow
-    np.exp(logits, out=logits)
-    return np.log(logits.sum(axis=-1).astype(np.float64)) + target_gap
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities along the last axis, float64, computed stably."""
     x = logits.astype(np.float64)
@@ -369,19 +367,40 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return x
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Options for small recurrent models: all graph optimisations, sequential execution."""
+def default_threads() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int | None) -> None:
+    """Raise ValueError unless `threads` is None or a whole number in [1, MAX_THREADS]."""
+    if threads is not None and (not _is_int(threads) or not 1 <= threads <= MAX_THREADS):
+        raise ValueError(
+            f"threads = {short_repr(threads)}: must be an integer in [1, {MAX_THREADS}] "
+            "(None: the default)"
+        )
+
+
+def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+    """Options for small recurrent models: all graph optimisations, sequential execution.
+
+    `threads`: intra-op threads (None: onnxruntime's default, one per physical core).
+    `spinning=False` lets idle pool threads sleep at once instead of spinning for new work:
+    right for sessions that share the cores with other busy threads (the scoring pipeline),
+    wrong for a loop of tiny calls (one generated token), where waking them costs more.
+    """
+    check_threads(threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1  # one chain of ops: inter-op parallelism cannot help
     if threads is not None:
-        if not _is_int(threads) or not 1 <= threads <= MAX_THREADS:
-            raise ValueError(
-                f"threads = {short_repr(threads)}: must be an integer in [1, {MAX_THREADS}] "
-                "(None: onnxruntime decides)"
-            )
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only
     return options
 
@@ -457,22 +476,142 @@ def _check_dims(path: Path, config: Mapping[str, Any]) -> None:
             )
 
 
+# Windows handed to the scoring pipeline and not yet consumed: one in the head, one in the
+# recurrent part, one queued. Bounds memory (a window's activations each) and keeps both
+# stages busy while the caller's thread tokenizes the next window.
+_IN_FLIGHT = 3
+
+
+def _split_threads(threads: int) -> tuple[int, int]:
+    """Intra-op threads of the recurrent part and of the head for `threads` cores in all.
+
+    The recurrence is one chain of small products (a step's matrix-vector product cannot be
+    shared profitably between cores): one thread. The head (the output projection, a real
+    GEMM over a window, and the log-softmax) takes the other cores; the tokenizer runs beside
+    both on the caller's thread.
+    """
+    return 1, max(1, threads - 1)
+
+
+class _ScoringSessions:
+    """A model cut for scoring (`rnnlm.graphs.split_for_scoring`), one session per part.
+
+    `recur` runs the recurrent part on a window and returns what the head needs, the next
+    state and any extra outputs; `logprob` runs the head: log p(target) per position,
+    float32, without the logits ever reaching Python.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        tokens: str,
+        state_in: Sequence[str],
+        logits: str,
+        state_out: Sequence[str],
+        threads: int,
+        extra_outputs: Sequence[str] = (),
+    ) -> None:
+        # Imported here: onnx adds ~0.3 s to the start of `generate` and `next`, which do
+        # not need it.
+        import onnx
+
+        from rnnlm import graphs
+
+        try:
+            parts = graphs.split_for_scoring(onnx.load(str(path)), logits, state_out, extra_outputs)
+        except graphs.GraphSplitError as err:
+            raise ModelLoadError(f"{path}: cannot be scored as a stream: {err}") from None
+        recurrent_threads, head_threads = _split_threads(threads)
+        # With several threads the two parts share the cores with each other and with the
+        # tokenizer: idle pool threads must yield their core at once.
+        spinning = threads == 1
+        self.recurrent = ort.InferenceSession(
+            parts.recurrent,
+            session_options(recurrent_threads, spinning),
+            providers=["CPUExecutionProvider"],
+        )
+        self.head = ort.InferenceSession(
+            parts.head, session_options(head_threads, spinning), providers=["CPUExecutionProvider"]
+        )
+        self._tokens = tokens
+        self._state_in = list(state_in)
+        self._cut = parts.cut
+        self._state_out = list(state_out)
+        self._extras = list(extra_outputs)
+        self._outputs = [o.name for o in self.recurrent.get_outputs()]
+        self._targets, self._logprob = graphs.TARGETS_INPUT, graphs.LOGPROB_OUTPUT
+
+    def recur(
+        self, inputs: np.ndarray, state: State
+    ) -> tuple[dict[str, np.ndarray], State, dict[str, np.ndarray]]:
+        """inputs (batch, time) int64 from `state` -> (the head's inputs, next state, extras)."""
+        feeds = {self._tokens: inputs, **dict(zip(self._state_in, state, strict=True))}
+        values = dict(zip(self._outputs, self.recurrent.run(self._outputs, feeds), strict=True))
+        values.update((name, feeds[name]) for name in self._cut if name in feeds)
+        return (
+            {name: values[name] for name in self._cut},
+            tuple(values[name] for name in self._state_out),
+            {name: values[name] for name in self._extras},
+        )
+
+    def logprob(self, handover: dict[str, np.ndarray], targets: np.ndarray) -> np.ndarray:
+        """log p(targets) (batch, time) float32, from what `recur` handed over."""
+        feeds = {**handover, self._targets: targets[..., None]}
+        return self.head.run([self._logprob], feeds)[0][..., 0]
+
+
+class _Inline:
+    """The executor of a pipeline stage run on the caller's thread (one thread in all)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # handed to whoever asks for the result, as a pool does
+            future.set_exception(err)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ScoredWindow:
+    """One window of a scored stream: its targets, their log-probabilities (float32, in stream
+    order) and the extra graph outputs asked for (each (1, time, ...))."""
+
+    targets: np.ndarray
+    logprob: np.ndarray
+    extras: dict[str, np.ndarray]
+
+
 class _StreamScorer:
     """NLL of a token stream that arrives sentence by sentence, in bounded memory.
 
-    Tokens are fed to the network in windows of exactly WINDOW (the last one shorter), the
-    state carried from window to window, so the windows are those of `token_nlls` on the whole
-    stream. Holds fewer than WINDOW unscored tokens and the sentences they belong to.
+    Tokens are fed in windows of exactly WINDOW (the last one shorter), the state carried from
+    window to window: the windows, and so the result, are those of `token_nlls` on the whole
+    stream. With more than one thread a window goes through a pipeline: the recurrent part on
+    one worker thread (which owns the state), the head on another, while the caller's thread
+    tokenizes the next window; results are consumed in stream order (`_consume`, which gets
+    each window's float32 log-probs). Holds fewer than WINDOW unscored tokens, the sentences
+    they belong to and at most _IN_FLIGHT windows in the pipeline. Use it as a context manager
+    (its worker threads end with it).
     """
 
     def __init__(
         self, model: LanguageModel, on_sentence: Callable[[SentenceScore], None] | None
     ) -> None:
         self._model = model
+        self._sessions = model._scoring_sessions()
         self._on_sentence = on_sentence
-        self._state = model.initial_state(1)
+        self._state = model.initial_state(1)  # owned by the recurrent stage
         self._previous = EOS_ID  # the input before the next token: a stream starts after <eos>
         self._ids: list[int] = []  # tokens not scored yet (fewer than WINDOW between calls)
+        self._pending: deque[Future] = deque()
+        pipelined = model.threads > 1
+        self._recurrent = ThreadPoolExecutor(1, "rnnlm-recurrent") if pipelined else _Inline()
+        self._head = ThreadPoolExecutor(1, "rnnlm-head") if pipelined else _Inline()
+        self._in_flight = _IN_FLIGHT if pipelined else 1  # inline: each window is done at once
         # Sentences not fully scored yet, and how many tokens and nats of the first one are.
         self._open: deque[list[str]] = deque()
         self._open_tokens = 0
@@ -480,6 +619,13 @@ class _StreamScorer:
         self.nll = 0.0
         self.tokens = 0
         self.unknown = 0
+
+    def __enter__(self) -> _StreamScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stage in (self._recurrent, self._head):
+            stage.shutdown(wait=True, cancel_futures=True)
 
     def add(self, words: list[str]) -> None:
         """Score one sentence (its words; `<eos>` closes it) as soon as its windows are full."""
@@ -491,36 +637,49 @@ class _StreamScorer:
         if self._on_sentence is not None:
             self._open.append(words)
         while len(self._ids) >= WINDOW:
-            self._window(WINDOW)
+            self._submit(WINDOW)
 
     def finish(self) -> None:
         """Score what is left; ValueError when the stream had no words."""
         if self._ids:
-            self._window(len(self._ids))
+            self._submit(len(self._ids))
+        while self._pending:
+            self._consume(self._pending.popleft().result())
         if not self.tokens:
             raise ValueError("nothing to score: the text has no words")
 
-    def _window(self, size: int) -> None:
+    def _submit(self, size: int) -> None:
         inputs, targets = lm_pairs(np.array(self._ids[:size]), self._previous)
         del self._ids[:size]
-        logits, self._state = self._model._run(inputs[None], self._state)
-        if not logits.flags.writeable:
-            logits = logits.copy()
-        nll = _nll_in_place(logits[0], targets)  # (size,) float64
         self._previous = int(targets[-1])
-        self.nll += float(nll.sum())
-        self.tokens += size
-        if self._on_sentence is not None:
-            self._close_sentences(nll)
+        recurred = self._recurrent.submit(self._recur, inputs[None])
+        self._pending.append(self._head.submit(self._score, recurred, targets))
+        while len(self._pending) >= self._in_flight:
+            self._consume(self._pending.popleft().result())
 
-    def _close_sentences(self, nll: np.ndarray) -> None:
+    def _recur(self, inputs: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        handover, self._state, extras = self._sessions.recur(inputs, self._state)
+        return handover, extras
+
+    def _score(self, recurred: Future, targets: np.ndarray) -> ScoredWindow:
+        handover, extras = recurred.result()
+        return ScoredWindow(targets, self._sessions.logprob(handover, targets[None])[0], extras)
+
+    def _consume(self, window: ScoredWindow) -> None:
+        """Count a scored window (in stream order) and report the sentences it completes."""
+        self.nll -= float(window.logprob.sum(dtype=np.float64))
+        self.tokens += len(window.targets)
+        if self._on_sentence is not None:
+            self._close_sentences(window.logprob)
+
+    def _close_sentences(self, logprob: np.ndarray) -> None:
         """Add the window's NLLs to the open sentences; report those it completes."""
         assert self._on_sentence is not None
         start = 0
-        while start < len(nll):
+        while start < len(logprob):
             words = self._open[0]
-            take = min(len(words) + 1 - self._open_tokens, len(nll) - start)
-            self._open_nll += float(nll[start : start + take].sum())
+            take = min(len(words) + 1 - self._open_tokens, len(logprob) - start)
+            self._open_nll -= float(logprob[start : start + take].sum(dtype=np.float64))
             self._open_tokens += take
             start += take
             if self._open_tokens == len(words) + 1:
@@ -529,46 +688,26 @@ class _StreamScorer:
                 self._open_tokens, self._open_nll = 0, 0.0
 
 
-def _byte_chunks(source: BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
-    """`source` as bytes chunks: a binary file read READ_BYTES at a time, or the chunks given."""
-    read = getattr(source, "read", None)
-    if read is not None:
-        while chunk := read(READ_BYTES):
-            if not isinstance(chunk, bytes | bytearray):
-                raise ValueError(
-                    f"source: a file opened in text mode (read gave {type(chunk).__name__}); "
-                    "open it in binary mode ('rb')"
-                )
-            yield bytes(chunk)
-        return
-    if isinstance(source, str | bytes | bytearray | memoryview):
-        raise ValueError(
-            f"source = {short_repr(source)}: expected a binary file or an iterable of bytes "
-            "chunks (score(text) scores a str)"
-        )
-    for chunk in source:
-        if not isinstance(chunk, bytes | bytearray | memoryview):
-            raise ValueError(
-                f"source: chunk {short_repr(chunk)}: expected bytes, got {type(chunk).__name__}"
-            )
-        yield bytes(chunk)
-
-
 class LanguageModel:
     """An exported rnnlm model on onnxruntime's CPU provider.
 
     Args:
         path: the `.onnx` file written by the export stage.
-        threads: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
+        threads: the cores it may keep busy. None: scoring a stream uses every core this
+            process may run on (`default_threads`), generation GENERATE_THREADS (one token
+            at a time runs faster on one core than split across two).
     """
 
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        check_threads(threads)  # a bad `threads` is the caller's error, not the file's
         self.path = Path(path)
         if not self.path.exists():
             raise ModelLoadError(f"{self.path}: model file not found")
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: not a file")
-        options = session_options(threads)  # a bad `threads` is the caller's error, not the file's
+        self.threads: int = default_threads() if threads is None else threads
+        options = session_options(GENERATE_THREADS if threads is None else threads)
+        self._scoring: _ScoringSessions | None = None  # built on the first scored stream
         try:
             self._session = ort.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]
@@ -633,6 +772,19 @@ class LanguageModel:
         """The zero state for `batch` streams: one (layers, batch, hidden) array per tensor."""
         shape = (self.num_layers, batch, self.hidden_dim)
         return tuple(np.zeros(shape, dtype=np.float32) for _ in self._state_in)
+
+    def _scoring_sessions(self) -> _ScoringSessions:
+        """The model cut for scoring (recurrent part + log-probability head), built once."""
+        if self._scoring is None:
+            self._scoring = _ScoringSessions(
+                self.path,
+                self._tokens_name,
+                self._state_in,
+                self._outputs[0],
+                self._outputs[1:],
+                self.threads,
+            )
+        return self._scoring
 
     def _run(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """One session call, no checks: ids (batch, time) int64 -> logits (batch, time, vocab)."""
@@ -801,10 +953,10 @@ class LanguageModel:
         """Perplexity of a text, tokenized as the training data was (sentences end in <eos>)."""
         check_text("text", text)
         scored: list[SentenceScore] = []
-        scorer = _StreamScorer(self, scored.append)
-        for words in self.tokenizer.sentences(text):
-            scorer.add(words)
-        scorer.finish()
+        with _StreamScorer(self, scored.append) as scorer:
+            for words in self.tokenizer.sentences(text):
+                scorer.add(words)
+            scorer.finish()
         return ScoreResult(scorer.nll, scorer.tokens, scorer.unknown, sentences=scored)
 
     def score_stream(
@@ -824,20 +976,20 @@ class LanguageModel:
         is read. `name` names the input in warnings.
         """
         started = time.perf_counter()
-        scorer = _StreamScorer(self, on_sentence)
         read = 0
+        with _StreamScorer(self, on_sentence) as scorer:
 
-        def counted() -> Iterator[bytes]:
-            nonlocal read
-            for chunk in _byte_chunks(source):
-                read += len(chunk)
-                if progress is not None:
-                    progress(read, scorer.tokens)
-                yield chunk
+            def counted() -> Iterator[bytes]:
+                nonlocal read
+                for chunk in read_chunks(source):
+                    read += len(chunk)
+                    if progress is not None:
+                        progress(read, scorer.tokens)
+                    yield chunk
 
-        for words in self.tokenizer.stream_sentences(counted(), name):
-            scorer.add(words)
-        scorer.finish()
+            for words in self.tokenizer.stream_sentences(counted(), name):
+                scorer.add(words)
+            scorer.finish()
         return ScoreResult(
             scorer.nll,
             scorer.tokens,

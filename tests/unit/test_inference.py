@@ -26,10 +26,12 @@ from hypothesis import strategies as st
 
 from rnnlm import text as text_module
 from rnnlm.inference import (
+    _IN_FLIGHT,
     WINDOW,
     LanguageModel,
     ModelLoadError,
     SentenceScore,
+    _ScoringSessions,
     check_sampling,
     inverse_cdf,
     sample_next,
@@ -46,6 +48,7 @@ from rnnlm.text import (
     cut_long,
     decode_document,
     decode_stream,
+    detokenize,
     normalize_line_ends,
     split_paragraphs,
 )
@@ -125,6 +128,46 @@ def test_score_equals_pytorch_perplexity(lstm: tuple[LanguageModel, RNNLM]) -> N
     assert sum(s.nll for s in result.sentences) == pytest.approx(result.nll)
     assert result.sentences[1].text == "Today congress must keep peace."
     assert result.to_dict(per_sentence=True)["sentences"][0]["tokens"] == 12
+
+
+@pytest.fixture(scope="module")
+def gru_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("gru") / "m.onnx", build_net("gru", hidden=16))
+
+
+# Several windows of lines: empty ones, one-word ones, unknown words, long sentences.
+LINES = [
+    "", "We will build a strong nation.", "peace", "", "  \t ", "Congress!",
+    "Today the president said that our people must keep the peace, and xyzzy will build.",
+    "nation", "We.",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_streamed_scoring_equals_the_per_token_reference(
+    lstm: tuple[LanguageModel, RNNLM], gru_path: Path, cell: str, threads: int
+) -> None:
+    """Every sentence's NLL and the total, streamed (pipelined with 2 threads, float32
+    log-softmax in the head), equal the float64 per-token NLLs of the logits within 1e-5."""
+    model = LanguageModel(lstm[0].path if cell == "lstm" else gru_path, threads=threads)
+    text = "\n".join(LINES * 80)
+    sentences_words = list(model.tokenizer.sentences(text))
+    ids = ids_of(model, [t for s in sentences_words for t in (*s, "<eos>")])
+    assert len(ids) > 10 * WINDOW
+    reference = model.token_nlls(ids)
+    sentences: list[SentenceScore] = []
+    result = model.score_stream(chunked(text.encode(), 100), on_sentence=sentences.append)
+    assert result.tokens == len(ids) and result.nll == pytest.approx(reference.sum(), rel=1e-6)
+    assert [s.words for s in sentences] == [tuple(w) for w in sentences_words]
+    ends = np.cumsum([s.tokens for s in sentences])
+    expected = np.add.reduceat(reference, np.concatenate([[0], ends[:-1]]))
+    np.testing.assert_allclose([s.nll for s in sentences], expected, rtol=1e-5)
+    for one_word in ("peace", "xyzzy", "we"):
+        single = model.score(one_word)
+        assert single.tokens == 2  # the word and <eos>
+        expected_one = model.token_nlls(ids_of(model, [one_word, "<eos>"])).sum()
+        assert single.nll == pytest.approx(expected_one, rel=1e-5)
 
 
 def test_score_ids_windows_carry_the_state(lstm: tuple[LanguageModel, RNNLM]) -> None:
@@ -208,8 +251,6 @@ def test_greedy_generation_follows_pytorch_argmax(lstm: tuple[LanguageModel, RNN
         ids.append(int(torch_logits(net, ids)[-1].argmax()))
     expected = " ".join(model.vocab[i] for i in ids[1:])
     text = model.generate("we will", max_tokens=12, temperature=0, include_prompt=True)[0]
-    from rnnlm.text import detokenize
-
     assert text == detokenize(expected.split(" "))
 
 
@@ -604,15 +645,17 @@ def test_the_paragraph_rules_read_prose_differently(
     assert by_block.tokens == by_line.tokens - 1  # "... keep peace / and our ...": one sentence
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 def test_score_stream_scores_while_it_reads(
-    lstm: tuple[LanguageModel, RNNLM], monkeypatch: pytest.MonkeyPatch
+    lstm: tuple[LanguageModel, RNNLM], monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
     """Each sentence is scored soon after its bytes are read: an implementation that read
-    the whole input first (or tokenized it all first) fails at the first sentence."""
-    model, _ = lstm
+    the whole input first (or tokenized it all first) fails at the first sentence. With two
+    threads the windows go through the pipeline, a few of them in flight at once."""
+    model = LanguageModel(lstm[0].path, threads=threads)
     monkeypatch.setattr(text_module, "SNIFF_BYTES", 4096)
     paragraph = b"We will build a strong nation. Today congress must keep peace. " * 3 + b"\n"
-    data = paragraph * 1000  # 190 kB, 6 sentences a paragraph
+    data = paragraph * 2000  # 380 kB, 6 sentences a paragraph
     read = 0
 
     def source() -> Iterator[bytes]:
@@ -622,13 +665,13 @@ def test_score_stream_scores_while_it_reads(
             yield chunk
 
     windows: list[int] = []
-    run = model._run
+    recur = _ScoringSessions.recur
 
-    def spy(ids: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple:
-        windows.append(ids.shape[1])
-        return run(ids, state)
+    def spy(self: _ScoringSessions, inputs: np.ndarray, state: tuple) -> tuple:
+        windows.append(inputs.shape[1])
+        return recur(self, inputs, state)
 
-    monkeypatch.setattr(model, "_run", spy)
+    monkeypatch.setattr(_ScoringSessions, "recur", spy)
     lags: list[int] = []
 
     def on_sentence(sentence: SentenceScore) -> None:
@@ -636,9 +679,12 @@ def test_score_stream_scores_while_it_reads(
         lags.append(read - ends_by)
 
     result = model.score_stream(source(), on_sentence)
-    assert len(lags) == 6 * 1000 and result.bytes == len(data)
-    # Ahead of the scored sentences: the sniffed head, a chunk, a paragraph, a window's tokens.
-    assert max(lags) < 4096 + 1000 + len(paragraph) + 2 * WINDOW * 5 < len(data) // 20
+    assert len(lags) == 6 * 2000 and result.bytes == len(data)
+    # Ahead of the scored sentences: the sniffed head, a chunk, a paragraph, the windows in
+    # flight and the one being filled (5 bytes a token).
+    in_flight = _IN_FLIGHT if threads > 1 else 1
+    assert max(lags) < 4096 + 1000 + len(paragraph) + (in_flight + 1) * WINDOW * 5
+    assert max(lags) < len(data) // 20
     assert windows == [WINDOW] * (result.tokens // WINDOW) + [result.tokens % WINDOW]
 
 
