@@ -307,6 +307,113 @@ def inverse_cdf(p: np.ndarray, u: np.ndarray) -> np.ndarray:
 _NUCLEUS_FIRST = 64
 
 
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k best logits of each row (rows, vocab), in id order (rows, k).
+
+    A partial selection (np.partition), not a sort: the k-th best value, every id above it,
+    then the lowest ids among those equal to it (ties go to the more frequent words, and the
+    result does not depend on how numpy orders a partition).
+    """
+    vocab = logits.shape[-1]
+    kth = np.partition(logits, vocab - k, axis=-1)[:, vocab - k]
+    out = np.empty((len(logits), k), dtype=np.int64)
+    for row, value, ids in zip(logits, kth, out, strict=True):
+        above = np.flatnonzero(row > value)
+        ties = np.flatnonzero(row == value)[: k - len(above)]
+        ids[:] = np.sort(np.concatenate([above, ties]))
+    return out
+
+
+def _keep_nucleus(p: np.ndarray, top_p: float) -> None:
+    """Zero the entries of `p` (1-D, >= 0, its best entry 1) outside its nucleus, in place.
+
+    The nucleus is what a stable sort of the whole row would keep: the best tokens (ties in
+    index order) whose better ones do not yet reach `top_p` of the total mass. It is found
+    among the best m tokens (m = 64, 512, ...) and accepted once the mass before the last
+    candidates' tie group reaches the limit: no token outside can then be kept.
+    """
+    n = len(p)
+    limit = top_p * p.sum(dtype=np.float64)
+    m = min(n, _NUCLEUS_FIRST)
+    while True:
+        top = np.argpartition(p, n - m)[n - m :] if m < n else np.arange(n)
+        top = top[np.lexsort((top, -p[top]))]  # best first, ties by index
+        ranked = p[top]
+        mass_before = np.cumsum(ranked, dtype=np.float64) - ranked
+        last_ties = int(np.searchsorted(-ranked, -ranked[-1]))  # first of the smallest's ties
+        if m == n or mass_before[last_ties] >= limit:
+            break
+        m = min(n, 8 * m)
+    kept = top[mass_before < limit]  # the best token always: its mass before is 0
+    values = p[kept]
+    p.fill(0.0)
+    p[kept] = values
+
+
+class Sampler:
+    """Draws one token id per row of logits (rows, vocab): greedy, temperature, top-k, nucleus.
+
+    temperature 0 is argmax. Probabilities are exp((logit - max) / temperature): shifted in log
+    space, so the row's best token gets exactly 1 and every other one a value in [0, 1] and no
+    temperature (5e-324 or 1e300) can produce NaN (a quotient that overflows is -inf, whose exp
+    is 0). They are in the logits' precision at temperature 1 (float32: relative error 1e-7,
+    irrelevant to sampling; the fast path of plain sampling) and float64 otherwise; the
+    cumulative sums that pick the token are float64 (`inverse_cdf`). top_k > 0 keeps the k best
+    tokens (`_top_k`: ties go to the lower id), top_p < 1 the smallest set of best tokens whose
+    probability reaches top_p (after top_k; found without sorting the vocabulary,
+    `_keep_nucleus`). Both give the draws a full sort of the row would give.
+
+    The work arrays are kept from one call to the next, so `generate` allocates no
+    vocabulary-sized array per step for plain sampling (top-k and top-p allocate the index
+    arrays of a partial selection). The same `rng` draws give the same tokens as one
+    `sample_next` call per step.
+    """
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> None:
+        self.rng = rng
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self._shifted: np.ndarray | None = None  # logits - max, in the logits' dtype
+        self._scaled: np.ndarray | None = None  # / temperature, float64
+
+    def _buffers(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        if self._shifted is None or self._shifted.shape != shape or self._shifted.dtype != dtype:
+            self._shifted = np.empty(shape, dtype)
+            self._scaled = self._shifted if self.temperature == 1 else np.empty(shape, np.float64)
+        assert self._scaled is not None
+        return self._shifted, self._scaled
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if self.temperature == 0:
+            return logits.argmax(axis=-1)
+        vocab = logits.shape[-1]
+        candidates = None
+        if 0 < self.top_k < vocab:
+            candidates = _top_k(logits, self.top_k)
+            logits = np.take_along_axis(logits, candidates, axis=-1)  # (rows, top_k)
+        x, p = self._buffers(logits.shape, logits.dtype)
+        # <= 0, and exactly 0 for the best token
+        np.subtract(logits, logits.max(axis=-1, keepdims=True), out=x)
+        if p is not x:
+            with np.errstate(over="ignore"):  # -inf for a tiny temperature: exp gives 0
+                np.divide(x, np.float64(self.temperature), out=p)  # 1e-300 stays non-zero
+        np.exp(p, out=p)  # in [0, 1]: nothing overflows, no NaN
+        if self.top_p < 1.0:
+            for row in p:
+                _keep_nucleus(row, self.top_p)
+        choice = inverse_cdf(p, self.rng.random((p.shape[0],)))
+        if candidates is not None:
+            choice = np.take_along_axis(candidates, choice[:, None], axis=-1)[:, 0]
+        return choice
+
+
 def sample_next(
     logits: np.ndarray,
     rng: np.random.Generator,
@@ -314,40 +421,8 @@ def sample_next(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> np.ndarray:
-    """One token id per row of `logits` (rows, vocab): greedy, temperature, top-k, nucleus.
-
-    temperature 0 is argmax. Probabilities are exp((logit - max) / temperature): shifted in log
-    space, so the row's best token gets exactly 1 and every other one a value in [0, 1] and no
-    temperature (5e-324 or 1e300) can produce NaN (a quotient that overflows is -inf, whose exp
-    is 0). They are float32 at temperature 1 (relative error 1e-7, irrelevant to sampling; the
-    fast path of plain sampling) and float64 otherwise; the cumulative sums that pick the token
-    are float64 (`inverse_cdf`). top_k > 0 keeps the k best tokens, top_p < 1 the smallest set
-    of best tokens whose probability reaches top_p (applied after top_k).
-    """
-    if temperature == 0:
-        return logits.argmax(axis=-1)
-    vocab = logits.shape[-1]
-    candidates = None
-    if 0 < top_k < vocab:
-        candidates = np.argpartition(logits, vocab - top_k, axis=-1)[:, vocab - top_k :]
-        logits = np.take_along_axis(logits, candidates, axis=-1)  # (rows, top_k)
-    x = logits - logits.max(axis=-1, keepdims=True)  # <= 0, and exactly 0 for the best token
-    if temperature != 1:
-        with np.errstate(over="ignore"):  # -inf for a tiny temperature: exp gives 0, as it should
-            x = x / np.float64(temperature)  # float64: a temperature of 1e-300 stays non-zero
-    p = np.exp(x, out=x)  # in [0, 1]: nothing overflows, no NaN
-    if top_p < 1.0:
-        order = np.argsort(-p, axis=-1, kind="stable")
-        ranked = np.take_along_axis(p, order, axis=-1)
-        mass_before = np.cumsum(ranked, axis=-1, dtype=np.float64) - ranked
-        # Drop a token when the better ones already reach top_p; the best one always stays.
-        total = ranked.sum(axis=-1, keepdims=True, dtype=np.float64)
-        ranked[mass_before >= top_p * total] = 0.0
-        np.put_along_axis(p, order, ranked, axis=-1)
-    choice = inverse_cdf(p, rng.random(p.shape[0]))
-    if candidates is not None:
-        choice = np.take_along_axis(candidates, choice[:, None], axis=-1)[:, 0]
-    return choice
+    """One token id per row of `logits` (rows, vocab): one draw of a `Sampler` (which says how)."""
+    return Sampler(rng, temperature, top_k, top_p)(logits)
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -688,6 +763,49 @@ class _StreamScorer:
                 self._open_tokens, self._open_nll = 0, 0.0
 
 
+class _Stepper:
+    """One token per call for a batch of streams, through buffers bound to the session once
+    (onnxruntime I/O binding): every step reads the same token array and writes its logits
+    and the next state into the same arrays (two state buffers, used in turn), so a step
+    allocates nothing. `step` returns a view that the next step overwrites."""
+
+    def __init__(self, model: LanguageModel, state: State) -> None:
+        session = model._session
+        rows = state[0].shape[1]
+        self._session = session
+        self._tokens = np.empty((rows, 1), dtype=np.int64)
+        self._logits = np.empty((rows, 1, model.vocab_size), dtype=np.float32)
+        states = (
+            tuple(np.array(s, dtype=np.float32, order="C") for s in state),
+            tuple(np.empty(s.shape, dtype=np.float32) for s in state),
+        )
+        state_out = model._outputs[1:]
+        self._values: list[ort.OrtValue] = []  # kept alive as long as the bindings use them
+        self._bindings = []
+        for reads, writes in ((states[0], states[1]), (states[1], states[0])):
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(model._tokens_name, self._value(self._tokens))
+            for name, array in zip(model._state_in, reads, strict=True):
+                binding.bind_ortvalue_input(name, self._value(array))
+            binding.bind_ortvalue_output(model._outputs[0], self._value(self._logits))
+            for name, array in zip(state_out, writes, strict=True):
+                binding.bind_ortvalue_output(name, self._value(array))
+            self._bindings.append(binding)
+        self._turn = 0
+
+    def _value(self, array: np.ndarray) -> ort.OrtValue:
+        value = ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: shares the array's memory
+        self._values.append(value)
+        return value
+
+    def step(self, token: np.ndarray) -> np.ndarray:
+        """Feed one token per stream; the logits (rows, vocab) of the next one."""
+        self._tokens[:, 0] = token
+        self._session.run_with_iobinding(self._bindings[self._turn])
+        self._turn ^= 1
+        return self._logits[:, 0, :]
+
+
 class LanguageModel:
     """An exported rnnlm model on onnxruntime's CPU provider.
 
@@ -895,17 +1013,17 @@ class LanguageModel:
         the state carried. With `stop_at_eos` a sample ends at its first end of sentence.
         """
         check_sampling(temperature, top_k, top_p, max_tokens, num_samples, seed)
-        rng = np.random.default_rng(seed)
+        sample = Sampler(np.random.default_rng(seed), temperature, top_k, top_p)
         logits, state, prompt_tokens = self._prompt(prompt)
         if num_samples > 1:
             logits = np.repeat(logits, num_samples, axis=0)
             state = tuple(np.repeat(s, num_samples, axis=1) for s in state)
+        stepper = _Stepper(self, state)
         steps: list[np.ndarray] = []  # (num_samples,) ids per step: memory grows as generated
         lengths = np.full(num_samples, max_tokens)
         done = np.zeros(num_samples, dtype=bool)
-        ids = np.empty((num_samples, 1), dtype=np.int64)
         for t in range(max_tokens):
-            token = sample_next(logits, rng, temperature, top_k, top_p)
+            token = sample(logits)
             steps.append(token)
             if stop_at_eos:
                 ended = (token == EOS_ID) & ~done
@@ -915,9 +1033,7 @@ class LanguageModel:
                     break
             if t + 1 == max_tokens:
                 break  # the last token needs no forward pass
-            ids[:, 0] = token
-            step_logits, state = self._run(ids, state)
-            logits = step_logits[:, -1, :]
+            logits = stepper.step(token)
         out = np.stack(steps, axis=1) if steps else np.empty((num_samples, 0), dtype=np.int64)
         vocab = self.vocab
         prefix = prompt_tokens if include_prompt else []

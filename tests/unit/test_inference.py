@@ -32,6 +32,7 @@ from rnnlm.inference import (
     ModelLoadError,
     SentenceScore,
     _ScoringSessions,
+    _Stepper,
     check_sampling,
     inverse_cdf,
     sample_next,
@@ -259,16 +260,51 @@ def test_generation_feeds_one_token_per_call(
 ) -> None:
     model, _ = lstm
     shapes: list[tuple[int, ...]] = []
-    run = model._run
+    run, step = model._run, _Stepper.step
 
-    def spy(ids: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple:
+    def spy_run(ids: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple:
         shapes.append(ids.shape)
         return run(ids, state)
 
-    monkeypatch.setattr(model, "_run", spy)
+    def spy_step(self: _Stepper, token: np.ndarray) -> np.ndarray:
+        shapes.append((*token.shape, 1))
+        return step(self, token)
+
+    monkeypatch.setattr(model, "_run", spy_run)
+    monkeypatch.setattr(_Stepper, "step", spy_step)
     model.generate("the president said", max_tokens=10, seed=0, num_samples=2)
     # The prompt (with its leading <eos>) once, then one token per call: never the prefix.
     assert shapes == [(1, 4)] + [(2, 1)] * 9
+
+
+def reference_generate(
+    model: LanguageModel, prompt: str, max_tokens: int, seed: int, **sampling: float
+) -> list[int]:
+    """What `generate` does, one plain session call and one `sample_next` per token."""
+    rng = np.random.default_rng(seed)
+    ids = [EOS_ID, *ids_of(model, model.prompt_tokens(prompt))]
+    logits, state = model.step(np.array([ids]))
+    out: list[int] = []
+    for _ in range(max_tokens):
+        token = int(sample_next(logits[:, -1], rng, **sampling)[0])  # type: ignore[arg-type]
+        out.append(token)
+        logits, state = model.step(np.array([[token]]), state)
+    return out
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8}, {"temperature": 1.3, "top_p": 0.5}],
+)
+def test_generation_through_bound_buffers_equals_plain_calls(
+    lstm: tuple[LanguageModel, RNNLM], sampling: dict[str, float]
+) -> None:
+    """The I/O-bound stepper and the reused sampler buffers change nothing: same seed, same
+    tokens as a session call and a fresh `sample_next` per token."""
+    model, _ = lstm
+    expected = reference_generate(model, "we will", 40, seed=5, **sampling)
+    text = model.generate("we will", max_tokens=40, seed=5, include_prompt=False, **sampling)  # type: ignore[arg-type]
+    assert text == [detokenize([model.vocab[i] for i in expected])]
 
 
 def test_stop_at_eos(eos_model: LanguageModel) -> None:
@@ -353,6 +389,54 @@ def test_sample_next_matches_softmax_and_respects_top_k_top_p() -> None:
     assert set(draws.tolist()) == set(nucleus.tolist())
     assert sample_next(logits, rng, top_k=1).tolist() == [int(probs.argmax())]
     assert sample_next(logits, rng, top_p=1e-9).tolist() == [int(probs.argmax())]
+
+
+def full_sort_sample(
+    logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int, top_p: float
+) -> np.ndarray:
+    """The reference: top-k by a full sort of each row, the nucleus by a stable full sort."""
+    rows, vocab = logits.shape
+    p = np.zeros((rows, vocab), dtype=np.float64 if temperature != 1 else logits.dtype)
+    for r in range(rows):
+        keep = np.sort(np.argsort(-logits[r], kind="stable")[: top_k or vocab])  # ties: low ids
+        x = logits[r, keep] - logits[r, keep].max()
+        q = np.exp(x / np.float64(temperature) if temperature != 1 else x)
+        order = np.argsort(-q, kind="stable")
+        ranked = q[order]
+        mass_before = np.cumsum(ranked, dtype=np.float64) - ranked
+        ranked[mass_before >= top_p * q.sum(dtype=np.float64)] = 0
+        q[order] = ranked
+        p[r, keep] = q
+    return inverse_cdf(p, rng.random(rows))
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [
+        (1.0, 0, 0.9),
+        (1.0, 0, 0.05),
+        (0.8, 0, 0.5),
+        (1.0, 3, 1.0),
+        (1.0, 50, 0.7),
+        (2.0, 1000, 0.99),
+    ],
+)
+def test_top_k_and_top_p_draw_what_a_full_sort_draws(
+    temperature: float, top_k: int, top_p: float
+) -> None:
+    """Partial selection (argpartition, a growing nucleus search) draws the same tokens as
+    sorting the whole vocabulary, from the same uniforms: peaked and flat rows, ties."""
+    rng = np.random.default_rng(7)
+    vocab = 3000
+    logits = rng.normal(size=(40, vocab)).astype(np.float32) * rng.uniform(0.1, 8, (40, 1))
+    logits[5, :100] = logits[5, 0]  # a tie across the nucleus boundary
+    logits[6] = 0.0  # a flat row: the nucleus is a prefix in index order
+    logits[7, 2999] = 40.0  # one token holds all the mass
+    for _ in range(5):
+        seed = int(rng.integers(1 << 30))
+        got = sample_next(logits, np.random.default_rng(seed), temperature, top_k, top_p)
+        want = full_sort_sample(logits, np.random.default_rng(seed), temperature, top_k, top_p)
+        assert got.tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("temperature", [1e-30, 1e-300, 1e6, 1e300])
