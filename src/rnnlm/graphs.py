@@ -18,6 +18,7 @@ stream is scored, so `generate` and `next` start without it). No torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -59,11 +60,40 @@ def _ancestors(graph: onnx.GraphProto, producers: dict[str, int], names: Iterabl
     return needed
 
 
+# Initializers of up to this many values (shapes, axes) keep their values for shape inference;
+# larger ones (the weights) are declared by type and shape only.
+_SMALL_INITIALIZER_VALUES = 1024
+
+
 def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Type (element type and shape, as far as known) of every tensor of the graph."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    graph = inferred.graph
-    return {v.name: v.type for v in [*graph.input, *graph.output, *graph.value_info]}
+    """Type (element type and shape, as far as known) of every tensor of the graph.
+
+    Shape inference runs on a copy of the graph whose weights are declared, not copied: on the
+    model itself it would copy every weight twice (tens of MB of peak memory for nothing).
+    """
+    graph = model.graph
+    small = [t for t in graph.initializer if math.prod(t.dims) <= _SMALL_INITIALIZER_VALUES]
+    kept = {t.name for t in small}
+    declared = [
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in graph.initializer
+        if t.name not in kept
+    ]
+    light = helper.make_model(
+        helper.make_graph(
+            list(graph.node),
+            "types",
+            [*graph.input, *declared],
+            list(graph.output),
+            initializer=small,
+            value_info=list(graph.value_info),
+        ),
+        opset_imports=list(model.opset_import),
+    )
+    light.ir_version = model.ir_version
+    light.functions.extend(model.functions)
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False).graph
+    return {v.name: v.type for v in [*inferred.input, *inferred.output, *inferred.value_info]}
 
 
 def _subgraph(
@@ -72,8 +102,9 @@ def _subgraph(
     inputs: Sequence[onnx.ValueInfoProto],
     outputs: Sequence[onnx.ValueInfoProto],
     name: str,
-) -> onnx.ModelProto:
-    """A model of `nodes` over `inputs`, with the initializers they read and `model`'s opsets."""
+) -> bytes:
+    """A model of `nodes` over `inputs`, with the initializers they read and `model`'s opsets,
+    checked and serialised (one copy of its weights alive at a time)."""
     read = {n for node in nodes for n in node.input}
     graph = helper.make_graph(
         list(nodes),
@@ -85,7 +116,10 @@ def _subgraph(
     part = helper.make_model(graph, opset_imports=list(model.opset_import))
     part.ir_version = model.ir_version
     part.functions.extend(model.functions)
-    return part
+    data = part.SerializeToString()
+    del part, graph
+    onnx.checker.check_model(data)
+    return data
 
 
 def split_for_scoring(
@@ -161,8 +195,4 @@ def split_for_scoring(
         helper.make_node("GatherElements", [log_softmax, TARGETS_INPUT], [LOGPROB_OUTPUT], axis=-1),
     ]
     head_part = _subgraph(model, head_nodes, [*cut_infos, targets], [logprob], "head")
-    for part in (recurrent_part, head_part):
-        onnx.checker.check_model(part)
-    return ScoringGraphs(
-        recurrent_part.SerializeToString(), head_part.SerializeToString(), tuple(cut)
-    )
+    return ScoringGraphs(recurrent_part, head_part, tuple(cut))
