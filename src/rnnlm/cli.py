@@ -3,6 +3,7 @@
     rnnlm generate [--model M] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]
                    [--top-p P] [--seed S] [--num-samples N] [--stop-at-eos]
     rnnlm score    [--model M] [--per-sentence] [--json] FILE|-   (any size: read as a stream)
+                   [--threads N]   (default: every core; the state is carried exactly)
     rnnlm next     [--model M] [--prompt TEXT] [-k K]
     rnnlm runs     [--sort COLUMN] [--json] [--all-params]   (the MLflow runs, side by side)
     rnnlm relog    [--tracking-uri URI]   (send what a training could not log to MLflow)
@@ -106,7 +107,8 @@ def _command(
         "--threads",
         type=_number(int, 1, MAX_THREADS),
         default=None,
-        help="onnxruntime threads (default: all cores)",
+        help="cores to use (default: all of them for score, one for generate and next, "
+        "which run faster on one)",
     )
     return parser
 
