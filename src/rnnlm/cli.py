@@ -3,7 +3,7 @@
     rnnlm generate [--model M] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]
                    [--top-p P] [--seed S] [--num-samples N] [--stop-at-eos]
     rnnlm score    [--model M] [--per-sentence] [--json] FILE|-   (any size: read as a stream)
-                   [--threads N]   (default: every core; the state is carried exactly)
+                   [--threads N] [--rows N]   (default: every core; exact: one row)
     rnnlm next     [--model M] [--prompt TEXT] [-k K]
     rnnlm runs     [--sort COLUMN] [--json] [--all-params]   (the MLflow runs, side by side)
     rnnlm relog    [--tracking-uri URI]   (send what a training could not log to MLflow)
@@ -41,6 +41,8 @@ from rnnlm import runs
 from rnnlm.entry import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, one_line, run_guarded
 from rnnlm.errors import RnnlmError, format_duration
 from rnnlm.inference import (
+    CONTEXT,
+    MAX_ROWS,
     MAX_SAMPLES,
     MAX_THREADS,
     MAX_TOKENS,
@@ -179,6 +181,14 @@ def add_score(subparsers: argparse._SubParsersAction) -> None:
         "--per-sentence", action="store_true", help="also the perplexity of each sentence"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--rows",
+        type=_number(int, 1, MAX_ROWS),
+        default=1,
+        help="score N segments of the text side by side: faster, but each segment then reads "
+        f"only the {CONTEXT} tokens before it, not the whole text, so the perplexity moves "
+        "slightly (default: 1, the state carried through the whole text)",
+    )
     parser.set_defaults(handler=run_score)
 
 
@@ -317,7 +327,9 @@ def run_score(args: argparse.Namespace) -> int:
         if spool is not None:
             stack.callback(spool.close)
         try:
-            result = model.score_stream(stream, on_sentence, progress, name=args.file)
+            result = model.score_stream(
+                stream, on_sentence, progress, name=args.file, rows=args.rows
+            )
         except ValueError as err:
             raise CliError(f"{args.file}: {err}") from None
         finally:

@@ -27,6 +27,9 @@ from hypothesis import strategies as st
 from rnnlm import text as text_module
 from rnnlm.inference import (
     _IN_FLIGHT,
+    BATCH_TOKENS,
+    CONTEXT,
+    MAX_ROWS,
     WINDOW,
     LanguageModel,
     ModelLoadError,
@@ -36,11 +39,12 @@ from rnnlm.inference import (
     check_sampling,
     inverse_cdf,
     sample_next,
+    segment_tokens,
     softmax,
     token_nll,
 )
 from rnnlm.model import RNNLM
-from rnnlm.streams import EOS_ID
+from rnnlm.streams import EOS_ID, lm_pairs
 from rnnlm.text import (
     MAX_PARAGRAPH_CHARS,
     READ_BYTES,
@@ -169,6 +173,54 @@ def test_streamed_scoring_equals_the_per_token_reference(
         assert single.tokens == 2  # the word and <eos>
         expected_one = model.token_nlls(ids_of(model, [one_word, "<eos>"])).sum()
         assert single.nll == pytest.approx(expected_one, rel=1e-5)
+
+
+def batched_reference(model: LanguageModel, ids: list[int], rows: int) -> np.ndarray:
+    """Per-token NLLs (float64) of batched scoring, one segment at a time: each segment of
+    `segment_tokens(rows)` tokens read after the CONTEXT inputs before it from a zero state,
+    the first one from the stream's start."""
+    inputs, targets = lm_pairs(np.array(ids))
+    size = segment_tokens(rows)
+    out = []
+    for start in range(0, len(ids), size):
+        state = model.initial_state(1)
+        if start:
+            _, state = model.step(inputs[None, start - CONTEXT : start], state)
+        logits, _ = model.step(inputs[None, start : start + size], state)
+        out.append(token_nll(logits[0], targets[start : start + size]))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize(("rows", "threads"), [(4, 1), (16, 2), (3, 2)])
+def test_batched_scoring_equals_its_per_segment_reference(
+    gru_path: Path, rows: int, threads: int
+) -> None:
+    """Segments side by side: every sentence's NLL and the total equal the reference that
+    reads each segment alone after its context (float64, 1e-5); the sentences are those of
+    exact scoring, and the perplexity stays close to it."""
+    model = LanguageModel(gru_path, threads=threads)
+    text = "\n".join([*LINES * 80, "We will build."])
+    ids = ids_of(model, [t for s in model.tokenizer.sentences(text) for t in (*s, "<eos>")])
+    assert len(ids) > 2 * BATCH_TOKENS and len(ids) % segment_tokens(rows)  # a short last row
+    reference = batched_reference(model, ids, rows)
+    sentences: list[SentenceScore] = []
+    result = model.score_stream(chunked(text.encode(), 1000), sentences.append, rows=rows)
+    assert result.tokens == len(ids) and result.nll == pytest.approx(reference.sum(), rel=1e-6)
+    ends = np.cumsum([s.tokens for s in sentences])
+    expected = np.add.reduceat(reference, np.concatenate([[0], ends[:-1]]))
+    np.testing.assert_allclose([s.nll for s in sentences], expected, rtol=1e-5)
+    exact = model.score(text)
+    assert [s.words for s in sentences] == [s.words for s in exact.sentences]
+    assert result.ppl == pytest.approx(exact.ppl, rel=0.02)
+    one_word = model.score("peace", rows=rows)  # shorter than a segment: the exact start
+    assert one_word.nll == pytest.approx(model.score("peace").nll, rel=1e-5)
+
+
+def test_rows_out_of_range(gru_path: Path) -> None:
+    model = LanguageModel(gru_path)
+    for rows in (0, MAX_ROWS + 1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"rows = {rows!r}: must be an integer in \[1, "):
+            model.score("we will", rows=rows)  # type: ignore[arg-type]
 
 
 def test_score_ids_windows_carry_the_state(lstm: tuple[LanguageModel, RNNLM]) -> None:
