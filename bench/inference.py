@@ -10,13 +10,14 @@ Measures in one run, on the shipped model (models/model.onnx and models/model.in
     (recurrence + projection, from the model's sizes) ran at that rate;
   - scoring tokens/s end to end (bytes in, perplexity out; tokenizer included) on a
     multi-MB input of corpus prose: `LanguageModel.score_stream` in fp32 and int8 (default
-    threads: all cores), and today's method before the pipeline, kept here as a baseline
-    (one session call per 256-token window returning the logits, NLL in numpy); each as a
-    fraction of the floor. Then a profile: each stage alone on one core (tokenizer,
-    recurrent part, head) in core-microseconds a token, against the pipeline's wall time;
+    threads: all cores), exact (one stream, the default) and batched (rows=8), and today's
+    method before the pipeline, kept here as a baseline (one session call per 256-token
+    window returning the logits, NLL in numpy); each as a fraction of the floor. Then a
+    profile: each stage alone on one core (tokenizer, recurrent part, head) in
+    core-microseconds a token, against the pipeline's wall time;
   - generation ms/token (temperature 1, one stream, 300 tokens) through `generate`, fp32 and
     int8, 1 and 2 threads, against today's loop (a plain session call and the old sampling
-    per token), with the bound of reading the projection once a token (numpy GEMV);
+    per token), with the bound of reading the projection once a token (a bare GEMV);
   - validation perplexity int8 vs fp32 (data/processed/validation.npy, when present);
   - peak resident memory of `rnnlm score` on a 20 MB input, in a subprocess (os.wait4).
 Each timing is the best of --rounds rounds, contenders interleaved in each round so that
@@ -47,11 +48,13 @@ from score_stream import corpus_paragraphs, write_input
 from score_stream import score as run_cli_score
 
 from rnnlm.inference import (
+    CONTEXT,
     PRECISION_KEY,
     WINDOW,
     LanguageModel,
     default_threads,
     inverse_cdf,
+    segment_tokens,
     session_options,
 )
 from rnnlm.streams import EOS_ID, UNK_ID, lm_pairs
@@ -60,6 +63,7 @@ from rnnlm.text import read_chunks
 MB = 1_000_000
 FLOOR_TARGET, INT8_SCORE_TARGET, RSS_TARGET_MB = 0.60, 1.6, 300.0
 GEN_TARGET, INT8_GEN_TARGET, PPL_TOLERANCE_PCT = 2.0, 1.7, 0.5
+ROWS = 8  # the batched mode's rows (rnnlm score --rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,9 +206,9 @@ def baseline_generate(model: LanguageModel, n_tokens: int, seed: int = 0) -> Non
         logits, state = model._run(ids, state)
 
 
-def new_score(model: LanguageModel, path: Path) -> tuple[float, int]:
+def new_score(model: LanguageModel, path: Path, rows: int = 1) -> tuple[float, int]:
     with path.open("rb") as file:
-        result = model.score_stream(file)
+        result = model.score_stream(file, rows=rows)
     return result.nll, result.tokens
 
 
@@ -329,6 +333,12 @@ def main(argv: list[str] | None = None) -> None:
                 "GEMM onnxruntime": projection.onnxruntime,
                 "fp32": scored("fp32", lambda: new_score(models["fp32"], text)),
                 "int8": scored("int8", lambda: new_score(models["int8"], text)),
+                f"fp32 rows={ROWS}": scored(
+                    f"fp32 rows={ROWS}", lambda: new_score(models["fp32"], text, ROWS)
+                ),
+                f"int8 rows={ROWS}": scored(
+                    f"int8 rows={ROWS}", lambda: new_score(models["int8"], text, ROWS)
+                ),
                 "baseline fp32": scored(
                     "baseline fp32", lambda: baseline_score(baseline_model, text)
                 ),
@@ -363,7 +373,17 @@ def main(argv: list[str] | None = None) -> None:
                 f"{name:16s}{secs:9.2f}{tps:11,.0f}{tps / floor:10.0%}"
                 f"{tps / (tokens / seconds['baseline fp32']):12.2f}x"
             )
-        figures["score"] = {"tokens": tokens, "tokens_per_s": score_rows, "nll_rel_diff": rel}
+        batched = math.exp((results[f"fp32 rows={ROWS}"][0] - results["fp32"][0]) / tokens) - 1
+        print(
+            f"rows={ROWS}: {ROWS} segments of {segment_tokens(ROWS)} tokens side by side, each "
+            f"after the {CONTEXT} tokens before it; perplexity {batched:+.3%} against exact"
+        )
+        figures["score"] = {
+            "tokens": tokens,
+            "tokens_per_s": score_rows,
+            "nll_rel_diff": rel,
+            "batched_ppl_change": batched,
+        }
 
         profile = {name: stage_profile(path, text) for name, path in paths.items()}
         figures["profile"] = profile
@@ -439,9 +459,10 @@ def main(argv: list[str] | None = None) -> None:
         fp32_floor = score_rows["fp32"] / floor
         print(f"  score fp32 >= {FLOOR_TARGET:.0%} of floor: {fp32_floor:.0%} "
               f"({verdict(fp32_floor >= FLOOR_TARGET)})")  # fmt: skip
-        q = score_rows["int8"] / score_rows["fp32"]
-        print(f"  score int8 >= {INT8_SCORE_TARGET}x fp32: {q:.2f}x "
-              f"({verdict(q >= INT8_SCORE_TARGET)})")  # fmt: skip
+        for suffix in ("", f" rows={ROWS}"):
+            q = score_rows[f"int8{suffix}"] / score_rows[f"fp32{suffix}"]
+            print(f"  score int8 >= {INT8_SCORE_TARGET}x fp32{suffix or ' (exact)'}: {q:.2f}x "
+                  f"({verdict(q >= INT8_SCORE_TARGET)})")  # fmt: skip
         g = ms["fp32 1t baseline"] / ms["fp32 1t"]
         print(f"  generation fp32 1 thread >= {GEN_TARGET}x today's: {g:.2f}x "
               f"({verdict(g >= GEN_TARGET)})")  # fmt: skip
