@@ -32,6 +32,7 @@ import logging
 import math
 import numbers
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -926,6 +927,7 @@ class LanguageModel:
         self.threads: int = default_threads() if threads is None else threads
         options = session_options(GENERATE_THREADS if threads is None else threads)
         self._scoring: _ScoringSessions | None = None  # built on the first scored stream
+        self._scoring_lock = threading.Lock()  # threads scoring at once build it once
         try:
             self._session = ort.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]
@@ -993,16 +995,17 @@ class LanguageModel:
 
     def _scoring_sessions(self) -> _ScoringSessions:
         """The model cut for scoring (recurrent part + log-probability head), built once."""
-        if self._scoring is None:
-            self._scoring = _ScoringSessions(
-                self.path,
-                self._tokens_name,
-                self._state_in,
-                self._outputs[0],
-                self._outputs[1:],
-                self.threads,
-            )
-        return self._scoring
+        with self._scoring_lock:
+            if self._scoring is None:
+                self._scoring = _ScoringSessions(
+                    self.path,
+                    self._tokens_name,
+                    self._state_in,
+                    self._outputs[0],
+                    self._outputs[1:],
+                    self.threads,
+                )
+            return self._scoring
 
     def _run(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """One session call, no checks: ids (batch, time) int64 -> logits (batch, time, vocab)."""
