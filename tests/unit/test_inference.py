@@ -832,7 +832,7 @@ class ReadRecorder(io.RawIOBase):
         self.sizes: list[int] = []
 
     def read(self, size: int = -1) -> bytes:
-        assert 0 < size <= READ_BYTES, f"read({size})"
+        assert 0 < size <= text_module.READ_BYTES, f"read({size})"
         self.sizes.append(size)
         return self._file.read(size)
 
@@ -864,6 +864,37 @@ def test_score_stream_memory_does_not_grow_with_the_input(
     two_sentences = "We will build a strong nation.\nToday congress must keep peace."
     assert result.tokens == model.score(two_sentences).tokens
     assert peak < 3 * text_module.SNIFF_BYTES < result.bytes // 2
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_pipelined_scoring_memory_is_bounded_by_its_buffers(
+    lstm: tuple[LanguageModel, RNNLM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    """A generated input of a few hundred windows, read through a 4 kB buffer (a 16 kB sniffed
+    head) by the two-thread pipeline: what it holds (windows or batches in flight, open
+    sentences, the reads) stays under 200 kB, less than half the input."""
+    monkeypatch.setattr(text_module, "READ_BYTES", 4096)
+    monkeypatch.setattr(text_module, "SNIFF_BYTES", 16384)
+    model = LanguageModel(lstm[0].path, threads=2)
+    rng = np.random.default_rng(0)
+    words = np.array(["we", "will", "build", "a", "strong", "nation", "peace", "congress"])
+    lines = [" ".join(rng.choice(words, rng.integers(1, 30))) + "." for _ in range(6_000)]
+    path = tmp_path / "generated.txt"
+    path.write_text("\n".join(lines))
+    model.score("we will")  # builds the scoring sessions: memory of the model, not the input
+    source = ReadRecorder(path)
+    tracemalloc.start()
+    try:
+        result = model.score_stream(source, rows=rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        source.close()
+    assert result.tokens > 300 * WINDOW and result.tokens == 2 * 6_000 + sum(
+        line.count(" ") + 1 for line in lines
+    )
+    assert max(source.sizes) == 4096 and result.bytes == path.stat().st_size
+    assert peak < 200_000 < result.bytes // 2, peak
 
 
 def test_score_stream_refusals(lstm: tuple[LanguageModel, RNNLM], tmp_path: Path) -> None:
