@@ -1,18 +1,28 @@
-"""Benchmark: the project's onnxruntime inference path vs torch eager on CPU, fp32 vs int8.
+"""Benchmark: inference against the machine's limit, and against the method it replaced.
 
-    python bench/inference.py                       # random-init LSTM 200/200x2, 7.7k vocab
-    python bench/inference.py --checkpoint models/model.ckpt --processed data/processed
+    python bench/inference.py                                # the shipped models/, 3 MB, 20 MB
+    python bench/inference.py --score-mb 1 --rss-mb 0 --rounds 2   # a quick look
+    python bench/inference.py --requantize                   # int8 from the current quantizer
 
-Measures, in one run on the same network:
-  - per-token latency of single-stream generation (sampling at temperature 1, state carried):
-    `LanguageModel.generate` (fp32 and int8 ONNX) vs a torch eager loop doing the same work
-    (forward one token, softmax, multinomial), with 1 thread and with all cores;
-  - batch scoring throughput (tokens/s) on 32 x 64 tokens: forward + per-token NLL;
-  - bare onnxruntime session loops (argmax, no tokenizer or sampling): the API's overhead;
-  - with --checkpoint: validation perplexity fp32 vs int8.
-Prints a table and the ratios against the targets (ONNX >= 6x torch eager per token, int8 >=
-1.7x fp32, int8 validation perplexity within 0.5%). Each figure is the best of --repeats
-rounds, rounds interleaved so that background load hits every contender alike. Not a test.
+Measures in one run, on the shipped model (models/model.onnx and models/model.int8.onnx):
+  - the machine's sustained fp32 GEMM rate on the output projection's shape (numpy and an
+    onnxruntime MatMul, all cores), and from it the floor: tokens/s if every FLOP of a token
+    (recurrence + projection, from the model's sizes) ran at that rate;
+  - scoring tokens/s end to end (bytes in, perplexity out; tokenizer included) on a
+    multi-MB input of corpus prose: `LanguageModel.score_stream` in fp32 and int8 (default
+    threads: all cores), exact (one stream, the default) and batched (rows=8), and today's
+    method before the pipeline, kept here as a baseline (one session call per 256-token
+    window returning the logits, NLL in numpy); each as a fraction of the floor. Then a
+    profile: each stage alone on one core (tokenizer, recurrent part, head) in
+    core-microseconds a token, against the pipeline's wall time;
+  - generation ms/token (temperature 1, one stream, 300 tokens) through `generate`, fp32 and
+    int8, 1 and 2 threads, against today's loop (a plain session call and the old sampling
+    per token), with the bound of reading the projection once a token (a bare GEMV);
+  - validation perplexity int8 vs fp32 (data/processed/validation.npy, when present);
+  - peak resident memory of `rnnlm score` on a 20 MB input, in a subprocess (os.wait4).
+Each timing is the best of --rounds rounds, contenders interleaved in each round so that
+background load hits them alike. Prints tables and the verdicts against the targets of issue 15.
+Not a test: the figures depend on the machine and on what else runs on it.
 """
 
 from __future__ import annotations
@@ -20,8 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -29,250 +41,449 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
-import torch
-from nltk.tokenize.punkt import PunktParameters
+from onnx import TensorProto, helper, numpy_helper
+from score_stream import corpus_paragraphs, write_input
+from score_stream import score as run_cli_score
 
-from rnnlm import export
-from rnnlm.inference import LanguageModel, session_options, token_nll
-from rnnlm.model import RNNLM, RNNLMConfig
-from rnnlm.streams import EOS, EOS_ID, UNK
-from rnnlm.text import TextTokenizer
+from rnnlm.inference import (
+    CONTEXT,
+    PRECISION_KEY,
+    WINDOW,
+    LanguageModel,
+    default_threads,
+    inverse_cdf,
+    segment_tokens,
+    session_options,
+)
+from rnnlm.streams import EOS_ID, UNK_ID, lm_pairs
+from rnnlm.text import read_chunks
 
-GEN_TARGET, INT8_TARGET, PPL_TOLERANCE_PCT = 6.0, 1.7, 0.5
+MB = 1_000_000
+FLOOR_TARGET, INT8_SCORE_TARGET, RSS_TARGET_MB = 0.60, 1.6, 300.0
+GEN_TARGET, INT8_GEN_TARGET, PPL_TOLERANCE_PCT = 2.0, 1.7, 0.5
+ROWS = 8  # the batched mode's rows (rnnlm score --rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, help="a trained models/model.ckpt")
+    parser.add_argument("--model", type=Path, default=Path("models/model.onnx"))
+    parser.add_argument("--int8", type=Path, default=Path("models/model.int8.onnx"))
+    parser.add_argument(
+        "--requantize", action="store_true", help="int8: quantize --model with export's quantizer"
+    )
     parser.add_argument("--processed", type=Path, default=Path("data/processed"))
-    parser.add_argument("--vocab-size", type=int, default=7700, help="random model only")
-    parser.add_argument("--hidden", type=int, default=200, help="random model only")
-    parser.add_argument("--layers", type=int, default=2, help="random model only")
-    parser.add_argument("--cell", default="lstm", help="random model only")
+    parser.add_argument("--source", type=Path, default=Path("data/raw"), help="corpus .txt files")
+    parser.add_argument("--score-mb", type=float, default=3.0, help="scoring input, MB")
+    parser.add_argument("--rss-mb", type=float, default=20.0, help="peak-memory input; 0: skip")
     parser.add_argument("--tokens", type=int, default=300, help="generated tokens per round")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds; the best one counts")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the best one counts")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
 
 
-def default_threads() -> int:
-    """All cores this process may use."""
+def best_of(
+    rounds: int, contenders: dict[str, Callable[[], object]], warm_up: bool = True
+) -> dict[str, float]:
+    """Best wall seconds of each contender over `rounds` interleaved rounds (after a warm-up
+    run of each, unless `warm_up` is false)."""
+    for run in contenders.values() if warm_up else ():
+        run()
+    best = dict.fromkeys(contenders, math.inf)
+    for _ in range(rounds):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def flops_per_token(model: LanguageModel) -> float:
+    """Multiply-adds x 2 of one token: the recurrent layers and the output projection."""
+    c = model.config
+    gates = {"lstm": 4, "gru": 3}.get(model.cell, 1)
+    recurrent = sum(
+        2 * gates * ((c["embedding_dim"] if layer == 0 else c["hidden_dim"]) + c["hidden_dim"])
+        * c["hidden_dim"]
+        for layer in range(c["num_layers"])
+    )  # fmt: skip
+    return recurrent + 2 * c["hidden_dim"] * c["vocab_size"]
+
+
+def matmul_session(weights: np.ndarray, threads: int) -> ort.InferenceSession:
+    """onnxruntime: x (n, hidden) @ weights (hidden, vocab), the weights an initializer."""
+    hidden, vocab = weights.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "projection",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", vocab])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(
+        model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+    )
+
+
+class Projection:
+    """The output projection's product alone, as the machine's reference: (ROWS, hidden) @
+    (hidden, vocab) on all cores (numpy and onnxruntime, weights prepacked), and the 1-row
+    product on one core (onnxruntime), generation's bound: the weights read once a token.
+    Each call runs REPEAT products, so that a timing spans as long as a scheduler slice."""
+
+    ROWS, REPEAT = 1024, 10
+
+    def __init__(self, model: LanguageModel, threads: int) -> None:
+        hidden, vocab = int(model.config["hidden_dim"]), model.vocab_size
+        rng = np.random.default_rng(0)
+        self.weights = rng.standard_normal((hidden, vocab), dtype=np.float32)
+        self.x = rng.standard_normal((self.ROWS, hidden), dtype=np.float32)
+        self.one = self.x[:1].copy()
+        self.session = matmul_session(self.weights, threads)
+        self.single = matmul_session(self.weights, 1)
+        self.flops = 2 * self.ROWS * hidden * vocab * self.REPEAT
+
+    def numpy(self) -> None:
+        for _ in range(self.REPEAT):
+            np.matmul(self.x, self.weights)
+
+    def onnxruntime(self) -> None:
+        for _ in range(self.REPEAT):
+            self.session.run(None, {"x": self.x})
+
+    def gemv(self) -> None:
+        for _ in range(self.REPEAT * 10):
+            self.single.run(None, {"x": self.one})
+
+
+def old_nll_in_place(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Today's per-token NLL (before issue 15): float32 exp over the vocabulary, float64 log."""
+    top = logits.max(axis=-1)
+    target_gap = top.astype(np.float64) - logits[np.arange(len(targets)), targets]
+    logits -= top[:, None]
+    np.exp(logits, out=logits)
+    return np.log(logits.sum(axis=-1).astype(np.float64)) + target_gap
+
+
+def baseline_score(model: LanguageModel, path: Path) -> tuple[float, int]:
+    """Today's `score_stream` loop: tokenize, then per window of 256 one session call that
+    returns the logits (batch 1), copied and turned into NLLs by numpy, state carried."""
+    state = model.initial_state(1)
+    previous, ids, nll, tokens = EOS_ID, [], 0.0, 0
+
+    def window(size: int) -> None:
+        nonlocal state, previous, ids, nll, tokens
+        inputs, targets = lm_pairs(np.array(ids[:size]), previous)
+        del ids[:size]
+        logits, state = model._run(inputs[None], state)
+        nll += float(old_nll_in_place(logits[0].copy(), targets).sum())
+        previous, tokens = int(targets[-1]), tokens + size
+
+    with path.open("rb") as file:
+        for words in model.tokenizer.stream_sentences(read_chunks(file)):
+            ids += [model.stoi.get(w, UNK_ID) for w in words]
+            ids.append(EOS_ID)
+            while len(ids) >= WINDOW:
+                window(WINDOW)
+    if ids:
+        window(len(ids))
+    return nll, tokens
+
+
+def baseline_generate(model: LanguageModel, n_tokens: int, seed: int = 0) -> None:
+    """Today's `generate` loop at temperature 1: a session call returning fresh arrays and
+    the old sampling (exp over the vocabulary into a new array) per token."""
+    rng = np.random.default_rng(seed)
+    state = model.initial_state(1)
+    ids = np.full((1, 1), EOS_ID, dtype=np.int64)
+    logits, state = model._run(ids, state)
+    for _ in range(n_tokens):
+        x = logits[:, -1, :]
+        p = np.exp(x - x.max(axis=-1, keepdims=True))
+        ids[:, 0] = inverse_cdf(p, rng.random(1))
+        logits, state = model._run(ids, state)
+
+
+def new_score(model: LanguageModel, path: Path, rows: int = 1) -> tuple[float, int]:
+    with path.open("rb") as file:
+        result = model.score_stream(file, rows=rows)
+    return result.nll, result.tokens
+
+
+def stage_profile(model_path: Path, path: Path, max_tokens: int = 200_000) -> dict[str, float]:
+    """Core-microseconds a token of each scoring stage alone, on one core (CPU time)."""
+    model = LanguageModel(model_path, threads=1)
+    sessions = model._scoring_sessions()
+    started = time.process_time()
+    ids: list[int] = []
+    with path.open("rb") as file:
+        for words in model.tokenizer.stream_sentences(read_chunks(file)):
+            ids += [model.stoi.get(w, UNK_ID) for w in words]
+            ids.append(EOS_ID)
+            if len(ids) >= max_tokens:
+                break
+    tokenize = time.process_time() - started
+    inputs, targets = lm_pairs(np.array(ids))
+    n = len(ids) // WINDOW * WINDOW
+    windows = [
+        (inputs[None, i : i + WINDOW], targets[None, i : i + WINDOW]) for i in range(0, n, WINDOW)
+    ]
+    state = model.initial_state(1)
+    handovers = []
+    started = time.process_time()
+    for x, _ in windows:
+        handover, state, _ = sessions.recur(x, state)
+        handovers.append(handover)
+    recur = time.process_time() - started
+    started = time.process_time()
+    for handover, (_, y) in zip(handovers, windows, strict=True):
+        sessions.logprob(handover, y)
+    head = time.process_time() - started
+    return {
+        "tokenize_us": tokenize / len(ids) * 1e6,
+        "recurrent_us": recur / n * 1e6,
+        "head_us": head / n * 1e6,
+    }
+
+
+def requantized(fp32: Path, folder: Path) -> Path:
+    """`fp32` quantized by the export stage's quantizer, with its metadata (precision int8)."""
+    from rnnlm import export
+
+    model = LanguageModel(fp32)
+    int8 = folder / "model.int8.onnx"
+    export.quantize_model(fp32, int8, model.cell)
+    props = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+    export.attach_metadata(int8, {**props, PRECISION_KEY: "int8"}, "requantized by bench")
+    return int8
+
+
+def cpu_name() -> str:
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def build_model(args: argparse.Namespace) -> tuple[RNNLM, list[str], dict, str]:
-    """The network, its vocabulary and tokenizer dict, and a description."""
-    if args.checkpoint:
-        net = export.load_checkpoint(args.checkpoint)
-        vocab = json.loads((args.processed / "vocab.json").read_text())["tokens"]
-        tokenizer = json.loads((args.processed / "tokenizer.json").read_text())
-        kind = f"trained ({args.checkpoint})"
-    else:
-        torch.manual_seed(0)
-        config = RNNLMConfig(
-            vocab_size=args.vocab_size,
-            cell=args.cell,
-            embedding_dim=args.hidden,
-            hidden_dim=args.hidden,
-            num_layers=args.layers,
-            dropout=0.0,  # inference: dropout is off anyway
-            embedding_dropout=0.0,
-            tie_weights=True,
-            weight_drop=0.0,
-        )
-        net = RNNLM(config).eval()
-        vocab = [UNK, EOS, *(f"w{i}" for i in range(2, args.vocab_size))]
-        tokenizer = TextTokenizer(punkt=PunktParameters()).to_dict()
-        kind = "random init"
-    c = net.config
-    return net.eval(), vocab, tokenizer, f"{c.cell} {c.hidden_dim}x{c.num_layers}, {kind}"
+def isa() -> str:
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ).split()  # fmt: skip
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
+    return " ".join(f for f in wanted if f in flags)
 
 
-def write_models(net: RNNLM, vocab: list[str], tokenizer: dict, folder: Path) -> dict[str, Path]:
-    """fp32 and int8 ONNX models, written and checked exactly as the export stage does."""
-    fp32, int8 = export.write_onnx_models(net, folder, vocab, tokenizer, {"source": "bench"})
-    export.verify_parity(net, fp32, atol=1e-4)
-    return {"fp32": fp32, "int8": int8}
-
-
-def torch_generate(net: RNNLM, n_tokens: int, seed: int = 0) -> None:
-    """Eager single-stream sampling: what LanguageModel.generate does, in torch."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
-        state = net.init_state(1)
-        token = torch.full((1, 1), EOS_ID, dtype=torch.long)
-        for _ in range(n_tokens):
-            logits, state = net(token, state)
-            probs = torch.softmax(logits[:, -1].double(), dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator)
-
-
-def torch_score(net: RNNLM, ids: torch.Tensor) -> float:
-    with torch.inference_mode():
-        logits, _ = net(ids[:, :-1], net.init_state(ids.shape[0]))
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-    return float(nll)
-
-
-def onnx_score(model: LanguageModel, ids: np.ndarray) -> float:
-    logits, _ = model.step(ids[:, :-1])
-    return float(token_nll(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).sum())
-
-
-def bare_session_loop(path: Path, threads: int, n_tokens: int) -> Callable[[], None]:
-    """A session fed one token per call, argmax, no tokenizer or sampling: the floor."""
-    session = ort.InferenceSession(
-        str(path), session_options(threads), providers=["CPUExecutionProvider"]
-    )
-    names = [i.name for i in session.get_inputs()]
-    shape = [i.shape for i in session.get_inputs()][1]
-
-    def loop() -> None:
-        feeds = {n: np.zeros((shape[0], 1, shape[2]), np.float32) for n in names[1:]}
-        token = np.array([[EOS_ID]], dtype=np.int64)
-        for _ in range(n_tokens):
-            logits, *state = session.run(None, {names[0]: token, **feeds})
-            feeds = dict(zip(names[1:], state, strict=True))
-            token = logits[:, -1].argmax(-1)[:, None]
-
-    return loop
-
-
-def best_seconds(fn: Callable[[], object], results: list[float]) -> None:
-    start = time.perf_counter()
-    fn()
-    results.append(time.perf_counter() - start)
-
-
-def measure(args: argparse.Namespace, net: RNNLM, paths: dict[str, Path]) -> dict[str, dict]:
-    """name -> {threads -> {"ms_per_token", "tokens_per_s"}}."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(2, net.config.vocab_size, size=(args.batch, args.length + 1))
-    score_tokens = args.batch * args.length
-    figures: dict[str, dict] = {}
-    for threads in sorted({1, default_threads()}):
-        torch.set_num_threads(threads)
-        models = {name: LanguageModel(path, threads=threads) for name, path in paths.items()}
-        contenders: dict[str, tuple[Callable[[], object], Callable[[], object] | None]] = {
-            "torch eager": (
-                lambda: torch_generate(net, args.tokens),
-                lambda: torch_score(net, torch.from_numpy(ids)),
-            ),
-        }
-        for name, path in paths.items():
-            contenders[f"onnxruntime {name} (bare session)"] = (
-                bare_session_loop(path, threads, args.tokens),
-                None,
-            )
-        for name, model in models.items():
-            contenders[f"rnnlm.inference {name}"] = (
-                lambda m=model: m.generate("", max_tokens=args.tokens, seed=0),
-                lambda m=model: onnx_score(m, ids),
-            )
-        timings = {name: ([], []) for name in contenders}
-        for gen, score in contenders.values():  # warm-up
-            gen()
-            if score:
-                score()
-        for _ in range(args.repeats):
-            for name, (gen, score) in contenders.items():
-                best_seconds(gen, timings[name][0])
-                if score:
-                    best_seconds(score, timings[name][1])
-        for name, (gen_times, score_times) in timings.items():
-            figures.setdefault(name, {})[threads] = {
-                "ms_per_token": min(gen_times) * 1e3 / args.tokens,
-                "tokens_per_s": score_tokens / min(score_times) if score_times else None,
-            }
-    return figures
-
-
-def validation_ppl(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, float] | None:
-    file = args.processed / "validation.npy"
-    if not args.checkpoint or not file.exists():
-        return None
-    stream = np.load(file).astype(np.int64)
-    return {name: LanguageModel(path).score_ids(stream).ppl for name, path in paths.items()}
-
-
-def verdict(value: float, target: float) -> str:
-    return "met" if value >= target else "MISSED"
-
-
-def report(args: argparse.Namespace, description: str, figures: dict, ppl: dict | None) -> None:
-    threads = sorted(next(iter(figures.values())))
-    print(f"model: {description}, vocab {args.vocab_size if not args.checkpoint else 'of ckpt'}")
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores ({default_threads()} usable); "
-        f"torch {torch.__version__}, onnxruntime {ort.__version__}; best of {args.repeats} "
-        f"rounds of {args.tokens} tokens"
-    )
-    print()
-    header = f"{'':34s}" + "".join(
-        f"{f'gen ms/tok {t}t':>16s}{f'score tok/s {t}t':>18s}" for t in threads
-    )
-    print(header)
-    for name, by_threads in figures.items():
-        cells = ""
-        for t in threads:
-            f = by_threads[t]
-            tps = f"{f['tokens_per_s']:,.0f}" if f["tokens_per_s"] else "-"
-            cells += f"{f['ms_per_token']:16.3f}{tps:>18s}"
-        print(f"{name:34s}{cells}")
-    print()
-    torch_f, fp32_f = figures["torch eager"], figures["rnnlm.inference fp32"]
-    int8_f = figures["rnnlm.inference int8"]
-    for t in threads:
-        gen = torch_f[t]["ms_per_token"] / fp32_f[t]["ms_per_token"]
-        gen8 = torch_f[t]["ms_per_token"] / int8_f[t]["ms_per_token"]
-        q = fp32_f[t]["ms_per_token"] / int8_f[t]["ms_per_token"]
-        score = fp32_f[t]["tokens_per_s"] / torch_f[t]["tokens_per_s"]
-        score8 = int8_f[t]["tokens_per_s"] / fp32_f[t]["tokens_per_s"]
-        print(
-            f"{t} thread(s): generation fp32 vs torch {gen:.2f}x "
-            f"(target >= {GEN_TARGET:g}x: {verdict(gen, GEN_TARGET)}), int8 vs torch {gen8:.2f}x; "
-            f"int8 vs fp32 {q:.2f}x (target >= {INT8_TARGET:g}x: {verdict(q, INT8_TARGET)}); "
-            f"scoring fp32 vs torch {score:.2f}x, int8 vs fp32 {score8:.2f}x"
-        )
-    best = {k: min(v[t]["ms_per_token"] for t in threads) for k, v in figures.items()}
-    gen = best["torch eager"] / best["rnnlm.inference fp32"]
-    q = best["rnnlm.inference fp32"] / best["rnnlm.inference int8"]
-    print(
-        f"best of each: generation fp32 vs torch {gen:.2f}x ({verdict(gen, GEN_TARGET)}), "
-        f"int8 vs fp32 {q:.2f}x ({verdict(q, INT8_TARGET)})"
-    )
-    if ppl:
-        change = 100 * (ppl["int8"] / ppl["fp32"] - 1)
-        ok = "met" if abs(change) <= PPL_TOLERANCE_PCT else "MISSED"
-        print(
-            f"validation perplexity: fp32 {ppl['fp32']:.3f}, int8 {ppl['int8']:.3f} "
-            f"({change:+.3f}%, target within {PPL_TOLERANCE_PCT}%: {ok})"
-        )
-    else:
-        print("validation perplexity: needs --checkpoint (a random model's is meaningless)")
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    net, vocab, tokenizer, description = build_model(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_models(net, vocab, tokenizer, Path(tmp))
-        sizes = {k: p.stat().st_size / 1e6 for k, p in paths.items()}
-        figures = measure(args, net, paths)
-        ppl = validation_ppl(args, paths)
-    report(args, f"{description}, fp32 {sizes['fp32']:.1f} MB, int8 {sizes['int8']:.1f} MB",
-           figures, ppl)  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps({"figures": figures, "ppl": ppl, "sizes_mb": sizes}))
+    cores = default_threads()
+    tmp = Path(tempfile.mkdtemp(prefix="rnnlm-bench-"))
+    try:
+        int8_path = requantized(args.model, tmp) if args.requantize else args.int8
+        paths = {"fp32": args.model, "int8": int8_path}
+        fp32 = LanguageModel(args.model)
+        print(
+            f"{cpu_name()} ({isa()}), {os.cpu_count()} CPUs ({cores} usable); numpy "
+            f"{np.__version__}, onnxruntime {ort.__version__}; load average "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
+        print(
+            f"model {args.model}: {fp32.cell} {fp32.config['hidden_dim']}x"
+            f"{fp32.config['num_layers']}, vocabulary {fp32.vocab_size:,}; int8 {int8_path}"
+            f"{' (requantized)' if args.requantize else ''}; best of {args.rounds} interleaved "
+            "rounds"
+        )
+        figures: dict[str, object] = {}
+
+        # Scoring, end to end, against the machine's limit measured in the same rounds.
+        projection = Projection(fp32, cores)
+        flops = flops_per_token(fp32)
+        paragraphs = corpus_paragraphs(args.source)
+        text = tmp / "score.txt"
+        size = write_input(text, paragraphs, int(args.score_mb * MB), "\n", 0)
+        models = {name: LanguageModel(path) for name, path in paths.items()}
+        baseline_model = LanguageModel(args.model, threads=cores)  # today's: all cores
+        for model in models.values():  # warm-up: the scoring sessions are built once
+            model.score("We will build a strong nation.")
+        results: dict[str, tuple[float, int]] = {}
+
+        def scored(name: str, run: Callable[[], tuple[float, int]]) -> Callable[[], None]:
+            def go() -> None:
+                results[name] = run()
+
+            return go
+
+        seconds = best_of(
+            args.rounds,
+            {
+                "GEMM numpy": projection.numpy,
+                "GEMM onnxruntime": projection.onnxruntime,
+                "fp32": scored("fp32", lambda: new_score(models["fp32"], text)),
+                "int8": scored("int8", lambda: new_score(models["int8"], text)),
+                f"fp32 rows={ROWS}": scored(
+                    f"fp32 rows={ROWS}", lambda: new_score(models["fp32"], text, ROWS)
+                ),
+                f"int8 rows={ROWS}": scored(
+                    f"int8 rows={ROWS}", lambda: new_score(models["int8"], text, ROWS)
+                ),
+                "baseline fp32": scored(
+                    "baseline fp32", lambda: baseline_score(baseline_model, text)
+                ),
+            },
+            warm_up=False,
+        )
+        rates = {
+            name: projection.flops / seconds.pop(f"GEMM {name}") / 1e9
+            for name in ("numpy", "onnxruntime")
+        }
+        floor = max(rates.values()) * 1e9 / flops
+        figures["gemm"] = {"gflops": rates, "flops_per_token": flops, "floor_tokens_per_s": floor}
+        print(
+            f"\nfp32 GEMM ({projection.ROWS} x {fp32.config['hidden_dim']}) @ "
+            f"({fp32.config['hidden_dim']} x {fp32.vocab_size}), {cores} threads, timed in the "
+            f"scoring rounds: numpy {rates['numpy']:.0f} GFLOP/s, onnxruntime "
+            f"{rates['onnxruntime']:.0f} GFLOP/s; {flops / 1e6:.2f} MFLOP a token -> floor "
+            f"{floor:,.0f} tokens/s"
+        )
+        tokens = results["fp32"][1]
+        rel = abs(results["fp32"][0] / results["baseline fp32"][0] - 1)
+        print(
+            f"\nscoring {size / MB:.1f} MB of corpus prose ({tokens:,} tokens), end to end, "
+            f"default threads ({cores}); fp32 NLL equals the baseline's to {rel:.1e} relative"
+        )
+        print(f"{'':16s}{'seconds':>9s}{'tokens/s':>11s}{'of floor':>10s}{'vs baseline':>13s}")
+        score_rows = {}
+        for name, secs in seconds.items():
+            tps = tokens / secs
+            score_rows[name] = tps
+            print(
+                f"{name:16s}{secs:9.2f}{tps:11,.0f}{tps / floor:10.0%}"
+                f"{tps / (tokens / seconds['baseline fp32']):12.2f}x"
+            )
+        batched = math.exp((results[f"fp32 rows={ROWS}"][0] - results["fp32"][0]) / tokens) - 1
+        print(
+            f"rows={ROWS}: {ROWS} segments of {segment_tokens(ROWS)} tokens side by side, each "
+            f"after the {CONTEXT} tokens before it; perplexity {batched:+.3%} against exact"
+        )
+        figures["score"] = {
+            "tokens": tokens,
+            "tokens_per_s": score_rows,
+            "nll_rel_diff": rel,
+            "batched_ppl_change": batched,
+        }
+
+        profile = {name: stage_profile(path, text) for name, path in paths.items()}
+        figures["profile"] = profile
+        print("\nwhere the time goes: each stage alone on one core, core-us a token")
+        print(
+            f"{'':6s}{'tokenize':>10s}{'recurrent':>11s}{'head':>8s}{'sum':>8s}"
+            f"{'/ cores':>9s}{'pipeline':>10s}{'busy':>7s}"
+        )
+        for name, stage in profile.items():
+            total = sum(stage.values())
+            wall = 1e6 / score_rows[name]
+            print(
+                f"{name:6s}{stage['tokenize_us']:10.1f}{stage['recurrent_us']:11.1f}"
+                f"{stage['head_us']:8.1f}{total:8.1f}{total / cores:9.1f}{wall:10.1f}"
+                f"{total / cores / wall:7.0%}"
+            )
+
+        # Generation.
+        gen: dict[str, Callable[[], object]] = {}
+        for threads in sorted({1, 2}):
+            for name, path in paths.items():
+                model = LanguageModel(path, threads=threads)
+                gen[f"{name} {threads}t"] = lambda m=model: m.generate(
+                    "", max_tokens=args.tokens, seed=0
+                )
+                gen[f"{name} {threads}t baseline"] = lambda m=model: baseline_generate(
+                    m, args.tokens
+                )
+        gen["gemv"] = projection.gemv
+        gen_seconds = best_of(args.rounds * 5, gen)
+        gemv_ms = gen_seconds.pop("gemv") * 1e3 / (projection.REPEAT * 10)
+        ms = {name: secs * 1e3 / args.tokens for name, secs in gen_seconds.items()}
+        figures["generate_ms_per_token"] = {**ms, "gemv bound": gemv_ms}
+        print(
+            f"\ngeneration, ms/token (one stream, temperature 1, {args.tokens} tokens, best of "
+            f"{args.rounds * 5}); bound of reading the fp32 projection once a token "
+            f"(onnxruntime GEMV alone, 1 core): {gemv_ms:.3f} ms"
+        )
+        print(f"{'':10s}{'generate':>10s}{'baseline':>10s}{'speed-up':>10s}")
+        for key in [k for k in ms if not k.endswith("baseline")]:
+            print(f"{key:10s}{ms[key]:10.3f}{ms[key + ' baseline']:10.3f}"
+                  f"{ms[key + ' baseline'] / ms[key]:9.2f}x")  # fmt: skip
+
+        # Accuracy of int8.
+        validation = args.processed / "validation.npy"
+        ppl = None
+        if validation.exists():
+            stream = np.load(validation).astype(np.int64)
+            ppl = {
+                name: LanguageModel(p, threads=cores).score_ids(stream).ppl
+                for name, p in paths.items()
+            }
+            figures["validation_ppl"] = ppl
+
+        # Peak memory of the CLI on a big input.
+        rss = None
+        if args.rss_mb > 0:
+            big = tmp / "rss.txt"
+            write_input(big, paragraphs, int(args.rss_mb * MB), "\n", 1)
+            cli = argparse.Namespace(
+                model=args.model, threads=None, pythonpath=None, timeout=7200.0
+            )
+            rss = run_cli_score(cli, big, [])
+            figures["cli_20mb"] = rss
+            print(
+                f"\n`rnnlm score` on {args.rss_mb:g} MB (subprocess): "
+                f"{rss.get('tokens', 0):,} tokens in {float(rss['seconds']):.1f} s wall "
+                f"({float(rss.get('tokens', 0)) / float(rss['scoring_seconds']):,.0f} tokens/s "
+                f"scoring), peak RSS {float(rss['peak_rss_mb']):.0f} MB"
+            )
+
+        print("\ntargets (issue 15)")
+        fp32_floor = score_rows["fp32"] / floor
+        print(f"  score fp32 >= {FLOOR_TARGET:.0%} of floor: {fp32_floor:.0%} "
+              f"({verdict(fp32_floor >= FLOOR_TARGET)})")  # fmt: skip
+        for suffix in ("", f" rows={ROWS}"):
+            q = score_rows[f"int8{suffix}"] / score_rows[f"fp32{suffix}"]
+            print(f"  score int8 >= {INT8_SCORE_TARGET}x fp32{suffix or ' (exact)'}: {q:.2f}x "
+                  f"({verdict(q >= INT8_SCORE_TARGET)})")  # fmt: skip
+        g = ms["fp32 1t baseline"] / ms["fp32 1t"]
+        print(f"  generation fp32 1 thread >= {GEN_TARGET}x today's: {g:.2f}x "
+              f"({verdict(g >= GEN_TARGET)})")  # fmt: skip
+        for threads in (1, 2):
+            g8 = ms[f"fp32 {threads}t"] / ms[f"int8 {threads}t"]
+            print(f"  generation int8 >= {INT8_GEN_TARGET}x fp32, {threads} thread(s): {g8:.2f}x "
+                  f"({verdict(g8 >= INT8_GEN_TARGET)})")  # fmt: skip
+        if ppl:
+            change = 100 * (ppl["int8"] / ppl["fp32"] - 1)
+            print(f"  int8 validation perplexity within {PPL_TOLERANCE_PCT}%: fp32 "
+                  f"{ppl['fp32']:.3f}, int8 {ppl['int8']:.3f} ({change:+.3f}%, "
+                  f"{verdict(abs(change) <= PPL_TOLERANCE_PCT)})")  # fmt: skip
+        if rss:
+            peak = float(rss["peak_rss_mb"])
+            print(f"  peak RSS <= {RSS_TARGET_MB:.0f} MB on {args.rss_mb:g} MB: {peak:.0f} MB "
+                  f"({verdict(peak <= RSS_TARGET_MB)})")  # fmt: skip
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2, default=float) + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@
 Builds each input by shuffling the paragraphs of the raw corpus (data/raw/, one paragraph a line
 as the `line` rule reads them; blank-line separated under `blank_line`) and repeating them up to
 the size asked for, or, with `--source synthetic`, from sentences of words drawn from the
-model's own vocabulary (Zipf-like). Then runs `python -m rnnlm.cli score --json` on it in a
-subprocess and reads that process's peak resident memory from the kernel (os.wait4's
-ru_maxrss). Prints a table against the targets: >= 1 MB/min (MB = 10^6 bytes) and <= 300 MB
-peak RSS whatever the size. Wall time includes the interpreter start and the model load (about
-a second). The figures depend on the machine and on what else runs on it: the load averages
+model's own vocabulary (Zipf-like). Then runs `rnnlm score --json` (rnnlm.cli) on it in a
+subprocess, which reports its own peak resident memory as it exits (VmHWM in
+/proc/self/status, Linux: the peak of its own address space; os.wait4's ru_maxrss would also
+count the parent's memory at the fork, a whole benchmark's when bench/inference.py runs this).
+Prints a table against the targets: >= 1 MB/min (MB = 10^6 bytes) and <= 300 MB peak RSS
+whatever the size. Wall time includes the interpreter start and the model load (about a
+second). The figures depend on the machine and on what else runs on it: the load averages
 before and after are printed with them. Not a test.
 """
 
@@ -24,6 +26,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,16 @@ from pathlib import Path
 
 MB = 1_000_000
 MIN_MB_PER_MIN, MAX_RSS_MB = 1.0, 300.0
+# Runs the CLI, then writes the process's peak resident memory on stderr (Linux only).
+_CLI_WITH_PEAK = """
+import runpy, sys
+try:
+    runpy.run_module("rnnlm.cli", run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as status:
+        sys.stderr.write("\\n" + next(line for line in status if line.startswith("VmHWM:")))
+"""
+_PEAK = re.compile(r"\nVmHWM:\s+(\d+) kB\s*$")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,7 +128,7 @@ def score(args: argparse.Namespace, path: Path, extra: list[str]) -> dict[str, f
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(args.pythonpath), env.get("PYTHONPATH")) if p
         )
-    command = [sys.executable, "-m", "rnnlm.cli", "score", "--json", "--model", str(args.model)]
+    command = [sys.executable, "-c", _CLI_WITH_PEAK, "score", "--json", "--model", str(args.model)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -124,17 +137,18 @@ def score(args: argparse.Namespace, path: Path, extra: list[str]) -> dict[str, f
         timer = threading.Timer(args.timeout, proc.kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+            proc.wait()
         finally:
             timer.cancel()
         seconds = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode(errors="replace")
+    peak = _PEAK.search(stderr)
+    stderr = stderr[: peak.start()] if peak else stderr
     row: dict[str, float | str] = {
         "seconds": seconds,
-        "peak_rss_mb": usage.ru_maxrss * 1024 / MB,  # ru_maxrss is in KiB on Linux
+        "peak_rss_mb": int(peak[1]) * 1024 / MB if peak else float("nan"),
         "exit": proc.returncode,
     }
     if proc.returncode == 0:

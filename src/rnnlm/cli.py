@@ -3,6 +3,7 @@
     rnnlm generate [--model M] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]
                    [--top-p P] [--seed S] [--num-samples N] [--stop-at-eos]
     rnnlm score    [--model M] [--per-sentence] [--json] [--no-cache] FILE|-   (any size: a stream)
+                   [--threads N] [--rows N]   (default: every core; exact: one row)
     rnnlm next     [--model M] [--prompt TEXT] [-k K] [--no-cache]
     rnnlm runs     [--sort COLUMN] [--json] [--all-params]   (the MLflow runs, side by side)
     rnnlm relog    [--tracking-uri URI]   (send what a training could not log to MLflow)
@@ -34,7 +35,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, NoReturn, TextIO
 
@@ -42,6 +43,8 @@ from rnnlm import runs
 from rnnlm.entry import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, one_line, run_guarded
 from rnnlm.errors import RnnlmError, format_duration
 from rnnlm.inference import (
+    CONTEXT,
+    MAX_ROWS,
     MAX_SAMPLES,
     MAX_THREADS,
     MAX_TOKENS,
@@ -49,7 +52,6 @@ from rnnlm.inference import (
     ScoreResult,
     SentenceScore,
 )
-from rnnlm.text import READ_BYTES
 
 DEFAULT_MODEL = Path("models/model.onnx")
 
@@ -109,7 +111,8 @@ def _command(
         "--threads",
         type=_number(int, 1, MAX_THREADS),
         default=None,
-        help="onnxruntime threads (default: all cores)",
+        help="cores to use (default: all of them for score, one for generate and next, "
+        "which run faster on one)",
     )
     return parser
 
@@ -190,6 +193,14 @@ def add_score(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_no_cache(parser)
+    parser.add_argument(
+        "--rows",
+        type=_number(int, 1, MAX_ROWS),
+        default=1,
+        help="score N segments of the text side by side: faster, but each segment then reads "
+        f"only the {CONTEXT} tokens before it, not the whole text, so the perplexity moves "
+        "slightly (default: 1, the state carried through the whole text)",
+    )
     parser.set_defaults(handler=run_score)
 
 
@@ -210,20 +221,6 @@ def open_input(name: str) -> BinaryIO:
         raise CliError(f"{path}: cannot read ({err.strerror})") from None
     except ValueError:  # a NUL byte: no file can have that name
         raise CliError(f"{name!r}: not a valid file name") from None
-
-
-def read_chunks(stream: BinaryIO, name: str) -> Iterator[bytes]:
-    """`stream` READ_BYTES at a time; a read error is one line naming the input."""
-    while True:
-        try:
-            chunk = stream.read(READ_BYTES)
-        except IsADirectoryError:
-            raise CliError(f"{name}: is a directory, expected a text file") from None
-        except OSError as err:
-            raise CliError(f"{name}: cannot read ({err.strerror})") from None
-        if not chunk:
-            return
-        yield chunk
 
 
 def _is_terminal(stream: TextIO | None) -> bool:
@@ -343,7 +340,7 @@ def run_score(args: argparse.Namespace) -> int:
             stack.callback(spool.close)
         try:
             result = model.score_stream(
-                read_chunks(stream, args.file), on_sentence, progress, name=args.file
+                stream, on_sentence, progress, name=args.file, rows=args.rows
             )
         except ValueError as err:
             raise CliError(f"{args.file}: {err}") from None

@@ -319,6 +319,9 @@ class ExportParams:
     atol: float = field(metadata=_range(0.0, 1.0, lo_open=True))
     latency_tokens: int = field(metadata=_range(1, 100000))
     latency_threads: int = field(metadata=_range(1, 256))
+    # Largest allowed |int8 - fp32| / fp32 validation perplexity, in percent; beyond it the
+    # export fails (the int8 model is a DVC out: it must be usable when it is there).
+    int8_max_ppl_change_pct: float = field(metadata=_range(0.0, 100.0, lo_open=True))
     registered_model_name: str | None  # null: log to MLflow without registering
     # The continuous cache's grid, searched on the validation split (rnnlm.cache.tune_cache):
     # every combination is tried, and the cache off (lambda 0) is always a candidate.

@@ -121,6 +121,22 @@ def test_score_streams_a_file_and_stdin_alike(
             )
 
 
+def test_score_rows(
+    tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--rows N scores segments side by side: the API's batched result; out of range, exit 2."""
+    path = tmp_path / "speech.txt"
+    path.write_bytes(SPEECH * 4)
+    expected = LanguageModel(tiny_onnx_model).score(decode_document(SPEECH * 4), rows=4)
+    code, out, err = run_cli(
+        capsys, "score", "--model", str(tiny_onnx_model), "--rows", "4", "--json", str(path)
+    )
+    assert code == 0 and err == ""
+    assert json.loads(out)["ppl"] == pytest.approx(expected.ppl, rel=1e-9)
+    code, out, err = run_cli(capsys, "score", "--model", str(tiny_onnx_model), "--rows", "0", "-")
+    assert code == 2 and out == "" and "argument --rows: must be >= 1 and <= 16, got 0" in err
+
+
 def test_score_per_sentence_as_text_and_as_json(
     tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -189,7 +205,7 @@ def test_score_decodes_a_long_input_as_a_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Past the sniffed head (SNIFF_BYTES, here 64), a byte that is not UTF-8 starts Latin-1."""
-    monkeypatch.setattr(cli, "READ_BYTES", 16)
+    monkeypatch.setattr(text_module, "READ_BYTES", 16)
     monkeypatch.setattr(text_module, "SNIFF_BYTES", 64)
     head = "We will build a strong nation, na\u00efve caf\u00e9.\n".encode() * 2
     data = head + "Today caf\u00e9 \u00e9t\u00e9.\n".encode("latin-1")

@@ -324,7 +324,7 @@ def test_run_end_to_end_logs_and_registers(
     assert written["parity/max_abs_err"] < 1e-4
     assert written["onnx/size_mb"] > written["int8/size_mb"] > 0
     assert written["onnx/ms_per_token"] > 0 and written["int8/speedup"] > 0
-    assert abs(written["int8/val_ppl_change_pct"]) < 5
+    assert abs(written["int8/val_ppl_change_pct"]) <= p.int8_max_ppl_change_pct  # the gate
 
     net = export.load_checkpoint(paths.models_dir / "model.ckpt")
     validation = np.load(paths.processed_dir / "validation.npy")
@@ -408,6 +408,27 @@ def test_failed_parity_leaves_models_untouched(trained_layout: Params) -> None:
     assert not (paths.models_dir / "model.int8.onnx").exists()
     assert not (paths.metrics_dir / "export.json").exists()
     assert sorted(p.name for p in paths.models_dir.parent.rglob("*")) == before
+
+
+def test_int8_perplexity_gate() -> None:
+    for int8, fails in ((100.49, False), (99.51, False), (100.51, True), (99.4, True)):
+        metrics = {"onnx/val_ppl": 100.0, "int8/val_ppl": int8}
+        if fails:
+            with pytest.raises(export.ExportError, match=r"more than export\.int8_max_ppl"):
+                export.check_int8_perplexity(metrics, 0.5)
+        else:
+            export.check_int8_perplexity(metrics, 0.5)
+
+
+def test_an_int8_model_off_the_gate_fails_the_stage_and_leaves_models_untouched(
+    trained_layout: Params,
+) -> None:
+    paths = trained_layout.paths
+    p = dataclasses.replace(trained_layout.export, int8_max_ppl_change_pct=1e-9)
+    with pytest.raises(export.ExportError, match=r"int8_max_ppl_change_pct = 1e-09%: quantize"):
+        export.run(p, paths, trained_layout.mlflow, digest="d" * 64)
+    assert sorted(f.name for f in paths.models_dir.iterdir()) == ["model.ckpt"]
+    assert not paths.export_metrics.exists()
 
 
 def test_int8_model_is_replaced_with_the_model_and_nothing_is_registered_without_a_name(

@@ -29,20 +29,27 @@ from rnnlm import export
 from rnnlm import text as text_module
 from rnnlm.cache import CacheSettings
 from rnnlm.inference import (
+    _IN_FLIGHT,
+    BATCH_TOKENS,
     CACHE_KEY,
+    CONTEXT,
+    MAX_ROWS,
     WINDOW,
     LanguageModel,
     ModelLoadError,
     SentenceScore,
+    _ScoringSessions,
+    _Stepper,
     cache_metadata,
     check_sampling,
     inverse_cdf,
     sample_next,
+    segment_tokens,
     softmax,
     token_nll,
 )
 from rnnlm.model import RNNLM
-from rnnlm.streams import EOS_ID
+from rnnlm.streams import EOS_ID, lm_pairs
 from rnnlm.text import (
     MAX_PARAGRAPH_CHARS,
     READ_BYTES,
@@ -51,6 +58,7 @@ from rnnlm.text import (
     cut_long,
     decode_document,
     decode_stream,
+    detokenize,
     normalize_line_ends,
     split_paragraphs,
 )
@@ -131,6 +139,94 @@ def test_score_equals_pytorch_perplexity(lstm: tuple[LanguageModel, RNNLM]) -> N
     assert sum(s.nll for s in result.sentences) == pytest.approx(result.nll)
     assert result.sentences[1].text == "Today congress must keep peace."
     assert result.to_dict(per_sentence=True)["sentences"][0]["tokens"] == 12
+
+
+@pytest.fixture(scope="module")
+def gru_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("gru") / "m.onnx", build_net("gru", hidden=16))
+
+
+# Several windows of lines: empty ones, one-word ones, unknown words, long sentences.
+LINES = [
+    "", "We will build a strong nation.", "peace", "", "  \t ", "Congress!",
+    "Today the president said that our people must keep the peace, and xyzzy will build.",
+    "nation", "We.",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_streamed_scoring_equals_the_per_token_reference(
+    lstm: tuple[LanguageModel, RNNLM], gru_path: Path, cell: str, threads: int
+) -> None:
+    """Every sentence's NLL and the total, streamed (pipelined with 2 threads, float32
+    log-softmax in the head), equal the float64 per-token NLLs of the logits within 1e-5."""
+    model = LanguageModel(lstm[0].path if cell == "lstm" else gru_path, threads=threads)
+    text = "\n".join(LINES * 80)
+    sentences_words = list(model.tokenizer.sentences(text))
+    ids = ids_of(model, [t for s in sentences_words for t in (*s, "<eos>")])
+    assert len(ids) > 10 * WINDOW
+    reference = model.token_nlls(ids)
+    sentences: list[SentenceScore] = []
+    result = model.score_stream(chunked(text.encode(), 100), on_sentence=sentences.append)
+    assert result.tokens == len(ids) and result.nll == pytest.approx(reference.sum(), rel=1e-6)
+    assert [s.words for s in sentences] == [tuple(w) for w in sentences_words]
+    ends = np.cumsum([s.tokens for s in sentences])
+    expected = np.add.reduceat(reference, np.concatenate([[0], ends[:-1]]))
+    np.testing.assert_allclose([s.nll for s in sentences], expected, rtol=1e-5)
+    for one_word in ("peace", "xyzzy", "we"):
+        single = model.score(one_word)
+        assert single.tokens == 2  # the word and <eos>
+        expected_one = model.token_nlls(ids_of(model, [one_word, "<eos>"])).sum()
+        assert single.nll == pytest.approx(expected_one, rel=1e-5)
+
+
+def batched_reference(model: LanguageModel, ids: list[int], rows: int) -> np.ndarray:
+    """Per-token NLLs (float64) of batched scoring, one segment at a time: each segment of
+    `segment_tokens(rows)` tokens read after the CONTEXT inputs before it from a zero state,
+    the first one from the stream's start."""
+    inputs, targets = lm_pairs(np.array(ids))
+    size = segment_tokens(rows)
+    out = []
+    for start in range(0, len(ids), size):
+        state = model.initial_state(1)
+        if start:
+            _, state = model.step(inputs[None, start - CONTEXT : start], state)
+        logits, _ = model.step(inputs[None, start : start + size], state)
+        out.append(token_nll(logits[0], targets[start : start + size]))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize(("rows", "threads"), [(4, 1), (16, 2), (3, 2)])
+def test_batched_scoring_equals_its_per_segment_reference(
+    gru_path: Path, rows: int, threads: int
+) -> None:
+    """Segments side by side: every sentence's NLL and the total equal the reference that
+    reads each segment alone after its context (float64, 1e-5); the sentences are those of
+    exact scoring, and the perplexity stays close to it."""
+    model = LanguageModel(gru_path, threads=threads)
+    text = "\n".join([*LINES * 80, "We will build."])
+    ids = ids_of(model, [t for s in model.tokenizer.sentences(text) for t in (*s, "<eos>")])
+    assert len(ids) > 2 * BATCH_TOKENS and len(ids) % segment_tokens(rows)  # a short last row
+    reference = batched_reference(model, ids, rows)
+    sentences: list[SentenceScore] = []
+    result = model.score_stream(chunked(text.encode(), 1000), sentences.append, rows=rows)
+    assert result.tokens == len(ids) and result.nll == pytest.approx(reference.sum(), rel=1e-6)
+    ends = np.cumsum([s.tokens for s in sentences])
+    expected = np.add.reduceat(reference, np.concatenate([[0], ends[:-1]]))
+    np.testing.assert_allclose([s.nll for s in sentences], expected, rtol=1e-5)
+    exact = model.score(text)
+    assert [s.words for s in sentences] == [s.words for s in exact.sentences]
+    assert result.ppl == pytest.approx(exact.ppl, rel=0.02)
+    one_word = model.score("peace", rows=rows)  # shorter than a segment: the exact start
+    assert one_word.nll == pytest.approx(model.score("peace").nll, rel=1e-5)
+
+
+def test_rows_out_of_range(gru_path: Path) -> None:
+    model = LanguageModel(gru_path)
+    for rows in (0, MAX_ROWS + 1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"rows = {rows!r}: must be an integer in \[1, "):
+            model.score("we will", rows=rows)  # type: ignore[arg-type]
 
 
 def test_score_ids_windows_carry_the_state(lstm: tuple[LanguageModel, RNNLM]) -> None:
@@ -214,8 +310,6 @@ def test_greedy_generation_follows_pytorch_argmax(lstm: tuple[LanguageModel, RNN
         ids.append(int(torch_logits(net, ids)[-1].argmax()))
     expected = " ".join(model.vocab[i] for i in ids[1:])
     text = model.generate("we will", max_tokens=12, temperature=0, include_prompt=True)[0]
-    from rnnlm.text import detokenize
-
     assert text == detokenize(expected.split(" "))
 
 
@@ -224,16 +318,51 @@ def test_generation_feeds_one_token_per_call(
 ) -> None:
     model, _ = lstm
     shapes: list[tuple[int, ...]] = []
-    run = model._run
+    run, step = model._run, _Stepper.step
 
-    def spy(ids: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple:
+    def spy_run(ids: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple:
         shapes.append(ids.shape)
         return run(ids, state)
 
-    monkeypatch.setattr(model, "_run", spy)
+    def spy_step(self: _Stepper, token: np.ndarray) -> np.ndarray:
+        shapes.append((*token.shape, 1))
+        return step(self, token)
+
+    monkeypatch.setattr(model, "_run", spy_run)
+    monkeypatch.setattr(_Stepper, "step", spy_step)
     model.generate("the president said", max_tokens=10, seed=0, num_samples=2)
     # The prompt (with its leading <eos>) once, then one token per call: never the prefix.
     assert shapes == [(1, 4)] + [(2, 1)] * 9
+
+
+def reference_generate(
+    model: LanguageModel, prompt: str, max_tokens: int, seed: int, **sampling: float
+) -> list[int]:
+    """What `generate` does, one plain session call and one `sample_next` per token."""
+    rng = np.random.default_rng(seed)
+    ids = [EOS_ID, *ids_of(model, model.prompt_tokens(prompt))]
+    logits, state = model.step(np.array([ids]))
+    out: list[int] = []
+    for _ in range(max_tokens):
+        token = int(sample_next(logits[:, -1], rng, **sampling)[0])  # type: ignore[arg-type]
+        out.append(token)
+        logits, state = model.step(np.array([[token]]), state)
+    return out
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8}, {"temperature": 1.3, "top_p": 0.5}],
+)
+def test_generation_through_bound_buffers_equals_plain_calls(
+    lstm: tuple[LanguageModel, RNNLM], sampling: dict[str, float]
+) -> None:
+    """The I/O-bound stepper and the reused sampler buffers change nothing: same seed, same
+    tokens as a session call and a fresh `sample_next` per token."""
+    model, _ = lstm
+    expected = reference_generate(model, "we will", 40, seed=5, **sampling)
+    text = model.generate("we will", max_tokens=40, seed=5, include_prompt=False, **sampling)  # type: ignore[arg-type]
+    assert text == [detokenize([model.vocab[i] for i in expected])]
 
 
 def test_stop_at_eos(eos_model: LanguageModel) -> None:
@@ -318,6 +447,54 @@ def test_sample_next_matches_softmax_and_respects_top_k_top_p() -> None:
     assert set(draws.tolist()) == set(nucleus.tolist())
     assert sample_next(logits, rng, top_k=1).tolist() == [int(probs.argmax())]
     assert sample_next(logits, rng, top_p=1e-9).tolist() == [int(probs.argmax())]
+
+
+def full_sort_sample(
+    logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int, top_p: float
+) -> np.ndarray:
+    """The reference: top-k by a full sort of each row, the nucleus by a stable full sort."""
+    rows, vocab = logits.shape
+    p = np.zeros((rows, vocab), dtype=np.float64 if temperature != 1 else logits.dtype)
+    for r in range(rows):
+        keep = np.sort(np.argsort(-logits[r], kind="stable")[: top_k or vocab])  # ties: low ids
+        x = logits[r, keep] - logits[r, keep].max()
+        q = np.exp(x / np.float64(temperature) if temperature != 1 else x)
+        order = np.argsort(-q, kind="stable")
+        ranked = q[order]
+        mass_before = np.cumsum(ranked, dtype=np.float64) - ranked
+        ranked[mass_before >= top_p * q.sum(dtype=np.float64)] = 0
+        q[order] = ranked
+        p[r, keep] = q
+    return inverse_cdf(p, rng.random(rows))
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [
+        (1.0, 0, 0.9),
+        (1.0, 0, 0.05),
+        (0.8, 0, 0.5),
+        (1.0, 3, 1.0),
+        (1.0, 50, 0.7),
+        (2.0, 1000, 0.99),
+    ],
+)
+def test_top_k_and_top_p_draw_what_a_full_sort_draws(
+    temperature: float, top_k: int, top_p: float
+) -> None:
+    """Partial selection (argpartition, a growing nucleus search) draws the same tokens as
+    sorting the whole vocabulary, from the same uniforms: peaked and flat rows, ties."""
+    rng = np.random.default_rng(7)
+    vocab = 3000
+    logits = rng.normal(size=(40, vocab)).astype(np.float32) * rng.uniform(0.1, 8, (40, 1))
+    logits[5, :100] = logits[5, 0]  # a tie across the nucleus boundary
+    logits[6] = 0.0  # a flat row: the nucleus is a prefix in index order
+    logits[7, 2999] = 40.0  # one token holds all the mass
+    for _ in range(5):
+        seed = int(rng.integers(1 << 30))
+        got = sample_next(logits, np.random.default_rng(seed), temperature, top_k, top_p)
+        want = full_sort_sample(logits, np.random.default_rng(seed), temperature, top_k, top_p)
+        assert got.tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("temperature", [1e-30, 1e-300, 1e6, 1e300])
@@ -610,15 +787,17 @@ def test_the_paragraph_rules_read_prose_differently(
     assert by_block.tokens == by_line.tokens - 1  # "... keep peace / and our ...": one sentence
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 def test_score_stream_scores_while_it_reads(
-    lstm: tuple[LanguageModel, RNNLM], monkeypatch: pytest.MonkeyPatch
+    lstm: tuple[LanguageModel, RNNLM], monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
     """Each sentence is scored soon after its bytes are read: an implementation that read
-    the whole input first (or tokenized it all first) fails at the first sentence."""
-    model, _ = lstm
+    the whole input first (or tokenized it all first) fails at the first sentence. With two
+    threads the windows go through the pipeline, a few of them in flight at once."""
+    model = LanguageModel(lstm[0].path, threads=threads)
     monkeypatch.setattr(text_module, "SNIFF_BYTES", 4096)
     paragraph = b"We will build a strong nation. Today congress must keep peace. " * 3 + b"\n"
-    data = paragraph * 1000  # 190 kB, 6 sentences a paragraph
+    data = paragraph * 2000  # 380 kB, 6 sentences a paragraph
     read = 0
 
     def source() -> Iterator[bytes]:
@@ -628,13 +807,13 @@ def test_score_stream_scores_while_it_reads(
             yield chunk
 
     windows: list[int] = []
-    run = model._run
+    recur = _ScoringSessions.recur
 
-    def spy(ids: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple:
-        windows.append(ids.shape[1])
-        return run(ids, state)
+    def spy(self: _ScoringSessions, inputs: np.ndarray, state: tuple) -> tuple:
+        windows.append(inputs.shape[1])
+        return recur(self, inputs, state)
 
-    monkeypatch.setattr(model, "_run", spy)
+    monkeypatch.setattr(_ScoringSessions, "recur", spy)
     lags: list[int] = []
 
     def on_sentence(sentence: SentenceScore) -> None:
@@ -642,9 +821,12 @@ def test_score_stream_scores_while_it_reads(
         lags.append(read - ends_by)
 
     result = model.score_stream(source(), on_sentence)
-    assert len(lags) == 6 * 1000 and result.bytes == len(data)
-    # Ahead of the scored sentences: the sniffed head, a chunk, a paragraph, a window's tokens.
-    assert max(lags) < 4096 + 1000 + len(paragraph) + 2 * WINDOW * 5 < len(data) // 20
+    assert len(lags) == 6 * 2000 and result.bytes == len(data)
+    # Ahead of the scored sentences: the sniffed head, a chunk, a paragraph, the windows in
+    # flight and the one being filled (5 bytes a token).
+    in_flight = _IN_FLIGHT if threads > 1 else 1
+    assert max(lags) < 4096 + 1000 + len(paragraph) + (in_flight + 1) * WINDOW * 5
+    assert max(lags) < len(data) // 20
     assert windows == [WINDOW] * (result.tokens // WINDOW) + [result.tokens % WINDOW]
 
 
@@ -656,7 +838,7 @@ class ReadRecorder(io.RawIOBase):
         self.sizes: list[int] = []
 
     def read(self, size: int = -1) -> bytes:
-        assert 0 < size <= READ_BYTES, f"read({size})"
+        assert 0 < size <= text_module.READ_BYTES, f"read({size})"
         self.sizes.append(size)
         return self._file.read(size)
 
@@ -688,6 +870,37 @@ def test_score_stream_memory_does_not_grow_with_the_input(
     two_sentences = "We will build a strong nation.\nToday congress must keep peace."
     assert result.tokens == model.score(two_sentences).tokens
     assert peak < 3 * text_module.SNIFF_BYTES < result.bytes // 2
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_pipelined_scoring_memory_is_bounded_by_its_buffers(
+    lstm: tuple[LanguageModel, RNNLM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    """A generated input of a few hundred windows, read through a 4 kB buffer (a 16 kB sniffed
+    head) by the two-thread pipeline: what it holds (windows or batches in flight, open
+    sentences, the reads) stays under 200 kB, less than half the input."""
+    monkeypatch.setattr(text_module, "READ_BYTES", 4096)
+    monkeypatch.setattr(text_module, "SNIFF_BYTES", 16384)
+    model = LanguageModel(lstm[0].path, threads=2)
+    rng = np.random.default_rng(0)
+    words = np.array(["we", "will", "build", "a", "strong", "nation", "peace", "congress"])
+    lines = [" ".join(rng.choice(words, rng.integers(1, 30))) + "." for _ in range(6_000)]
+    path = tmp_path / "generated.txt"
+    path.write_text("\n".join(lines))
+    model.score("we will")  # builds the scoring sessions: memory of the model, not the input
+    source = ReadRecorder(path)
+    tracemalloc.start()
+    try:
+        result = model.score_stream(source, rows=rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        source.close()
+    assert result.tokens > 300 * WINDOW and result.tokens == 2 * 6_000 + sum(
+        line.count(" ") + 1 for line in lines
+    )
+    assert max(source.sizes) == 4096 and result.bytes == path.stat().st_size
+    assert peak < 200_000 < result.bytes // 2, peak
 
 
 def test_score_stream_refusals(lstm: tuple[LanguageModel, RNNLM], tmp_path: Path) -> None:
