@@ -71,9 +71,9 @@ ONNX_ARTIFACT = "onnx_model"  # the model's artifact name for the .onnx file
 MODEL_CODE = Path(__file__).with_name("served_model.py")
 # The rnnlm modules TextModel needs, shipped as the model's code: what serving.py imports,
 # transitively (a unit test keeps the list in step with the imports).
-SERVED_MODULES = ("__init__", "cache", "errors", "inference", "serving", "streams", "text")
+SERVED_MODULES = ("__init__", "cache", "errors", "graphs", "inference", "serving", "streams", "text")
 # What the served model imports, pinned in its requirements: no torch, no Lightning.
-SERVED_PACKAGES = ("mlflow", "onnxruntime", "numpy", "nltk", "pandas")
+SERVED_PACKAGES = ("mlflow", "onnx", "onnxruntime", "numpy", "nltk", "pandas")
 
 TASKS = ("score", "next", "generate")
 DEFAULT_TASK = "score"
