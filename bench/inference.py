@@ -54,11 +54,11 @@ from rnnlm.inference import (
     LanguageModel,
     default_threads,
     inverse_cdf,
+    read_chunks,
     segment_tokens,
     session_options,
 )
 from rnnlm.streams import EOS_ID, UNK_ID, lm_pairs
-from rnnlm.text import read_chunks
 
 MB = 1_000_000
 FLOOR_TARGET, INT8_SCORE_TARGET, RSS_TARGET_MB = 0.60, 1.6, 300.0
