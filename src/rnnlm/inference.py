@@ -57,7 +57,7 @@ import onnxruntime as ort
 from rnnlm.cache import CacheSettings, ContinuousCache
 from rnnlm.errors import RnnlmError, short_repr
 from rnnlm.streams import EOS, EOS_ID, UNK, UNK_ID, check_token_ids, lm_pairs
-from rnnlm.text import TextTokenizer, detokenize, read_chunks
+from rnnlm.text import READ_BYTES, TextTokenizer, detokenize
 
 log = logging.getLogger(__name__)
 
@@ -964,6 +964,46 @@ class _Stepper:
         self._session.run_with_iobinding(self._bindings[self._turn])
         self._turn ^= 1
         return self._logits[:, 0, :]
+
+
+def read_chunks(source: BinaryIO | Iterable[bytes], size: int | None = None) -> Iterator[bytes]:
+    """`source` as bytes chunks: a binary file read `size` (default READ_BYTES) bytes at a time,
+    or an iterable of bytes chunks passed on as it is.
+
+    The one reader of a text to score (`score_stream`, and so `rnnlm score`): ValueError, in
+    one line that does not name the input (the caller knows its name), for a file opened in
+    text mode, a folder, a read error or a chunk that is not bytes.
+    """
+    read = getattr(source, "read", None)
+    if read is None:
+        if isinstance(source, str | bytes | bytearray | memoryview):
+            raise ValueError(
+                f"source = {short_repr(source)}: expected a binary file or an iterable of bytes "
+                "chunks (score(text) scores a str)"
+            )
+        for chunk in source:
+            if not isinstance(chunk, bytes | bytearray | memoryview):
+                raise ValueError(
+                    f"source: chunk {short_repr(chunk)}: expected bytes, got {type(chunk).__name__}"
+                )
+            yield bytes(chunk)
+        return
+    size = READ_BYTES if size is None else size
+    while True:
+        try:
+            chunk = read(size)
+        except IsADirectoryError:
+            raise ValueError("is a directory, expected a text file") from None
+        except OSError as err:
+            raise ValueError(f"cannot read ({err.strerror or err})") from None
+        if not chunk:
+            return
+        if not isinstance(chunk, bytes | bytearray):
+            raise ValueError(
+                f"a file opened in text mode (read gave {type(chunk).__name__}); "
+                "open it in binary mode ('rb')"
+            )
+        yield bytes(chunk)
 
 
 class LanguageModel:

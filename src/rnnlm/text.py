@@ -20,11 +20,10 @@ import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from rnnlm.errors import short_repr
 from rnnlm.streams import EOS, UNK_ID
 
 # Any nltk.* import runs NLTK's package __init__, which loads nearly all of NLTK and, through
@@ -98,46 +97,6 @@ def decode_document(data: bytes) -> str:
 def _slices(text: str, size: int = READ_BYTES) -> Iterator[str]:
     for start in range(0, len(text), size):
         yield text[start : start + size]
-
-
-def read_chunks(source: BinaryIO | Iterable[bytes], size: int | None = None) -> Iterator[bytes]:
-    """`source` as bytes chunks: a binary file read `size` (default READ_BYTES) bytes at a time,
-    or an iterable of bytes chunks passed on as it is.
-
-    The one reader of a text to score: ValueError, in one line that does not name the input
-    (the caller knows its name), for a file opened in text mode, a folder, a read error or a
-    chunk that is not bytes.
-    """
-    read = getattr(source, "read", None)
-    if read is None:
-        if isinstance(source, str | bytes | bytearray | memoryview):
-            raise ValueError(
-                f"source = {short_repr(source)}: expected a binary file or an iterable of bytes "
-                "chunks (score(text) scores a str)"
-            )
-        for chunk in source:
-            if not isinstance(chunk, bytes | bytearray | memoryview):
-                raise ValueError(
-                    f"source: chunk {short_repr(chunk)}: expected bytes, got {type(chunk).__name__}"
-                )
-            yield bytes(chunk)
-        return
-    size = READ_BYTES if size is None else size
-    while True:
-        try:
-            chunk = read(size)
-        except IsADirectoryError:
-            raise ValueError("is a directory, expected a text file") from None
-        except OSError as err:
-            raise ValueError(f"cannot read ({err.strerror or err})") from None
-        if not chunk:
-            return
-        if not isinstance(chunk, bytes | bytearray):
-            raise ValueError(
-                f"a file opened in text mode (read gave {type(chunk).__name__}); "
-                "open it in binary mode ('rb')"
-            )
-        yield bytes(chunk)
 
 
 def decode_stream(

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rnnlm import cli, export
+from rnnlm import cli, export, inference
 from rnnlm import text as text_module
 from rnnlm.cache import CacheSettings
 from rnnlm.cli import SUBCOMMANDS, build_parser, main
@@ -205,7 +205,7 @@ def test_score_decodes_a_long_input_as_a_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Past the sniffed head (SNIFF_BYTES, here 64), a byte that is not UTF-8 starts Latin-1."""
-    monkeypatch.setattr(text_module, "READ_BYTES", 16)
+    monkeypatch.setattr(inference, "READ_BYTES", 16)
     monkeypatch.setattr(text_module, "SNIFF_BYTES", 64)
     head = "We will build a strong nation, na\u00efve caf\u00e9.\n".encode() * 2
     data = head + "Today caf\u00e9 \u00e9t\u00e9.\n".encode("latin-1")

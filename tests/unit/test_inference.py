@@ -25,7 +25,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnnlm import export
+from rnnlm import export, inference
 from rnnlm import text as text_module
 from rnnlm.cache import CacheSettings
 from rnnlm.inference import (
@@ -838,7 +838,7 @@ class ReadRecorder(io.RawIOBase):
         self.sizes: list[int] = []
 
     def read(self, size: int = -1) -> bytes:
-        assert 0 < size <= text_module.READ_BYTES, f"read({size})"
+        assert 0 < size <= inference.READ_BYTES, f"read({size})"
         self.sizes.append(size)
         return self._file.read(size)
 
@@ -879,7 +879,7 @@ def test_pipelined_scoring_memory_is_bounded_by_its_buffers(
     """A generated input of a few hundred windows, read through a 4 kB buffer (a 16 kB sniffed
     head) by the two-thread pipeline: what it holds (windows or batches in flight, open
     sentences, the reads) stays under 200 kB, less than half the input."""
-    monkeypatch.setattr(text_module, "READ_BYTES", 4096)
+    monkeypatch.setattr(inference, "READ_BYTES", 4096)
     monkeypatch.setattr(text_module, "SNIFF_BYTES", 16384)
     model = LanguageModel(lstm[0].path, threads=2)
     rng = np.random.default_rng(0)
