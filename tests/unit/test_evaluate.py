@@ -173,7 +173,8 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     (paths.metrics_dir / "train.json").write_text(
         json.dumps({**train_metrics, "test_ppl": torch_ppl * 1.002})
     )
-    with pytest.raises(evaluate.EvaluateError, match=r"by 0\.2\d*% > evaluate\.tolerance = 0\.1%"):
+    # |ONNX - 1.002 x PyTorch| / (1.002 x PyTorch) = 0.1996%, give or take ONNX's 1e-6.
+    with pytest.raises(evaluate.EvaluateError, match=r"by 0\.(199|2)\d*% > evaluate\.tolerance"):
         evaluate.run(EVAL_PARAMS, paths, exported.mlflow)
     assert {name: (paths.metrics_dir / name).read_bytes() for name in before} == before
     loose = dataclasses.replace(EVAL_PARAMS, tolerance=0.01, sample_prompts={}, kn_order=2)
