@@ -50,6 +50,42 @@ def _restore_rnnlm_logger() -> Iterator[None]:
     logger.handlers[:], logger.level, logger.propagate = saved
 
 
+# What a process reads to decide whether it is one rank of a distributed run. A test that
+# leaves one of these in the worker's environment makes every later `python -m rnnlm.train`
+# it starts believe it is a child rank (a DDP run then waits forever for the missing rank).
+DISTRIBUTED_ENV = (
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "RANK",
+    "GROUP_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_PROCID",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_distributed_env() -> Iterator[None]:
+    """Fail the test that leaves a rank or rendezvous variable behind in os.environ."""
+    before = {name: os.environ.get(name) for name in DISTRIBUTED_ENV}
+    yield
+    leaked = {
+        name: os.environ.get(name)
+        for name in DISTRIBUTED_ENV
+        if os.environ.get(name) != before[name]
+    }
+    for name, value in before.items():
+        if name in leaked:
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    assert not leaked, f"the test left distributed variables in os.environ: {leaked}"
+
+
 @pytest.fixture
 def tiny_docs() -> dict[str, str]:
     """Twenty synthetic documents plus a README, file name -> text."""

@@ -25,7 +25,8 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -342,6 +343,27 @@ class Session:
     tracked: tracking.TrackedRun | None
 
 
+# What Lightning's DDP launcher writes into os.environ of the process that calls fit (rank 0)
+# before it starts the other ranks.
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def launcher_env_restored() -> Iterator[None]:
+    """Give the caller back its environment after a DDP run. Left behind, LOCAL_RANK tells the
+    next training started from this process (or any process it starts) that it is a child rank,
+    so it waits forever for a rank 0 that never comes."""
+    before = {name: os.environ.get(name) for name in LAUNCHER_ENV}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run(
     model_p: ModelParams,
     train_p: TrainParams,
@@ -353,6 +375,19 @@ def run(
 ) -> dict[str, Any]:
     """Train, test the best checkpoint, write outputs, track the run; return the final metrics
     (train.json's, with train_run.json's run id and accelerator); {} in the other processes."""
+    with launcher_env_restored():
+        return _run(model_p, train_p, ml, paths, corpus_name, params_file, extra_params)
+
+
+def _run(
+    model_p: ModelParams,
+    train_p: TrainParams,
+    ml: MlflowParams,
+    paths: Paths,
+    corpus_name: str,
+    params_file: Path | None,
+    extra_params: dict[str, Any] | None,
+) -> dict[str, Any]:
     session = set_up(model_p, train_p, ml, paths, corpus_name, extra_params)
     tracked = session.tracked
     try:

@@ -297,6 +297,10 @@ def test_a_node_that_never_joins_ends_the_wait_naming_the_address(
         f"device(s)) at {address}: start the training on every node"
     )
     assert f"waiting for 2 node(s) to join at {address}" in caplog.text
+    # Lightning's launcher wrote LOCAL_RANK and WORLD_SIZE; the next training in this process
+    # must not take itself for a child rank.
+    assert "LOCAL_RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    assert os.environ["MASTER_PORT"] == address.rsplit(":", 1)[1]
     (run,) = _client(p).search_runs([e.experiment_id for e in _client(p).search_experiments()])
     assert run.info.status == "FAILED"
 
