@@ -71,7 +71,16 @@ ONNX_ARTIFACT = "onnx_model"  # the model's artifact name for the .onnx file
 MODEL_CODE = Path(__file__).with_name("served_model.py")
 # The rnnlm modules TextModel needs, shipped as the model's code: what serving.py imports,
 # transitively (a unit test keeps the list in step with the imports).
-SERVED_MODULES = ("__init__", "cache", "errors", "graphs", "inference", "serving", "streams", "text")
+SERVED_MODULES = (
+    "__init__",
+    "cache",
+    "errors",
+    "graphs",
+    "inference",
+    "serving",
+    "streams",
+    "text",
+)
 # What the served model imports, pinned in its requirements: no torch, no Lightning.
 SERVED_PACKAGES = ("mlflow", "onnx", "onnxruntime", "numpy", "nltk", "pandas")
 
@@ -230,7 +239,13 @@ def read_texts(model_input: Any) -> list[str | None]:
     if isinstance(model_input, pd.DataFrame):
         if TEXT_COLUMN not in model_input.columns:
             columns = ", ".join(short_repr(str(c), 30) for c in model_input.columns[:10])
-            raise RequestError(f"no {TEXT_COLUMN!r} column (columns: {columns or 'none'})")
+            # Behind MLflow's schema enforcement the other columns are already dropped.
+            raise RequestError(
+                f"no {TEXT_COLUMN!r} column"
+                + (f" (columns: {columns})" if columns else "")
+                + f': send {{"dataframe_records": [{{"{TEXT_COLUMN}": "..."}}]}} or '
+                '{"inputs": ["...", ...]}'
+            )
         values = model_input[TEXT_COLUMN].tolist()
     elif isinstance(model_input, list | tuple | pd.Series):
         values = list(model_input)
@@ -350,7 +365,11 @@ def signature() -> ModelSignature:
     types = {"task": "string", **{name: dtype for name, (dtype, _) in TASK_PARAMS.items()}}
     params = ParamSchema([ParamSpec(name, types[name], defaults[name]) for name in defaults])
     return ModelSignature(
-        inputs=Schema([ColSpec("string", TEXT_COLUMN)]), outputs=outputs, params=params
+        # Optional only so that a request without it reaches read_texts' one-line refusal:
+        # MLflow's own would echo the whole request back on a second line.
+        inputs=Schema([ColSpec("string", TEXT_COLUMN, required=False)]),
+        outputs=outputs,
+        params=params,
     )
 
 

@@ -147,7 +147,12 @@ def test_bad_requests_get_400_with_the_reason(server: Server) -> None:
     text_records = [{"text": t} for t in TEXTS]
     # (payload, the message, or a piece of it for MLflow's own refusals)
     cases: list[tuple[object, str, bool]] = [
-        ({"dataframe_records": [{"txt": "a"}]}, "Model is missing inputs ['text']", False),
+        (
+            {"dataframe_records": [{"txt": "a"}]},
+            'no \'text\' column: send {"dataframe_records": [{"text": "..."}]} or '
+            '{"inputs": ["...", ...]}',
+            True,
+        ),
         (
             {"dataframe_records": [{"text": "a"}, {"text": 5}]},
             "text[1] = 5: expected a string, got int",

@@ -116,7 +116,10 @@ def test_a_bad_document_gets_an_error_row_not_a_refusal(served: serving.TextMode
 
 def test_malformed_requests_are_refused_in_one_line(served: serving.TextModel) -> None:
     frame = pd.DataFrame({"text": TEXTS})
-    assert refusal(served, pd.DataFrame({"txt": TEXTS})) == "no 'text' column (columns: 'txt')"
+    assert refusal(served, pd.DataFrame({"txt": TEXTS})) == (
+        'no \'text\' column (columns: \'txt\'): send {"dataframe_records": [{"text": "..."}]} '
+        'or {"inputs": ["...", ...]}'
+    )
     assert refusal(served, pd.DataFrame({"text": ["a", 5]})) == (
         "text[1] = 5: expected a string, got int"
     )
