@@ -219,7 +219,7 @@ def new_score(model: LanguageModel, path: Path, rows: int = 1) -> tuple[float, i
 
 def stage_profile(model_path: Path, path: Path, max_tokens: int = 200_000) -> dict[str, float]:
     """Core-microseconds a token of each scoring stage alone, on one core (CPU time)."""
-    model = LanguageModel(model_path, threads=1)
+    model = LanguageModel(model_path, threads=1, cache=False)
     sessions = model._scoring_sessions()
     started = time.process_time()
     ids: list[int] = []
@@ -320,9 +320,12 @@ def main(argv: list[str] | None = None) -> None:
         paragraphs = corpus_paragraphs(args.source)
         text = tmp / "score.txt"
         size = write_input(text, paragraphs, int(args.score_mb * MB), "\n", 0)
-        models = {name: LanguageModel(path) for name, path in paths.items()}
+        # The network alone, as the baseline scores; the shipped continuous cache (when the
+        # model carries one) as its own contender.
+        models = {name: LanguageModel(path, cache=False) for name, path in paths.items()}
         baseline_model = LanguageModel(args.model, threads=cores)  # today's: all cores
-        for model in models.values():  # warm-up: the scoring sessions are built once
+        cached = {"fp32 cache": LanguageModel(args.model)} if fp32.cache else {}
+        for model in [*models.values(), *cached.values()]:  # the scoring sessions: built once
             model.score("We will build a strong nation.")
         results: dict[str, tuple[float, int]] = {}
 
@@ -348,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
                 "baseline fp32": scored(
                     "baseline fp32", lambda: baseline_score(baseline_model, text)
                 ),
+                **{
+                    name: scored(name, lambda m=model: new_score(m, text))
+                    for name, model in cached.items()
+                },
             },
             warm_up=False,
         )
@@ -419,13 +426,16 @@ def main(argv: list[str] | None = None) -> None:
         gen: dict[str, Callable[[], object]] = {}
         for threads in sorted({1, 2}):
             for name, path in paths.items():
-                model = LanguageModel(path, threads=threads)
+                model = LanguageModel(path, threads=threads, cache=False)
                 gen[f"{name} {threads}t"] = lambda m=model: m.generate(
                     "", max_tokens=args.tokens, seed=0
                 )
                 gen[f"{name} {threads}t baseline"] = lambda m=model: baseline_generate(
                     m, args.tokens
                 )
+        for name, model in cached.items():  # sampling from the mixture, one thread
+            one_thread = LanguageModel(model.path, threads=1)
+            gen[f"{name} 1t"] = lambda m=one_thread: m.generate("", max_tokens=args.tokens, seed=0)
         gen["gemv"] = projection.gemv
         gen_seconds = best_of(args.rounds * 5, gen)
         gemv_ms = gen_seconds.pop("gemv") * 1e3 / projection.GEMV_REPEAT
@@ -437,9 +447,11 @@ def main(argv: list[str] | None = None) -> None:
             f"(onnxruntime GEMV alone, 1 core): {gemv_ms:.3f} ms"
         )
         print(f"{'':10s}{'generate':>10s}{'baseline':>10s}{'speed-up':>10s}")
-        for key in [k for k in ms if not k.endswith("baseline")]:
+        for key in [k for k in ms if not k.endswith("baseline") and "cache" not in k]:
             print(f"{key:10s}{ms[key]:10.3f}{ms[key + ' baseline']:10.3f}"
                   f"{ms[key + ' baseline'] / ms[key]:9.2f}x")  # fmt: skip
+        for key in [k for k in ms if "cache" in k]:
+            print(f"{key}: {ms[key]:.3f} ms/token, {ms[key] / ms['fp32 1t'] - 1:+.0%} on fp32 1t")
 
         # Accuracy of int8.
         validation = args.processed / "validation.npy"
@@ -447,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         if validation.exists():
             stream = np.load(validation).astype(np.int64)
             ppl = {
-                name: LanguageModel(p, threads=cores).score_ids(stream).ppl
+                name: LanguageModel(p, threads=cores, cache=False).score_ids(stream).ppl
                 for name, p in paths.items()
             }
             figures["validation_ppl"] = ppl

@@ -170,6 +170,15 @@ class ContinuousCache:
         """The word that followed each cached vector: (len(self),) int64, a view."""
         return self._words[self._start : self._end]
 
+    def copy(self) -> ContinuousCache:
+        """An independent cache holding the same pairs (one per sample when a prompt's
+        continuations diverge)."""
+        settings = self.settings
+        twin = ContinuousCache(settings.window, settings.theta, settings.lam)
+        twin._keys, twin._words = self.keys.copy(), self.words.copy()
+        twin._start, twin._end = 0, len(self)
+        return twin
+
     def extend(self, hidden: np.ndarray, words: Sequence[int] | np.ndarray) -> None:
         """Cache `hidden` (n, d) with the word that followed each (n,); keep the last window."""
         hidden, words = self._check(hidden, words)
@@ -244,6 +253,37 @@ class ContinuousCache:
         weights = np.exp(self.settings.theta * (scores - scores.max()))
         cache = np.bincount(self.words, weights=weights, minlength=len(probs)) / weights.sum()
         return (1 - self.settings.lam) * probs + self.settings.lam * cache
+
+    def mixed_logits(self, logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        """Logits (V,) float32 whose softmax is `distribution(softmax(logits), hidden)`: what
+        a sampler draws from. Only the cached words' entries change (the others keep their
+        ratios, all scaled by 1 - lambda), so a step costs O(window) plus one log-sum-exp
+        over the vocabulary, not several passes in float64."""
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.ndim != 1:
+            raise ValueError(f"logits must be one row (V,), got {logits.shape}")
+        query, _ = self._check(np.asarray(hidden)[None], [0])
+        if not len(self) or self.settings.lam == 0:
+            return logits.copy()
+        words = self.words
+        if words.max() >= len(logits):
+            raise ValueError(
+                f"the cache holds word id {words.max()}; the logits cover {len(logits)}"
+            )
+        scores = (self.keys @ query[0]).astype(np.float64)
+        weights = np.exp(self.settings.theta * (scores - scores.max()))
+        # p_cache of each cached position's word (a repeated word: the same value each time)
+        p_cache = np.bincount(words, weights=weights, minlength=len(logits))[words]
+        p_cache /= weights.sum()
+        top = float(logits.max())
+        out = np.subtract(logits, top)
+        log_z = top + math.log(float(np.exp(out, out=out).sum()))
+        out[:] = logits
+        p_model = np.exp(logits[words].astype(np.float64) - log_z)
+        lam = self.settings.lam
+        # log((1 - lam) p_model + lam p_cache), shifted by log_z - log(1 - lam) like the rest
+        out[words] = log_z + np.log(p_model + lam / (1 - lam) * p_cache)
+        return out
 
     def _check(
         self, hidden: np.ndarray, words: Sequence[int] | np.ndarray

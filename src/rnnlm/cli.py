@@ -1,7 +1,7 @@
 """The `rnnlm` command: use an exported model (models/model.onnx) on CPU with onnxruntime.
 
     rnnlm generate [--model M] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]
-                   [--top-p P] [--seed S] [--num-samples N] [--stop-at-eos]
+                   [--top-p P] [--seed S] [--num-samples N] [--stop-at-eos] [--no-cache]
     rnnlm score    [--model M] [--per-sentence] [--json] [--no-cache] FILE|-   (any size: a stream)
                    [--threads N] [--rows N]   (default: every core; exact: one row)
     rnnlm next     [--model M] [--prompt TEXT] [-k K] [--no-cache]
@@ -9,10 +9,10 @@
     rnnlm relog    [--tracking-uri URI]   (send what a training could not log to MLflow)
 
 The model file is self-contained (vocabulary and tokenizer are in its metadata), so `--model`
-is all a subcommand needs. `score` and `next` use the continuous cache the export stage tuned
-(rnnlm.cache) when the model carries it; `--no-cache` gives the network alone. Exit codes
-(rnnlm.entry lists them all): 0 success; 1 the model or the input cannot be used; 2 bad
-command-line arguments; 130 Ctrl-C. Errors are one line on stderr; only a bug shows a
+is all a subcommand needs. `score`, `next` and `generate` use the continuous cache the export
+stage tuned (rnnlm.cache) when the model carries it; `--no-cache` gives the network alone.
+Exit codes (rnnlm.entry lists them all): 0 success; 1 the model or the input cannot be used;
+2 bad command-line arguments; 130 Ctrl-C. Errors are one line on stderr; only a bug shows a
 traceback, and says that it is one.
 
 Adding a subcommand: write `add_<name>(subparsers)` that creates its parser with `_command`
@@ -165,11 +165,12 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--stop-at-eos", action="store_true", help="end each text at its first end of sentence"
     )
+    _add_no_cache(parser)
     parser.set_defaults(handler=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = _load(args, cache=not args.no_cache)
     texts = model.generate(
         args.prompt,
         max_tokens=args.max_tokens,

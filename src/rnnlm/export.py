@@ -443,11 +443,13 @@ def quantize_model(src: Path, dst: Path, cell: str) -> None:
 def measure_latency(
     path: Path, n_tokens: int, threads: int, warmup: int = 20, rounds: int = 3
 ) -> float:
-    """Milliseconds per token of single-stream sampling through `LanguageModel.generate`.
+    """Milliseconds per token of single-stream sampling through `LanguageModel.generate`,
+    the network alone (the cache's mixing is numpy, the same for fp32 and int8, and would
+    blur what quantization gains).
 
     The best of `rounds` runs of `n_tokens`: the least disturbed by other processes.
     """
-    model = LanguageModel(path, threads=threads)
+    model = LanguageModel(path, threads=threads, cache=False)
     model.generate("", max_tokens=warmup, seed=0)
     best = math.inf
     for _ in range(rounds):

@@ -24,7 +24,7 @@ tokenized, and fed in windows as the tokens arrive.
 Scoring and `next_words` mix the network's distribution with a continuous cache (rnnlm.cache:
 Grave et al. 2017) when the model's metadata carries tuned settings (`rnnlm.cache`), unless
 the model is opened with `cache=False`; `score_ids`/`token_nlls` also take `cache=False`.
-Generation does not use the cache (yet).
+Generation draws from the same mixture (each sample its own cache).
 
 Imports numpy, onnxruntime, `rnnlm.cache` and `rnnlm.text` only: never torch, lightning or
 mlflow, so that the CLI starts fast and runs where only onnxruntime is installed. Used by
@@ -923,18 +923,30 @@ class _StreamScorer:
                 self._open_tokens, self._open_nll = 0, 0.0
 
 
+def _mixed_logits(
+    logits: np.ndarray, hidden: np.ndarray, caches: Sequence[ContinuousCache]
+) -> np.ndarray:
+    """Logits (rows, V) float32 of each row's network distribution mixed with its cache:
+    what the sampler draws from."""
+    return np.stack(
+        [cache.mixed_logits(logits[row], hidden[row]) for row, cache in enumerate(caches)]
+    )
+
+
 class _Stepper:
     """One token per call for a batch of streams, through buffers bound to the session once
     (onnxruntime I/O binding): every step reads the same token array and writes its logits
     and the next state into the same arrays (two state buffers, used in turn), so a step
-    allocates nothing. `step` returns a view that the next step overwrites."""
+    allocates nothing. `step` returns a view that the next step overwrites; so is `hidden`,
+    the top layer's output at the step (bound only when asked for: the continuous cache)."""
 
-    def __init__(self, model: LanguageModel, state: State) -> None:
+    def __init__(self, model: LanguageModel, state: State, hidden: bool = False) -> None:
         session = model._session
         rows = state[0].shape[1]
         self._session = session
         self._tokens = np.empty((rows, 1), dtype=np.int64)
         self._logits = np.empty((rows, 1, model.vocab_size), dtype=np.float32)
+        self._hidden = np.empty((rows, 1, model.hidden_dim) if hidden else (0,), np.float32)
         states = (
             tuple(np.array(s, dtype=np.float32, order="C") for s in state),
             tuple(np.empty(s.shape, dtype=np.float32) for s in state),
@@ -948,6 +960,8 @@ class _Stepper:
             for name, array in zip(model._state_in, reads, strict=True):
                 binding.bind_ortvalue_input(name, self._value(array))
             binding.bind_ortvalue_output(model._outputs[0], self._value(self._logits))
+            if hidden:
+                binding.bind_ortvalue_output(model.hidden_output, self._value(self._hidden))
             for name, array in zip(state_out, writes, strict=True):
                 binding.bind_ortvalue_output(name, self._value(array))
             self._bindings.append(binding)
@@ -964,6 +978,11 @@ class _Stepper:
         self._session.run_with_iobinding(self._bindings[self._turn])
         self._turn ^= 1
         return self._logits[:, 0, :]
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """The top layer's output (rows, hidden_dim) at the last step (when bound)."""
+        return self._hidden[:, 0, :]
 
 
 def read_chunks(source: BinaryIO | Iterable[bytes], size: int | None = None) -> Iterator[bytes]:
@@ -1236,12 +1255,6 @@ class LanguageModel:
             tokens.extend(words)
         return tokens
 
-    def _prompt(self, prompt: str) -> tuple[np.ndarray, State, list[str]]:
-        """Logits (1, V) for the token after `prompt`, the state there, the prompt's tokens."""
-        stream, tokens = self._prompt_stream(prompt)
-        logits, state = self._feed(stream, self.initial_state(1))
-        return logits, state, tokens
-
     def _prompt_stream(self, prompt: str) -> tuple[np.ndarray, list[str]]:
         """The ids fed for `prompt` (`<eos>` first) and its tokens; warns of unknown words."""
         check_text("prompt", prompt)
@@ -1298,20 +1311,36 @@ class LanguageModel:
 
         The prompt is read once; the samples then run as one batch, one token per call with
         the state carried. With `stop_at_eos` a sample ends at its first end of sentence.
+        With the continuous cache on, each sample draws from the network's distribution mixed
+        with its own cache (the prompt's words, then the words it generated); temperature,
+        top-k and top-p then apply to that mixture.
         """
         check_sampling(temperature, top_k, top_p, max_tokens, num_samples, seed)
         sample = Sampler(np.random.default_rng(seed), temperature, top_k, top_p)
-        logits, state, prompt_tokens = self._prompt(prompt)
+        stream, prompt_tokens = self._prompt_stream(prompt)
+        cache = self.new_cache()
+        caches: list[ContinuousCache] = []  # one per sample, when the cache is on
+        hidden = np.empty((0, self.hidden_dim), dtype=np.float32)
+        if cache is None:
+            logits, state = self._feed(stream, self.initial_state(1))
+        else:
+            logits, last_hidden, state = self._feed_cached(stream, self.initial_state(1), cache)
+            hidden = np.repeat(last_hidden[None], num_samples, axis=0)
+            caches = [cache] + [cache.copy() for _ in range(num_samples - 1)]
         if num_samples > 1:
             logits = np.repeat(logits, num_samples, axis=0)
             state = tuple(np.repeat(s, num_samples, axis=1) for s in state)
-        stepper = _Stepper(self, state)
+        stepper = _Stepper(self, state, hidden=bool(caches))
         steps: list[np.ndarray] = []  # (num_samples,) ids per step: memory grows as generated
         lengths = np.full(num_samples, max_tokens)
         done = np.zeros(num_samples, dtype=bool)
         for t in range(max_tokens):
+            if caches:
+                logits = _mixed_logits(logits, hidden, caches)
             token = sample(logits)
             steps.append(token)
+            for row, row_cache in enumerate(caches):  # the word that followed each vector
+                row_cache.extend(hidden[row : row + 1], token[row : row + 1])
             if stop_at_eos:
                 ended = (token == EOS_ID) & ~done
                 lengths[ended] = t
@@ -1321,6 +1350,8 @@ class LanguageModel:
             if t + 1 == max_tokens:
                 break  # the last token needs no forward pass
             logits = stepper.step(token)
+            if caches:
+                hidden = stepper.hidden
         out = np.stack(steps, axis=1) if steps else np.empty((num_samples, 0), dtype=np.int64)
         vocab = self.vocab
         prefix = prompt_tokens if include_prompt else []

@@ -98,6 +98,12 @@ def test_distribution_sums_to_one_and_agrees_with_mix() -> None:
         assert p.shape == (VOCAB,) and p.min() > 0
         assert p.sum() == pytest.approx(1.0, abs=1e-12)
         assert math.log(p[targets[t]]) == pytest.approx(mixed[t], rel=1e-6)
+        # The sampler's form: logits whose softmax is p (float32: 1e-5 relative)
+        logits = np.log(probs[t]).astype(np.float32) + 3.0  # any shift
+        as_logits = stepper.mixed_logits(logits, hidden[t])
+        assert as_logits.dtype == np.float32
+        exp = np.exp(as_logits.astype(np.float64) - as_logits.max())
+        np.testing.assert_allclose(exp / exp.sum(), p, rtol=1e-5)
         stepper.extend(hidden[t][None], [targets[t]])
     np.testing.assert_array_equal(stepper.keys, scorer.keys)
     np.testing.assert_array_equal(stepper.words, scorer.words)
@@ -130,6 +136,23 @@ def test_memory_is_bounded_by_the_window() -> None:
     np.testing.assert_array_equal(cache.keys, hidden[-16:])
     cache.extend(hidden[:100], targets[:100])  # more than a window at once: its last 16
     np.testing.assert_array_equal(cache.words, targets[84:100])
+
+
+def test_a_copy_goes_its_own_way() -> None:
+    _, hidden, targets, _ = stream(n=60)
+    cache = ContinuousCache(16, 0.5, 0.1)
+    cache.extend(hidden[:30], targets[:30])
+    twin = cache.copy()
+    assert twin.settings == cache.settings
+    np.testing.assert_array_equal(twin.keys, cache.keys)
+    np.testing.assert_array_equal(twin.words, cache.words)
+    twin.extend(hidden[30:40], targets[30:40])
+    np.testing.assert_array_equal(cache.words, targets[14:30])  # the original is untouched
+    np.testing.assert_array_equal(twin.words, targets[24:40])
+    probs = np.full(int(targets.max()) + 1, 1 / (int(targets.max()) + 1))
+    assert not np.allclose(
+        twin.distribution(probs, hidden[40]), cache.distribution(probs, hidden[40])
+    )
 
 
 def test_stable_for_huge_scores() -> None:

@@ -232,11 +232,11 @@ def test_next(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
 
 
-def test_score_and_next_use_the_tuned_cache_unless_no_cache(
+def test_score_next_and_generate_use_the_tuned_cache_unless_no_cache(
     tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A model carrying tuned cache settings is scored with them (the summary line says so);
-    `--no-cache` gives the network alone, for `score` and `next`."""
+    `--no-cache` gives the network alone, for `score`, `next` and `generate`."""
     path = tmp_path / "cached.onnx"
     shutil.copyfile(tiny_onnx_model, path)
     tuned = CacheSettings(window=40, theta=0.5, lam=0.3)
@@ -265,7 +265,13 @@ def test_score_and_next_use_the_tuned_cache_unless_no_cache(
         expected = model.next_words(prompt, 5)
         assert code == 0 and [w for w, _ in rows] == [w for w, _ in expected]
         assert [float(p) for _, p in rows] == pytest.approx([p for _, p in expected], abs=1e-6)
-    for command in ("score", "next"):
+        sampled = model.generate(prompt, max_tokens=12, seed=3, num_samples=2)
+        code, out, _ = run_cli(
+            capsys, "generate", "--model", str(path), "--prompt", prompt, "--max-tokens", "12",
+            "--seed", "3", "--num-samples", "2", *flags,
+        )  # fmt: skip
+        assert code == 0 and out.splitlines() == sampled
+    for command in ("score", "next", "generate"):
         code, out, _ = run_cli(capsys, command, "--help")
         assert code == 0 and "--no-cache" in out and "continuous cache" in out
 

@@ -1017,6 +1017,48 @@ def test_next_words_with_the_cache(
     }
 
 
+def test_generation_draws_from_the_network_mixed_with_its_cache(
+    lstm: tuple[LanguageModel, RNNLM], cached: LanguageModel
+) -> None:
+    """Greedy generation with the cache picks, at each step, the most likely word of the mixed
+    distribution over everything before it (prompt and generated words), computed here from
+    whole sequences fed at once; each sample keeps its own cache."""
+    plain = lstm[0]
+    prompt = "we will build a strong nation. we will build a strong"
+    ids = ids_of(plain, plain.prompt_tokens(prompt))
+    for _ in range(12):
+        logits, _ = plain.step(np.array([[EOS_ID, *ids]]))
+        _, hidden = plain.logprobs_and_hidden([*ids, 0])  # the last position is the query
+        keys, words, query = (
+            hidden[:-1][-CACHE.window :],
+            np.array(ids[-CACHE.window :]),
+            hidden[-1],
+        )
+        weights = np.exp(CACHE.theta * (keys @ query - (keys @ query).max()))
+        p_cache = np.bincount(words, weights=weights, minlength=plain.vocab_size) / weights.sum()
+        mixed = (1 - CACHE.lam) * softmax(logits[0, -1]) + CACHE.lam * p_cache
+        ids.append(int(mixed.argmax()))
+    generated = ids[-12:]
+    expected = detokenize([plain.vocab[i] for i in generated])
+    greedy = cached.generate(prompt, max_tokens=12, temperature=0, include_prompt=False)
+    assert greedy == [expected]
+    alone = plain.generate(prompt, max_tokens=12, temperature=0, include_prompt=False)
+    assert (
+        LanguageModel(cached.path, cache=False).generate(
+            prompt, max_tokens=12, temperature=0, include_prompt=False
+        )
+        == alone
+    )
+    assert (
+        cached.generate(prompt, max_tokens=12, temperature=0, include_prompt=False, num_samples=3)
+        == [expected] * 3
+    )
+    # Sampling draws from the mixture: with a seed, repeatable, and each sample its own text.
+    samples = cached.generate(prompt, max_tokens=30, seed=5, num_samples=3)
+    assert samples == cached.generate(prompt, max_tokens=30, seed=5, num_samples=3)
+    assert len(set(samples)) == 3
+
+
 def without_hidden_output(path: Path) -> Path:
     """The model as exported before the cache: no `hidden` output, no `hidden` in rnnlm.io."""
     model = onnx.load(str(path))
