@@ -23,7 +23,12 @@ their maximum before `exp` (a log-sum-exp), which keeps them finite for any thet
 `tune_cache` chooses theta, lam and window on collected (log-prob, hidden, target) arrays: the
 dot products of each block are computed once and shared by every grid point.
 
-Used by rnnlm.inference (scoring, next words) and the export stage (tuning).
+The per-stream products (`mix`, `distribution`, `mixed_logits`) run numpy's BLAS on one thread
+(`one_blas_thread`): they are small, and OpenBLAS's extra threads keep spinning after each one,
+taking the cores onnxruntime scores on (on the 2-core VM the cache then cost +66-94% of
+`rnnlm score`'s time; on one BLAS thread +0-15%).
+
+Used by rnnlm.inference (scoring, next words, generation) and the export stage (tuning).
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 # Sanity bounds on the settings: a cache holds up to 2 x window hidden vectors, and theta
 # multiplies dot products of vectors whose entries are about 1 (tanh-bounded for gru/lstm).
@@ -74,6 +83,39 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """numpy's BLAS libraries (none found: limiting them does nothing)."""
+    return ThreadpoolController().select(user_api="blas")
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter: Any = None  # restores the threads BLAS had before the first user entered
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread inside the block, for the whole process (BLAS has one
+    setting); safe when several threads enter at once: the first in sets it, the last out
+    restores what it was. OpenBLAS takes the setting from the main thread (where the scorer
+    mixes its windows); from another thread it may ignore it, and the products then run on
+    the threads it has."""
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = _blas().limit(limits=1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 def out_of_reach(rows: int, history: int, window: int) -> np.ndarray:
@@ -226,7 +268,8 @@ class ContinuousCache:
         window, theta, lam = self.settings.window, self.settings.theta, self.settings.lam
         keys = np.concatenate([self.keys, hidden]) if len(self) else hidden
         words = np.concatenate([self.words, targets]) if len(self) else targets
-        dots = hidden @ keys.T  # (T, held + T)
+        with one_blas_thread():
+            dots = hidden @ keys.T  # (T, held + T)
         shifted, nonempty = shifted_scores(dots, out_of_reach(len(targets), len(self), window))
         cache = cache_logprobs(shifted, words[None, :] == targets[:, None], theta)
         mixed = np.where(nonempty, mix_logprobs(model_logp, cache, lam), model_logp)
@@ -249,7 +292,8 @@ class ContinuousCache:
             raise ValueError(
                 f"the cache holds word id {self.words.max()}; model_probs covers {len(probs)}"
             )
-        scores = (self.keys @ query[0]).astype(np.float64)  # (held,)
+        with one_blas_thread():
+            scores = (self.keys @ query[0]).astype(np.float64)  # (held,)
         weights = np.exp(self.settings.theta * (scores - scores.max()))
         cache = np.bincount(self.words, weights=weights, minlength=len(probs)) / weights.sum()
         return (1 - self.settings.lam) * probs + self.settings.lam * cache
@@ -270,7 +314,8 @@ class ContinuousCache:
             raise ValueError(
                 f"the cache holds word id {words.max()}; the logits cover {len(logits)}"
             )
-        scores = (self.keys @ query[0]).astype(np.float64)
+        with one_blas_thread():
+            scores = (self.keys @ query[0]).astype(np.float64)
         weights = np.exp(self.settings.theta * (scores - scores.max()))
         # p_cache of each cached position's word (a repeated word: the same value each time)
         p_cache = np.bincount(words, weights=weights, minlength=len(logits))[words]

@@ -82,7 +82,7 @@ SERVED_MODULES = (
     "text",
 )
 # What the served model imports, pinned in its requirements: no torch, no Lightning.
-SERVED_PACKAGES = ("mlflow", "onnx", "onnxruntime", "numpy", "nltk", "pandas")
+SERVED_PACKAGES = ("mlflow", "onnx", "onnxruntime", "numpy", "nltk", "pandas", "threadpoolctl")
 
 TASKS = ("score", "next", "generate")
 DEFAULT_TASK = "score"

@@ -11,12 +11,14 @@ import math
 
 import numpy as np
 import pytest
+import threadpoolctl
 
 from rnnlm.cache import (
     MAX_WINDOW,
     CacheSettings,
     ContinuousCache,
     mix_logprobs,
+    one_blas_thread,
     tune_cache,
 )
 
@@ -153,6 +155,33 @@ def test_a_copy_goes_its_own_way() -> None:
     assert not np.allclose(
         twin.distribution(probs, hidden[40]), cache.distribution(probs, hidden[40])
     )
+
+
+def test_the_products_run_blas_on_one_thread_and_give_it_back() -> None:
+    """OpenBLAS threads spinning after the cache's small products took the cores onnxruntime
+    scores on: inside `one_blas_thread` BLAS has one thread (nested blocks too), and after the
+    last block it has what it had before. (OpenBLAS takes the setting from the main thread,
+    where the scorer mixes; from another thread it may ignore it.)"""
+    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    if not blas.lib_controllers:
+        pytest.skip("numpy has no BLAS library threadpoolctl can control")
+
+    def threads() -> set[int]:
+        return {lib.get_num_threads() for lib in blas.lib_controllers}
+
+    _, hidden, targets, probs = stream()
+    with blas.limit(limits=2):
+        assert threads() == {2}
+        with one_blas_thread():
+            assert threads() == {1}
+            with one_blas_thread():
+                assert threads() == {1}
+            assert threads() == {1}  # the outer block is still inside
+        assert threads() == {2}
+        cache = ContinuousCache(9, 0.7, 0.25)
+        cache.mix(np.log(probs[np.arange(20), targets[:20]]), hidden[:20], targets[:20])
+        cache.distribution(probs[20], hidden[20])
+        assert threads() == {2}
 
 
 def test_stable_for_huge_scores() -> None:
