@@ -225,6 +225,8 @@ class CellOverrides:
     # Absent (null): the `train` value applies.
     lr: float | None = field(default=None, metadata=_range(0.0, 100.0, lo_open=True))
     grad_clip: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
+    ar_alpha: float | None = field(default=None, metadata=_range(0.0, 100.0))
+    tar_beta: float | None = field(default=None, metadata=_range(0.0, 100.0))
 
 
 @dataclass(frozen=True)

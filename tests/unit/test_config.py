@@ -461,14 +461,19 @@ def test_for_cell_applies_only_that_cells_overrides() -> None:
         load_params(PARAMS_YAML).train,
         lr=1e-3,
         grad_clip=0.5,
-        cell_overrides={"rnn_tanh": CellOverrides(lr=1e-4), "gru": CellOverrides(grad_clip=1.0)},
+        ar_alpha=2.0,
+        tar_beta=1.0,
+        cell_overrides={
+            "rnn_tanh": CellOverrides(lr=1e-4, ar_alpha=0.0, tar_beta=0.0),
+            "gru": CellOverrides(grad_clip=1.0),
+        },
     )
     assert train.for_cell("lstm") is train
     tanh = train.for_cell("rnn_tanh")
-    assert (tanh.lr, tanh.grad_clip) == (1e-4, 0.5)
+    assert (tanh.lr, tanh.grad_clip, tanh.ar_alpha, tanh.tar_beta) == (1e-4, 0.5, 0.0, 0.0)
     gru = train.for_cell("gru")
-    assert (gru.lr, gru.grad_clip) == (1e-3, 1.0)
-    assert dataclasses.replace(tanh, lr=train.lr) == train  # nothing else changed
+    assert (gru.lr, gru.grad_clip, gru.ar_alpha, gru.tar_beta) == (1e-3, 1.0, 2.0, 1.0)
+    assert dataclasses.replace(tanh, lr=train.lr, ar_alpha=2.0, tar_beta=1.0) == train
     assert train.lr == 1e-3  # the original is untouched
 
 
