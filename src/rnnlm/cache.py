@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,6 +43,8 @@ from typing import Any
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
+
+from rnnlm.errors import is_int, is_real
 
 # Sanity bounds on the settings: a cache holds up to 2 x window hidden vectors, and theta
 # multiplies dot products of vectors whose entries are about 1 (tanh-bounded for gru/lstm).
@@ -66,23 +67,15 @@ class CacheSettings:
     lam: float
 
     def __post_init__(self) -> None:
-        if not _is_int(self.window) or not 1 <= self.window <= MAX_WINDOW:
+        if not is_int(self.window) or not 1 <= self.window <= MAX_WINDOW:
             raise ValueError(f"window = {self.window!r}: must be an integer in [1, {MAX_WINDOW}]")
-        if not _is_real(self.theta) or not 0 < self.theta <= MAX_THETA:
+        if not is_real(self.theta) or not 0 < self.theta <= MAX_THETA:
             raise ValueError(f"theta = {self.theta!r}: must be a number in (0, {MAX_THETA:g}]")
-        if not _is_real(self.lam) or not 0 <= self.lam < 1:
+        if not is_real(self.lam) or not 0 <= self.lam < 1:
             raise ValueError(f"lambda = {self.lam!r}: must be a number in [0, 1)")
 
     def __str__(self) -> str:
         return f"window {self.window}, theta {self.theta:g}, lambda {self.lam:g}"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @functools.cache
@@ -285,16 +278,9 @@ class ContinuousCache:
         probs = np.asarray(model_probs, dtype=np.float64)
         if probs.ndim != 1:
             raise ValueError(f"model_probs must be one distribution (V,), got {probs.shape}")
-        query, _ = self._check(np.asarray(hidden)[None], [0])
-        if not len(self) or self.settings.lam == 0:
+        weights = self._query_weights(hidden, len(probs), "model_probs covers")
+        if weights is None:
             return probs
-        if self.words.max() >= len(probs):
-            raise ValueError(
-                f"the cache holds word id {self.words.max()}; model_probs covers {len(probs)}"
-            )
-        with one_blas_thread():
-            scores = (self.keys @ query[0]).astype(np.float64)  # (held,)
-        weights = np.exp(self.settings.theta * (scores - scores.max()))
         cache = np.bincount(self.words, weights=weights, minlength=len(probs)) / weights.sum()
         return (1 - self.settings.lam) * probs + self.settings.lam * cache
 
@@ -306,17 +292,10 @@ class ContinuousCache:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1:
             raise ValueError(f"logits must be one row (V,), got {logits.shape}")
-        query, _ = self._check(np.asarray(hidden)[None], [0])
-        if not len(self) or self.settings.lam == 0:
+        weights = self._query_weights(hidden, len(logits), "the logits cover")
+        if weights is None:
             return logits.copy()
         words = self.words
-        if words.max() >= len(logits):
-            raise ValueError(
-                f"the cache holds word id {words.max()}; the logits cover {len(logits)}"
-            )
-        with one_blas_thread():
-            scores = (self.keys @ query[0]).astype(np.float64)
-        weights = np.exp(self.settings.theta * (scores - scores.max()))
         # p_cache of each cached position's word (a repeated word: the same value each time)
         p_cache = np.bincount(words, weights=weights, minlength=len(logits))[words]
         p_cache /= weights.sum()
@@ -329,6 +308,20 @@ class ContinuousCache:
         # log((1 - lam) p_model + lam p_cache), shifted by log_z - log(1 - lam) like the rest
         out[words] = log_z + np.log(p_model + lam / (1 - lam) * p_cache)
         return out
+
+    def _query_weights(self, hidden: np.ndarray, vocab: int, covers: str) -> np.ndarray | None:
+        """exp(theta h.h_i) of each cached pair for the query vector `hidden` (d,), shifted by
+        the largest (held,) float64; None when nothing is mixed (empty cache, or lambda 0).
+        `covers` names the caller's vocabulary-sized argument in the error of a word id
+        beyond `vocab`."""
+        query, _ = self._check(np.asarray(hidden)[None], [0])
+        if not len(self) or self.settings.lam == 0:
+            return None
+        if self.words.max() >= vocab:
+            raise ValueError(f"the cache holds word id {self.words.max()}; {covers} {vocab}")
+        with one_blas_thread():
+            scores = (self.keys @ query[0]).astype(np.float64)  # (held,)
+        return np.exp(self.settings.theta * (scores - scores.max()))
 
     def _check(
         self, hidden: np.ndarray, words: Sequence[int] | np.ndarray

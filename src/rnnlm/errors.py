@@ -1,4 +1,5 @@
-"""The one base class of the failures rnnlm expects, and how their messages show values.
+"""The one base class of the failures rnnlm expects, how their messages show values, and the
+checks of a value's kind that come before them.
 
 Every expected failure (a bad param, a missing or malformed input, an unusable tracking store,
 a model that fails its checks, an interrupted training) is an `RnnlmError`: a stage's `main`
@@ -10,6 +11,7 @@ path uses it too.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,16 @@ class RnnlmError(Exception):
     """An expected failure, reported in one line; `exit_code` is the process's exit status."""
 
     exit_code = 1
+
+
+def is_int(value: object) -> bool:
+    """A whole number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def short_repr(value: object, width: int = 60, show: Callable[[Any], str] = repr) -> str:

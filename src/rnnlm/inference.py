@@ -40,7 +40,6 @@ import itertools
 import json
 import logging
 import math
-import numbers
 import os
 import threading
 import time
@@ -55,7 +54,7 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnlm.cache import CacheSettings, ContinuousCache
-from rnnlm.errors import RnnlmError, short_repr
+from rnnlm.errors import RnnlmError, is_int, is_real, short_repr
 from rnnlm.streams import EOS, EOS_ID, UNK, UNK_ID, check_token_ids, lm_pairs
 from rnnlm.text import READ_BYTES, TextTokenizer, detokenize
 
@@ -241,14 +240,6 @@ class ScoreResult:
         return out
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_text(name: str, value: object) -> None:
     """Raise ValueError unless the argument `name` is a str (a prompt or a text to score)."""
     if not isinstance(value, str):
@@ -264,23 +255,23 @@ def check_sampling(
     seed: int | None = None,
 ) -> None:
     """Raise ValueError, naming the argument, for values `generate` cannot honour."""
-    if not (_is_real(temperature) and math.isfinite(temperature)):
+    if not (is_real(temperature) and math.isfinite(temperature)):
         raise ValueError(f"temperature = {short_repr(temperature)}: must be a finite number >= 0")
     if temperature < 0:
         raise ValueError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
-    if not _is_int(top_k) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k = {short_repr(top_k)}: must be an integer >= 0 (0 = no limit)")
-    if not (_is_real(top_p) and 0 < top_p <= 1):
+    if not (is_real(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p = {short_repr(top_p)}: must be in (0, 1] (1 = no limit)")
-    if not _is_int(max_tokens) or not 0 <= max_tokens <= MAX_TOKENS:
+    if not is_int(max_tokens) or not 0 <= max_tokens <= MAX_TOKENS:
         raise ValueError(
             f"max_tokens = {short_repr(max_tokens)}: must be an integer in [0, {MAX_TOKENS}]"
         )
-    if not _is_int(num_samples) or not 1 <= num_samples <= MAX_SAMPLES:
+    if not is_int(num_samples) or not 1 <= num_samples <= MAX_SAMPLES:
         raise ValueError(
             f"num_samples = {short_repr(num_samples)}: must be an integer in [1, {MAX_SAMPLES}]"
         )
-    if seed is not None and (not _is_int(seed) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise ValueError(f"seed = {short_repr(seed)}: must be an integer >= 0 or None")
 
 
@@ -482,7 +473,7 @@ def default_threads() -> int:
 
 def check_threads(threads: int | None) -> None:
     """Raise ValueError unless `threads` is None or a whole number in [1, MAX_THREADS]."""
-    if threads is not None and (not _is_int(threads) or not 1 <= threads <= MAX_THREADS):
+    if threads is not None and (not is_int(threads) or not 1 <= threads <= MAX_THREADS):
         raise ValueError(
             f"threads = {short_repr(threads)}: must be an integer in [1, {MAX_THREADS}] "
             "(None: the default)"
@@ -609,7 +600,7 @@ MAX_ROWS = BATCH_TOKENS // CONTEXT
 
 def check_rows(rows: int) -> None:
     """Raise ValueError unless `rows` is a whole number in [1, MAX_ROWS]."""
-    if not _is_int(rows) or not 1 <= rows <= MAX_ROWS:
+    if not is_int(rows) or not 1 <= rows <= MAX_ROWS:
         raise ValueError(
             f"rows = {short_repr(rows)}: must be an integer in [1, {MAX_ROWS}] (1: exact)"
         )
@@ -1127,7 +1118,10 @@ class LanguageModel:
     def hidden_output(self) -> str:
         """The graph output with the top layer's hidden vectors (the continuous cache's keys)."""
         if self._hidden_name is None:
-            raise ModelLoadError(f"{self.path}: no {HIDDEN_OUTPUT!r} output")
+            raise ModelLoadError(
+                f"{self.path}: no {HIDDEN_OUTPUT!r} output (exported before the continuous "
+                "cache); re-export it (dvc repro export)"
+            )
         return self._hidden_name
 
     @property
@@ -1169,15 +1163,11 @@ class LanguageModel:
 
     def _run_hidden(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray, State]:
         """`_run`, plus the top layer's hidden vectors (batch, time, hidden_dim) float32."""
-        if self._hidden_name is None:
-            raise ModelLoadError(
-                f"{self.path}: no {HIDDEN_OUTPUT!r} output (exported before the continuous "
-                "cache); re-export it (dvc repro export)"
-            )
+        hidden_output = self.hidden_output  # first: a model without it is refused in one line
         feeds = {self._tokens_name: ids}
         feeds.update(zip(self._state_in, state, strict=True))
         logits, hidden, *next_state = self._session.run(
-            [self._outputs[0], self._hidden_name, *self._outputs[1:]], feeds
+            [self._outputs[0], hidden_output, *self._outputs[1:]], feeds
         )
         return logits, hidden, tuple(next_state)
 
@@ -1280,7 +1270,7 @@ class LanguageModel:
 
         With the cache on, the prompt's own words fill it: p is the mixed distribution.
         """
-        if not _is_int(k) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValueError(f"k = {k!r}: must be an integer >= 1")
         stream, _ = self._prompt_stream(prompt)
         cache = self.new_cache()
@@ -1409,7 +1399,7 @@ class LanguageModel:
         """Walk a checked stream in windows, state carried: (start, stop, log p of each token
         (stop - start,) float64, the hidden vectors there (stop - start, d), or an empty array
         unless `hidden`)."""
-        if not _is_int(window) or window < 1:
+        if not is_int(window) or window < 1:
             raise ValueError(f"window = {short_repr(window)}: must be an integer >= 1")
         inputs, _ = lm_pairs(stream)
         state = self.initial_state(1)
