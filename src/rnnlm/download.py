@@ -70,6 +70,9 @@ MAX_INDEX_BYTES = 16 * 2**20
 MAX_EXPANSION = 100
 # At most this many ids are listed when the requested corpus is not in the index.
 MAX_LISTED = 20
+# Members a package zip may hold: NLTK's largest plain-text corpora have some ten thousand
+# files; a hostile archive of millions of empty members would exhaust inodes, not bytes.
+MAX_MEMBERS = 100_000
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 USER_AGENT = "rnnlm-download/0.1 (+https://www.nltk.org/data.html)"
 
@@ -591,7 +594,8 @@ def safe_extract(zip_path: Path, dest: Path, top: str, limit: Limit) -> list[Pat
     """Extract the members under `top/` of `zip_path` into `dest`, stripping `top/`.
 
     Every member is checked before anything is written: symbolic links, absolute paths, '..'
-    and members outside `top/` are refused with a DownloadError naming the member. The bytes
+    and members outside `top/` are refused with a DownloadError naming the member, and so is
+    an archive of more than MAX_MEMBERS members. The bytes
     actually decompressed are counted (the sizes the zip declares are not trusted), and
     extraction stops before it writes more than `limit.max_bytes` in all. CRCs are checked as
     each member is read.
@@ -602,8 +606,14 @@ def safe_extract(zip_path: Path, dest: Path, top: str, limit: Limit) -> list[Pat
     root = dest.resolve()
     try:
         with zipfile.ZipFile(zip_path) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_MEMBERS:
+                raise DownloadError(
+                    f"{zip_path.name}: holds {len(members)} members, more than the "
+                    f"{MAX_MEMBERS} any corpus needs; refusing it"
+                )
             plan: list[tuple[zipfile.ZipInfo, Path]] = []
-            for info in archive.infolist():
+            for info in members:
                 parts = _member_parts(info, top)
                 if parts is None:
                     continue

@@ -501,6 +501,23 @@ def test_safe_extract_strips_top_folder(tmp_path: Path) -> None:
     assert read_tree(dest) == {"README": b"r", "a.txt": b"a", "b.txt": b"bb"}
 
 
+def test_zip_with_more_members_than_any_corpus_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(download, "MAX_MEMBERS", 3)  # the folder entry and 3 files: 4
+    archive = tmp_path / "many.zip"
+    archive.write_bytes(make_package_zip("pkg", {"a.txt": b"a", "b.txt": b"b", "c.txt": b"c"}))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    limit = download.Limit(100, "the index's unzipped_size")
+    with pytest.raises(DownloadError) as err:
+        safe_extract(archive, dest, "pkg", limit)
+    assert str(err.value) == (
+        "many.zip: holds 4 members, more than the 3 any corpus needs; refusing it"
+    )
+    assert listing(dest) == []
+
+
 def test_server_down_fails_fast_and_suggests_mirror(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{unused_port()}/index.xml"
     start = time.monotonic()
