@@ -63,7 +63,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
-from rnnlm.errors import RnnlmError, short_repr
+from rnnlm.errors import RnnlmError, is_int, short_repr
 from rnnlm.inference import LanguageModel, check_sampling
 
 TEXT_COLUMN = "text"
@@ -162,9 +162,10 @@ class ServingConfig:
         for name in names:
             value = config[name]
             optional = name != "threads"
-            if (value is None and optional) or (
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            ):
+            if value is None and optional:
+                continue
+            if is_int(value) and value >= 1:
+                config[name] = int(value)  # a plain int (json-able) even from numpy
                 continue
             raise ServingConfigError(
                 f"model_config: {name} = {short_repr(value)}: expected an integer >= 1"
@@ -206,8 +207,9 @@ def read_params(params: Mapping[str, Any] | None) -> Request:
     if task not in TASKS:
         raise RequestError(f"task = {short_repr(task)}: expected one of {', '.join(TASKS)}")
     k = values["k"]
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not is_int(k) or k < 1:
         raise RequestError(f"k = {short_repr(k)}: must be an integer >= 1")
+    values["k"] = int(k)
     for name in ("stop_at_eos", "include_prompt"):
         if not isinstance(values[name], bool):
             raise RequestError(f"{name} = {short_repr(values[name])}: expected true or false")

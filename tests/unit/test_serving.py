@@ -10,6 +10,7 @@ import ast
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.pyfunc import PythonModelContext
@@ -81,6 +82,9 @@ def test_defaults_are_the_library_defaults(served: serving.TextModel) -> None:
     assert request.options == {k: v for k, v in defaults.items() if k not in ("task", "k")}
     assert serving.read_params(None) == serving.Request("score", {})
     assert serving.read_params({"task": "next"}).options == {"k": 5}
+    # MLflow hands a `long` param over as a numpy integer: it is an integer like any other.
+    options = serving.read_params({"task": "next", "k": np.int64(3)}).options
+    assert options == {"k": 3} and type(options["k"]) is int
     signature = serving.signature()
     assert {p.name: p.default for p in signature.params.params} == defaults
     assert signature.inputs.input_names() == [serving.TEXT_COLUMN]
@@ -176,6 +180,7 @@ def test_serving_config_is_read_whole() -> None:
     full = CONFIG.to_dict()
     assert ServingConfig.read(full) == CONFIG
     assert ServingConfig.read({**full, "max_chars": None}).max_chars is None
+    assert type(ServingConfig.read({**full, "threads": np.int64(2)}).threads) is int
     bad = [
         ({k: v for k, v in full.items() if k != "threads"}, "model_config: 'threads' missing"),
         ({**full, "treads": 1}, "model_config: unknown key 'treads'"),
