@@ -95,16 +95,15 @@ class LitRNNLM(pl.LightningModule):
         state = self._state[split]
         if state is None:
             state = net.init_state(inputs.shape[0], inputs.device)
-        hidden, state = net.recurrent(inputs, state)
-        dropped = net.output_dropout(hidden)
-        logits = net.decoder(dropped)
+        window = net.window(inputs, state)
         # Truncated BPTT: keep the state's values for the next window but cut the graph, so
         # gradients flow back at most one window while the context keeps growing.
-        self._state[split] = detach_state(state)
+        self._state[split] = detach_state(window.state)
+        logits = window.logits
         nll = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
         )
-        return nll, targets.numel(), hidden, dropped
+        return nll, targets.numel(), window.hidden, window.dropped
 
     @property
     def train_state(self) -> State | None:

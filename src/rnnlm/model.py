@@ -16,6 +16,7 @@ evaluation, ONNX export and incremental generation share this one code path.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -159,8 +160,8 @@ class RNNLM(nn.Module):
 
     def forward(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         """ids (batch, time) int64, state -> logits (batch, time, vocab), next state."""
-        logits, next_state, _ = self.forward_with_hidden(ids, state)
-        return logits, next_state
+        window = self.window(ids, state)
+        return window.logits, window.state
 
     def forward_with_hidden(self, ids: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
         """`forward`, plus the top layer's output at every step (batch, time, hidden_dim).
@@ -168,8 +169,23 @@ class RNNLM(nn.Module):
         That output (h of the top layer, for LSTM too) is what the exported model also returns
         for the continuous cache (rnnlm.cache); it is taken before the output dropout.
         """
-        out, next_state = self.recurrent(ids, state)
-        return self.decoder(self.output_dropout(out)), next_state, out
+        window = self.window(ids, state)
+        return window.logits, window.state, window.hidden
+
+    def window(self, ids: Tensor, state: State) -> Window:
+        """One pass over a window of ids, with every intermediate training and export need."""
+        hidden, next_state = self.recurrent(ids, state)
+        dropped = self.output_dropout(hidden)
+        return Window(self.decoder(dropped), next_state, hidden, dropped)
+
+
+class Window(NamedTuple):
+    """What `RNNLM.window` computes for a window of ids."""
+
+    logits: Tensor  # (batch, time, vocab)
+    state: State  # the state after the window's last step
+    hidden: Tensor  # the top layer's outputs before the output dropout (batch, time, hidden_dim)
+    dropped: Tensor  # the same after the output dropout (what the decoder saw; AR's input)
 
 
 def detach_state(state: State) -> State:
