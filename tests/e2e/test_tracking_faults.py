@@ -31,7 +31,7 @@ def test_server_lost_mid_training_then_relogged(processed_tiny: Params, tmp_path
             processed_tiny,
             # A few seconds per epoch: time to lose the server in the middle of training.
             train=dataclasses.replace(
-                processed_tiny.train, batch_size=1, bptt=2, max_epochs=2, log_every_n_steps=50
+                processed_tiny.train, batch_size=1, bptt=8, max_epochs=2, log_every_n_steps=50
             ),
             mlflow=dataclasses.replace(processed_tiny.mlflow, tracking_uri=server.url),
         )

@@ -1,7 +1,7 @@
 """Fault injection on a real `python -m rnnlm.train`: interrupted with real signals, resumed.
 
-The tiny corpus is trained with 1-row, 2-token windows so that an epoch takes a few seconds:
-long enough to land a signal inside an epoch. A signal is sent once the first epoch's
+The tiny corpus is trained with 1-row, 8-token windows so that an epoch takes a few seconds
+(~700 steps): long enough to land a signal inside an epoch. A signal is sent once the first epoch's
 checkpoint exists, plus a short delay, so it arrives mid-epoch. Each interrupted run is then
 resumed (`python -m rnnlm.train` again, as `dvc repro` would) and compared with an
 uninterrupted run of the same params: same curve, same best validation and test perplexity,
@@ -36,7 +36,7 @@ STARTUP_TIMEOUT_S = 120  # imports + first epoch, on a busy 2-core CI machine
 
 @pytest.fixture(scope="module")
 def slow_epochs(tmp_path_factory: pytest.TempPathFactory) -> Params:
-    """The tiny corpus, prepared once; two epochs of 1 x 2-token windows (seconds each),
+    """The tiny corpus, prepared once; two epochs of 1 x 8-token windows (seconds each),
     with dropout and weight drop so that the RNG state matters, and every regulariser and the
     weight average on so that resuming covers them."""
     p = prepare_tiny_project(tmp_path_factory.mktemp("resume"))
@@ -46,7 +46,7 @@ def slow_epochs(tmp_path_factory: pytest.TempPathFactory) -> Params:
         train=dataclasses.replace(
             p.train,
             batch_size=1,
-            bptt=2,
+            bptt=8,
             max_epochs=2,
             log_every_n_steps=20,
             ar_alpha=2.0,
