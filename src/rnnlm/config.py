@@ -244,6 +244,9 @@ class TrainParams:
     lr: float = field(metadata=_range(0.0, 100.0, lo_open=True))
     weight_decay: float = field(metadata=_range(0.0))
     grad_clip: float = field(metadata=_range(0.0, lo_open=True))
+    # plateau: lr *= lr_factor after an epoch that improved val loss by < lr_threshold (relative);
+    # cosine: from lr down to min_lr along a half cosine, step by step, over max_epochs.
+    lr_schedule: Literal["plateau", "cosine"]
     lr_factor: float = field(metadata=_range(0.0, 1.0, lo_open=True))
     lr_patience: int = field(metadata=_range(0))
     # Relative val-loss improvement below which an epoch counts as a plateau.

@@ -38,6 +38,7 @@ class LitRNNLM(pl.LightningModule):
         optimizer: str,
         lr: float,
         weight_decay: float,
+        lr_schedule: str,
         lr_factor: float,
         lr_patience: int,
         lr_threshold: float,
@@ -68,6 +69,7 @@ class LitRNNLM(pl.LightningModule):
             optimizer=t.optimizer,
             lr=t.lr,
             weight_decay=t.weight_decay,
+            lr_schedule=t.lr_schedule,
             lr_factor=t.lr_factor,
             lr_patience=t.lr_patience,
             lr_threshold=t.lr_threshold,
@@ -207,7 +209,17 @@ class LitRNNLM(pl.LightningModule):
         optimizer: torch.optim.Optimizer = kinds[hp["optimizer"]](
             params, lr=hp["lr"], weight_decay=hp["weight_decay"]
         )
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        if hp["lr_schedule"] == "cosine":
+            # Over the whole budget (max_epochs; Lightning counts the steps of every device).
+            total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=total_steps, eta_min=hp["min_lr"]
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": cosine, "interval": "step"},
+            }
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer,
             mode="min",
             factor=hp["lr_factor"],
@@ -218,7 +230,7 @@ class LitRNNLM(pl.LightningModule):
         )
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"},
+            "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"},
         }
 
 

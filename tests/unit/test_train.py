@@ -58,6 +58,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
         env.setenv("RNNLM_PROJECT_ROOT", str(root))
         params = prepare_tiny_project(root)
+        # The cosine schedule here (every other training in the suite has the shipped plateau
+        # one), so its per-step path is checked without a training of its own.
+        params = dataclasses.replace(
+            params, train=dataclasses.replace(params.train, lr_schedule="cosine", min_lr=1e-4)
+        )
         params_file = write_full_params(params, root / "params.yaml")
         metrics = train.run_from_params(params, params_file=params_file)
         yield Trained(params, metrics, dict(os.environ))
@@ -144,6 +149,23 @@ def test_train_writes_outputs_checkpoint_and_a_complete_mlflow_run(
         "training/train.json",
         "training/train_run.json",
     } <= artifacts
+
+
+def test_cosine_schedule_falls_from_lr_to_min_lr_over_the_whole_budget(
+    trained: Trained,
+) -> None:
+    t = trained.params.train
+    assert t.lr_schedule == "cosine"
+    client = _client(trained.params)
+    run_id = trained.metrics["run_id"]
+    # Steps are logged from 0: a value at step s is the one after s + 1 optimizer steps, and
+    # val/ppl's last step is the budget's last optimizer step.
+    total = 1 + max(m.step for m in client.get_metric_history(run_id, "val/ppl"))
+    logged = sorted((m.step + 1, m.value) for m in client.get_metric_history(run_id, "train/lr"))
+    assert len(logged) > 4 and logged[-1][0] > total * 0.9  # both epochs, to near the end
+    for done, rate in logged:  # per optimizer step, not per epoch
+        expected = t.min_lr + (t.lr - t.min_lr) * (1 + math.cos(math.pi * done / total)) / 2
+        assert rate == pytest.approx(expected, rel=1e-4), (done, total)
 
 
 def test_same_seed_same_perplexity(trained: Trained, tmp_path: Path) -> None:
