@@ -31,8 +31,13 @@ from rnnlm.streams import EOS, UNK_ID
 # them): +220 MB of resident memory and a second of start-up for the three tokenizers used
 # here, which need none of them. NLTK imports them under `try/except ImportError`, so they are
 # hidden while it loads (unless something imported them already); `import sklearn` afterwards
-# works as usual.
-_HIDDEN = [name for name in ("sklearn", "scipy", "pandas") if name not in sys.modules]
+# works as usual. SciPy's stats and sparse are hidden on their own too: when another package
+# has imported scipy already (the export stage's do), NLTK would still load scipy.stats (2 s).
+_HIDDEN = [
+    name
+    for name in ("sklearn", "scipy", "scipy.stats", "scipy.sparse", "pandas")
+    if name not in sys.modules
+]
 sys.modules.update(dict.fromkeys(_HIDDEN))  # type: ignore[arg-type]  # None: ImportError
 try:
     from nltk.tokenize.destructive import NLTKWordTokenizer
