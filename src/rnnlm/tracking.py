@@ -542,14 +542,7 @@ def start_run(
             client = _client(uri)
             experiment = client.get_experiment_by_name(ml.experiment_name)
             if experiment is None:
-                experiment_id = client.create_experiment(
-                    ml.experiment_name,
-                    artifact_location=default_artifact_location(uri, root),
-                    tags={
-                        EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
-                        DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION,
-                    },
-                )
+                experiment_id = _create_experiment(client, ml.experiment_name, uri, root)
             else:
                 experiment_id = experiment.experiment_id
                 # A store made before these tags existed, or by hand: the UI reads them.
@@ -567,6 +560,26 @@ def start_run(
         raise store_error(uri, err, doing) from err
     log.info("MLflow run %s in experiment %r at %s", run.info.run_id, ml.experiment_name, uri)
     return TrackedRun(uri=uri, run_id=run.info.run_id, experiment_id=experiment_id, spool=spool)
+
+
+def _create_experiment(client: Any, name: str, uri: str, root: Path) -> str:
+    """Create experiment `name`; its id. A server has no lock beside it (`_store_lock`): when
+    another process (a parallel `dvc queue` worker) created it first, that one is used."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(
+            name,
+            artifact_location=default_artifact_location(uri, root),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION},
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:  # created and deleted again meanwhile: nothing to join
+            raise
+        return experiment.experiment_id
 
 
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")

@@ -124,6 +124,27 @@ def write_locked(db: Path) -> Iterator[None]:
     assert replaced, "MLflow no longer sets busy_timeout: update write_locked"
 
 
+def test_an_experiment_another_process_just_created_is_joined(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `dvc queue` workers against a new tracking server both find no experiment; the
+    second one's create_experiment fails with RESOURCE_ALREADY_EXISTS and must join it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = mlflow.MlflowClient.get_experiment_by_name
+    lookups: list[str] = []
+
+    def not_yet_on_first_lookup(self: mlflow.MlflowClient, name: str) -> Any:
+        lookups.append(name)
+        return None if len(lookups) == 1 else real(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", not_yet_on_first_lookup)
+    tracked = tracking.start_run(store.ml(), "late", {})
+    assert lookups == ["faults", "faults"]  # looked up again after the failed create
+    assert tracked.experiment_id == store.experiment_id
+    run = mlflow.MlflowClient(store.uri).get_run(tracked.run_id)
+    assert run.info.experiment_id == store.experiment_id
+
+
 def test_a_run_not_in_the_store_is_reported_as_absent(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
