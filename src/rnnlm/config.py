@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import types
@@ -208,8 +209,17 @@ class ModelParams:
     tie_weights: bool
     # DropConnect on the hidden-to-hidden matrices, one mask per training window (0: off).
     weight_drop: float = field(metadata=_range(0.0, 0.95))
+    # Adaptive softmax (model.py's Decoder): the ids where the frequency-sorted vocabulary is
+    # cut into a head and tail clusters; null: one softmax over the whole vocabulary.
+    softmax_cutoffs: list[int] | None = field(metadata=_range(1, 16 * 65536))
 
     def __post_init__(self) -> None:
+        cutoffs = self.softmax_cutoffs
+        if cutoffs is not None and any(a >= b for a, b in itertools.pairwise(cutoffs)):
+            raise ConfigError(
+                f"model.softmax_cutoffs = {short_repr(cutoffs)}: must be strictly increasing "
+                "(vocabulary ids where the head ends and each tail cluster ends)"
+            )
         if self.tie_weights and self.embedding_dim != self.hidden_dim:
             raise ConfigError(
                 f"model.tie_weights = true needs model.embedding_dim == model.hidden_dim "

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 
@@ -101,10 +100,7 @@ class LitRNNLM(pl.LightningModule):
         # Truncated BPTT: keep the state's values for the next window but cut the graph, so
         # gradients flow back at most one window while the context keeps growing.
         self._state[split] = detach_state(window.state)
-        logits = window.logits
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
+        nll = net.decoder.nll(window.dropped, targets)
         return nll, targets.numel(), window.hidden, window.dropped
 
     @property

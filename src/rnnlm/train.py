@@ -120,7 +120,8 @@ WEIGHT_COPIES = {"adam": 4, "adamw": 4, "sgd": 2}
 def training_bytes(config: RNNLMConfig, t: TrainParams) -> tuple[int, int]:
     """(parameters, bytes) a training of `config` needs, estimated without allocating: the
     network is built on the meta device. The bytes are the weight copies above plus one
-    batch's logits, their softmax and its gradient (batch x bptt x vocabulary, 3 times)."""
+    batch's logits, their softmax and its gradient (batch x bptt x vocabulary, 3 times; an
+    upper bound for the adaptive softmax, which scores a tail only for its own tokens)."""
     with torch.device("meta"):
         n_params = sum(p.numel() for p in RNNLM(config).parameters())
     logits = t.batch_size * t.bptt * config.vocab_size

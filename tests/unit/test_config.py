@@ -32,6 +32,7 @@ from rnnlm.config import (
     parse_params,
     training_values,
 )
+from rnnlm.model import RNNLMConfig
 from rnnlm.stage import stage_argparser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -367,6 +368,21 @@ def test_tokenize_valid_remainders() -> None:
     )
 
 
+def test_softmax_cutoffs_must_increase_and_stay_inside_the_vocabulary() -> None:
+    message = refused({"model": {"softmax_cutoffs": [4000, 1000]}})
+    assert "model.softmax_cutoffs = [4000, 1000]: must be strictly increasing" in message
+    assert "each value must be >= 1" in refused({"model": {"softmax_cutoffs": [0, 10]}})
+    adaptive = parse_params(shipped_with({"model": {"softmax_cutoffs": [10, 20]}})).model
+    assert adaptive.softmax_cutoffs == [10, 20]
+    with pytest.raises(ConfigError, match=r"below the vocabulary size, 20 \(tokenize"):
+        RNNLMConfig.of(adaptive, vocab_size=20)
+    assert RNNLMConfig.of(adaptive, vocab_size=21).softmax_cutoffs == (10, 20)
+    # Checkpoints and models written before the key existed load as one-softmax networks.
+    old = dataclasses.asdict(RNNLMConfig.of(adaptive, 21))
+    del old["softmax_cutoffs"]
+    assert RNNLMConfig(**old).softmax_cutoffs == ()
+
+
 def test_tie_weights_needs_equal_dims() -> None:
     message = refused({"model": {"embedding_dim": 128, "hidden_dim": 256}})
     assert "model.tie_weights = true" in message and "128 and 256" in message
@@ -565,13 +581,16 @@ def bad_values(leaf: Leaf) -> list[tuple[str, object]]:
     tp = leaf.annotation
     if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
         return [("wrong type", value) for value in ("x", 5, [1], True)]
-    if typing.get_origin(tp) is list:  # a grid: a non-empty list, each value in the range
-        (item,) = typing.get_args(tp)
-        bad = [("wrong type", value) for value in ("x", 5, [], ["x"], [True], {"x": 1}, None)]
+    options = _options(tp)
+    lists = [o for o in options if typing.get_origin(o) is list]
+    if lists:  # a grid: a non-empty list, each value in the range (or null where allowed)
+        (item,) = typing.get_args(lists[0])
+        bad = [("wrong type", value) for value in ("x", 5, [], ["x"], [True], {"x": 1})]
+        if type(None) not in typing.get_args(tp):  # list[...] | None allows null
+            bad.append(("wrong type", None))
         if item is float:
             bad.append(("not finite", [0.5, float("nan")]))
         return bad + [(what, [end]) for what, end in _range_ends(leaf, item)]
-    options = _options(tp)
     literals = [o for o in options if typing.get_origin(o) is Literal]
     numbers = options & {int, float}
     bad: list[tuple[str, object]] = [("wrong type", [1]), ("wrong type", {"x": 1})]

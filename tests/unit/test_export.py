@@ -26,6 +26,7 @@ from rnnlm import export, tracking
 from rnnlm.config import Params, params_digest, training_values
 from rnnlm.inference import (
     FORMAT_KEY,
+    MODEL_KEY,
     PROVENANCE_KEY,
     VOCAB_KEY,
     LanguageModel,
@@ -65,13 +66,14 @@ def build_net(
     layers: int = 2,
     seed: int = 0,
     bias: dict[int, float] | None = None,
+    cutoffs: tuple[int, ...] = (),
 ) -> RNNLM:
     """A random network in eval mode; non-zero recurrent biases (GRU's b_hn matters)."""
     torch.manual_seed(seed)
     config = RNNLMConfig(
         vocab_size=vocab_size, cell=cell, embedding_dim=hidden, hidden_dim=hidden,
         num_layers=layers, dropout=0.3, embedding_dropout=0.1, tie_weights=False,
-        weight_drop=0.0,
+        weight_drop=0.0, softmax_cutoffs=cutoffs,
     )  # fmt: skip
     net = RNNLM(config)
     with torch.no_grad():
@@ -113,6 +115,28 @@ def test_parity_for_each_cell_at_several_shapes(tmp_path: Path, cell: str) -> No
     assert set(errors) == expected
     assert 0 <= errors["max"] < 1e-5
     assert errors["max"] == max(v for k, v in errors.items() if k != "max")
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_adaptive_softmax_exports_scores_and_quantizes(tmp_path: Path, cell: str) -> None:
+    """The adaptive decoder's graph returns log-probabilities that match PyTorch at several
+    shapes; the torch-free scorer and the int8 copy give PyTorch's perplexity."""
+    net = build_net(cell, cutoffs=(3, 6))
+    path = write_model(tmp_path / "m.onnx", net, quantize=True)
+    errors = export.verify_parity(net, path, atol=1e-4, shapes=((1, 1), (3, 11), (2, 40)))
+    assert errors["max"] < 1e-5
+    stream = np.random.default_rng(0).integers(0, len(VOCAB), 300)
+    expected = torch_stream_ppl(net, stream)
+    assert LanguageModel(path, cache=False).score_ids(stream).ppl == pytest.approx(
+        expected, rel=1e-5
+    )
+    int8 = LanguageModel(tmp_path / "m.int8.onnx", cache=False).score_ids(stream).ppl
+    assert int8 == pytest.approx(expected, rel=0.02)
+    meta = onnx.load(str(path)).metadata_props
+    assert json.loads(next(p.value for p in meta if p.key == MODEL_KEY))["softmax_cutoffs"] == [
+        3,
+        6,
+    ]
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -198,7 +222,7 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
     assert model.config == {
         "vocab_size": len(VOCAB), "cell": "lstm", "embedding_dim": 8, "hidden_dim": 8,
         "num_layers": 2, "dropout": 0.3, "embedding_dropout": 0.1, "tie_weights": False,
-        "weight_drop": 0.0,
+        "weight_drop": 0.0, "softmax_cutoffs": [],
     }  # fmt: skip
     assert model.state_names == ["h", "c"]
     assert model.precision == "fp32"

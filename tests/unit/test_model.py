@@ -9,13 +9,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rnnlm.config import ConfigError, Params
 from rnnlm.datamodule import CorpusDataModule, StreamWindows
 from rnnlm.export import load_checkpoint
 from rnnlm.lit_module import LitRNNLM, temporal_activation_penalty
-from rnnlm.model import RNNLM, RNNLMConfig, detach_state, state_names
+from rnnlm.model import RNNLM, Decoder, RNNLMConfig, detach_state, state_names
 from rnnlm.streams import batchify, shard_rows
 from tests.fixtures import shipped_params
 
@@ -88,24 +87,90 @@ def test_tie_weights_shares_the_embedding_and_needs_equal_dims() -> None:
         RNNLM(RNNLMConfig(**tiny_config("gru", hidden_dim=6)))
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_tiny_model_overfits_a_repeating_sequence(cell: str) -> None:
+@pytest.mark.parametrize(
+    ("cell", "cutoffs"), [*((cell, ()) for cell in CELLS), ("gru", (4, 8)), ("lstm", (6,))]
+)
+def test_tiny_model_overfits_a_repeating_sequence(cell: str, cutoffs: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    net = RNNLM(RNNLMConfig(**tiny_config(cell, embedding_dim=16, hidden_dim=16, num_layers=1)))
-    pattern = torch.tensor([2, 5, 9, 4, 11, 7, 3, 8])
+    config = tiny_config(
+        cell, embedding_dim=16, hidden_dim=16, num_layers=1, softmax_cutoffs=cutoffs
+    )
+    net = RNNLM(RNNLMConfig(**config))
+    pattern = torch.tensor([2, 5, 9, 4, 11, 7, 3, 8])  # head and both tail clusters
     stream = pattern.repeat(12)
     inputs, targets = stream[:-1].unsqueeze(0), stream[1:].unsqueeze(0)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.02)
     initial = None
     for _ in range(150):
-        logits, _ = net(inputs, net.init_state(1))
-        loss = F.cross_entropy(logits.reshape(-1, 23), targets.reshape(-1))
+        window = net.window(inputs, net.init_state(1))
+        loss = net.decoder.nll(window.dropped, targets) / targets.numel()
         initial = initial if initial is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert initial > 2.5  # about log(23) at the start
     assert loss.item() < 0.1
+
+
+@pytest.mark.parametrize("cutoffs", [(), (5,), (4, 11), (1, 2, 22)])
+def test_decoder_nll_is_the_distribution_it_returns(cutoffs: tuple[int, ...]) -> None:
+    """`nll` (head plus only the targets' clusters) equals -log softmax(forward) at the
+    targets, gradients included; the adaptive forward returns normalised log-probs."""
+    torch.manual_seed(0)
+    decoder = Decoder(6, 23, cutoffs)
+    decoder.reset_parameters(output_vectors=True)
+    with torch.no_grad():
+        decoder.bias.normal_()
+    x = torch.randn(3, 7, 6)
+    targets = torch.randint(0, 23, (3, 7))
+    targets[0, : len(cutoffs) + 2] = torch.tensor([0, *cutoffs, 22])  # every part's edges
+    logits = decoder(x)
+    log_probs = logits.log_softmax(-1)
+    if cutoffs:
+        torch.testing.assert_close(logits, log_probs)
+    expected = -log_probs.gather(-1, targets[..., None]).sum()
+    nll = decoder.nll(x, targets)
+    torch.testing.assert_close(nll, expected)
+    weights = list(decoder.parameters())
+    for got, want in zip(
+        torch.autograd.grad(nll, weights), torch.autograd.grad(expected, weights), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def test_adaptive_softmax_is_head_times_cluster() -> None:
+    """p(w) = p_head(w) for a head word, p_head(cluster) * softmax over the cluster for a
+    tail word, computed here from the weights directly."""
+    torch.manual_seed(1)
+    decoder = Decoder(4, 10, (3, 6))
+    decoder.reset_parameters(output_vectors=True)
+    h = torch.randn(4, dtype=torch.float64)
+    w, b = decoder.weight.double().detach(), decoder.bias.double().detach()
+    cw, cb = decoder.cluster_weight.double().detach(), decoder.cluster_bias.double().detach()
+    head = torch.cat([w[:3] @ h + b[:3], cw @ h + cb]).softmax(0)  # 3 words, 2 clusters
+    expected = torch.cat(
+        [
+            head[:3],
+            head[3] * (w[3:6] @ h + b[3:6]).softmax(0),
+            head[4] * (w[6:] @ h + b[6:]).softmax(0),
+        ]
+    )
+    with torch.no_grad():
+        probs = decoder.double()(h).exp()
+    torch.testing.assert_close(probs, expected)
+    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_adaptive_softmax_ties_every_word_to_its_embedding() -> None:
+    net = RNNLM(RNNLMConfig(**tiny_config("gru", softmax_cutoffs=(5, 12))))
+    assert net.decoder.weight is net.embedding.weight
+    assert net.decoder.cluster_weight.shape == (2, 8)
+    plain = RNNLM(RNNLMConfig(**tiny_config("gru")))
+    assert sorted(plain.state_dict()) == sorted(
+        k for k in net.state_dict() if not k.startswith("decoder.cluster_")
+    )  # the one-softmax model keeps its checkpoint keys
+    with pytest.raises(ValueError, match=r"cutoffs \[5, 23\] must increase strictly"):
+        Decoder(8, 23, (5, 23))
 
 
 def test_batchify_and_windows_keep_each_row_contiguous() -> None:
