@@ -246,6 +246,12 @@ def check_text(name: str, value: object) -> None:
         raise ValueError(f"{name} = {short_repr(value)}: expected str, got {type(value).__name__}")
 
 
+def check_k(k: int) -> None:
+    """Raise ValueError, naming it, when `k` (how many next words) is no integer >= 1."""
+    if not is_int(k) or k < 1:
+        raise ValueError(f"k = {short_repr(k)}: must be an integer >= 1")
+
+
 def check_sampling(
     temperature: float,
     top_k: int,
@@ -1270,8 +1276,7 @@ class LanguageModel:
 
         With the cache on, the prompt's own words fill it: p is the mixed distribution.
         """
-        if not is_int(k) or k < 1:
-            raise ValueError(f"k = {k!r}: must be an integer >= 1")
+        check_k(k)
         stream, _ = self._prompt_stream(prompt)
         cache = self.new_cache()
         if cache is None:

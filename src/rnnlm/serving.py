@@ -64,7 +64,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
 from rnnlm.errors import RnnlmError, is_int, short_repr
-from rnnlm.inference import LanguageModel, check_sampling
+from rnnlm.inference import LanguageModel, check_k, check_sampling
 
 TEXT_COLUMN = "text"
 ONNX_ARTIFACT = "onnx_model"  # the model's artifact name for the .onnx file
@@ -206,14 +206,12 @@ def read_params(params: Mapping[str, Any] | None) -> Request:
     task = values.pop("task")
     if task not in TASKS:
         raise RequestError(f"task = {short_repr(task)}: expected one of {', '.join(TASKS)}")
-    k = values["k"]
-    if not is_int(k) or k < 1:
-        raise RequestError(f"k = {short_repr(k)}: must be an integer >= 1")
-    values["k"] = int(k)
     for name in ("stop_at_eos", "include_prompt"):
         if not isinstance(values[name], bool):
             raise RequestError(f"{name} = {short_repr(values[name])}: expected true or false")
     try:
+        check_k(values["k"])
+        values["k"] = int(values["k"])  # MLflow hands `long` params over as numpy integers
         check_sampling(
             values["temperature"],
             values["top_k"],

@@ -32,7 +32,7 @@ from rnnlm.streams import EOS, UNK_ID
 # here, which need none of them. NLTK imports them under `try/except ImportError`, so they are
 # hidden while it loads (unless something imported them already); `import sklearn` afterwards
 # works as usual. SciPy's stats and sparse are hidden on their own too: when another package
-# has imported scipy already (the export stage's do), NLTK would still load scipy.stats (2 s).
+# has imported scipy already (the export stage's do), NLTK would still load scipy.stats (1.5 s).
 _HIDDEN = [
     name
     for name in ("sklearn", "scipy", "scipy.stats", "scipy.sparse", "pandas")
