@@ -58,8 +58,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
         env.setenv("RNNLM_PROJECT_ROOT", str(root))
         params = prepare_tiny_project(root)
-        # The cosine schedule here (every other training in the suite has the shipped plateau
-        # one), so its per-step path is checked without a training of its own.
+        # The shipped cosine schedule here (every other training in the suite has the plateau
+        # one, TINY_OVERRIDES), so its per-step path is checked without a training of its own.
         params = dataclasses.replace(
             params, train=dataclasses.replace(params.train, lr_schedule="cosine", min_lr=1e-4)
         )
