@@ -180,8 +180,8 @@ def test_bad_requests_get_400_with_the_reason(server: Server) -> None:
         ),
         ({"inputs": TEXTS, "params": {"k": "many"}}, "Invalid parameters found", False),
         (
-            {"inputs": ["word " * 250_000]},  # 1.25 MB: over params.yaml's serving_max_chars
-            "1,250,000 characters of text in one request, at most 1,000,000 "
+            {"inputs": ["word " * 150_000]},  # 750 kB: over params.yaml's serving_max_chars
+            "750,000 characters of text in one request, at most 500,000 "
             "(model_config max_chars): send less per request, or score a corpus with "
             "rnnlm.batch_score",
             True,
