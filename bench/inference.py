@@ -11,10 +11,10 @@ Measures in one run, on the shipped model (models/model.onnx and models/model.in
   - scoring tokens/s end to end (bytes in, perplexity out; tokenizer included) on a
     multi-MB input of corpus prose: `LanguageModel.score_stream` in fp32 and int8 (default
     threads: all cores), exact (one stream, the default) and batched (rows=8), and today's
-    method before the pipeline, kept here as a baseline (one session call per 256-token
+    method before the scoring graph, kept here as a baseline (one session call per 256-token
     window returning the logits, NLL in numpy); each as a fraction of the floor. Then a
-    profile: each stage alone on one core (tokenizer, recurrent part, head) in
-    core-microseconds a token, against the pipeline's wall time;
+    profile: each stage alone (the tokenizer; the scoring session and the recurrence alone,
+    on 1 thread and on all cores) in microseconds a token, against scoring end to end;
   - generation ms/token (temperature 1, one stream, 300 tokens) through `generate`, fp32 and
     int8, 1 and 2 threads, against today's loop (a plain session call and the old sampling
     per token), with the bound of reading the projection once a token (a bare GEMV);
@@ -217,10 +217,14 @@ def new_score(model: LanguageModel, path: Path, rows: int = 1) -> tuple[float, i
     return result.nll, result.tokens
 
 
-def stage_profile(model_path: Path, path: Path, max_tokens: int = 200_000) -> dict[str, float]:
-    """Core-microseconds a token of each scoring stage alone, on one core (CPU time)."""
+def stage_profile(
+    model_path: Path, path: Path, cores: int, max_tokens: int = 200_000
+) -> dict[str, float]:
+    """Microseconds a token of each scoring stage alone: the tokenizer (CPU time, the
+    caller's thread) and, in wall time, the scoring session (network, log-softmax and
+    targets' log-probs) and the recurrence alone (the state graph), on 1 and on `cores`
+    threads, one window after another with the state carried."""
     model = LanguageModel(model_path, threads=1, cache=False)
-    sessions = model._scoring_sessions()
     started = time.process_time()
     ids: list[int] = []
     with path.open("rb") as file:
@@ -229,28 +233,25 @@ def stage_profile(model_path: Path, path: Path, max_tokens: int = 200_000) -> di
             ids.append(EOS_ID)
             if len(ids) >= max_tokens:
                 break
-    tokenize = time.process_time() - started
+    profile = {"tokenize": (time.process_time() - started) / len(ids) * 1e6}
     inputs, targets = lm_pairs(np.array(ids))
     n = len(ids) // WINDOW * WINDOW
     windows = [
         (inputs[None, i : i + WINDOW], targets[None, i : i + WINDOW]) for i in range(0, n, WINDOW)
     ]
-    state = model.initial_state(1)
-    handovers = []
-    started = time.process_time()
-    for x, _ in windows:
-        handover, state, _ = sessions.recur(x, state)
-        handovers.append(handover)
-    recur = time.process_time() - started
-    started = time.process_time()
-    for handover, (_, y) in zip(handovers, windows, strict=True):
-        sessions.logprob(handover, y)
-    head = time.process_time() - started
-    return {
-        "tokenize_us": tokenize / len(ids) * 1e6,
-        "recurrent_us": recur / n * 1e6,
-        "head_us": head / n * 1e6,
-    }
+    for threads in sorted({1, cores}):
+        sessions = LanguageModel(model_path, threads=threads, cache=False)._scoring_sessions()
+        state = model.initial_state(1)
+        started = time.perf_counter()
+        for x, y in windows:
+            _, state, _ = sessions.score(x, state, y)
+        profile[f"score {threads}t"] = (time.perf_counter() - started) / n * 1e6
+        state = model.initial_state(1)
+        started = time.perf_counter()
+        for x, _ in windows:
+            state = sessions.advance(x, state)
+        profile[f"recurrence {threads}t"] = (time.perf_counter() - started) / n * 1e6
+    return profile
 
 
 def requantized(fp32: Path, folder: Path) -> Path:
@@ -406,20 +407,20 @@ def main(argv: list[str] | None = None) -> None:
             "batched_ppl_change": batched,
         }
 
-        profile = {name: stage_profile(path, text) for name, path in paths.items()}
+        profile = {name: stage_profile(path, text, cores) for name, path in paths.items()}
         figures["profile"] = profile
-        print("\nwhere the time goes: each stage alone on one core, core-us a token")
+        columns = list(profile["fp32"])
         print(
-            f"{'':6s}{'tokenize':>10s}{'recurrent':>11s}{'head':>8s}{'sum':>8s}"
-            f"{'/ cores':>9s}{'pipeline':>10s}{'busy':>7s}"
+            "\nwhere the time goes: us a token of each stage alone (tokenize: CPU time on the "
+            "caller's thread; the rest wall time, one window after another; score = network + "
+            "log-probs, recurrence = the state graph alone) against scoring end to end"
         )
+        print(f"{'':6s}" + "".join(f"{c:>15s}" for c in columns) + f"{'end to end':>12s}")
         for name, stage in profile.items():
-            total = sum(stage.values())
-            wall = 1e6 / score_rows[name]
             print(
-                f"{name:6s}{stage['tokenize_us']:10.1f}{stage['recurrent_us']:11.1f}"
-                f"{stage['head_us']:8.1f}{total:8.1f}{total / cores:9.1f}{wall:10.1f}"
-                f"{total / cores / wall:7.0%}"
+                f"{name:6s}"
+                + "".join(f"{stage[c]:15.1f}" for c in columns)
+                + f"{1e6 / score_rows[name]:12.1f}"
             )
 
         # Generation.

@@ -618,31 +618,40 @@ def segment_tokens(rows: int) -> int:
     return WINDOW if rows == 1 else max(CONTEXT, BATCH_TOKENS // rows)
 
 
-# Windows handed to the scoring pipeline and not yet consumed: one in the head, one in the
-# recurrent part, one queued. Bounds memory (a window's activations each) and keeps both
-# stages busy while the caller's thread tokenizes the next window.
-_IN_FLIGHT = 3
+# Windows handed to the scoring worker and not yet consumed: one in the session, one queued.
+# Bounds memory (a window's activations each) and keeps the session busy while the caller's
+# thread tokenizes the next window.
+_IN_FLIGHT = 2
 
 
-def _split_threads(threads: int) -> tuple[int, int]:
-    """Intra-op threads of the recurrent part and of the head for `threads` cores in all.
+def _build_graph(path: Path, kind: str, *args: Any) -> bytes:
+    """The `kind` ("scoring" or "state") graph of the model at `path` (rnnlm.graphs)."""
+    # Imported here: onnx adds ~0.3 s to the start of `generate` and `next`, which need no
+    # scoring graph.
+    import onnx
 
-    The recurrence is one chain of small products (a step's matrix-vector product cannot be
-    shared profitably between cores): one thread. The head (the output projection, a real GEMM
-    over a window, then the log-softmax) is most of the work, about 3 times the recurrence's
-    and 4 times the tokenizer's for the shipped GRU: it may use every core, so that it fills
-    what the recurrence and the tokenizer (on the caller's thread) leave idle. Its pool
-    threads sleep when idle (no spinning), so the oversubscription costs little.
-    """
-    return 1, threads
+    from rnnlm import graphs
+
+    build = graphs.scoring_graph if kind == "scoring" else graphs.state_graph
+    try:
+        return build(onnx.load(str(path)), *args)
+    except graphs.ScoringGraphError as err:
+        raise ModelLoadError(f"{path}: cannot build its {kind} graph: {err}") from None
 
 
 class _ScoringSessions:
-    """A model cut for scoring (`rnnlm.graphs.split_for_scoring`), one session per part.
+    """A model turned into its scoring graphs (`rnnlm.graphs`), one session each.
 
-    `recur` runs the recurrent part on a window and returns what the head needs, the next
-    state and any extra outputs; `logprob` runs the head: log p(target) per position,
-    float32, without the logits ever reaching Python.
+    `score` runs the network on a window and returns log p(target) per position, float32
+    (the logits never reach Python), the next state and any extra outputs; `advance` runs the
+    recurrence alone (a context read for its state; built on first use). Each session may use
+    every one of the `threads` cores: the cores split a large model's hidden-to-hidden weights
+    between their caches (GRU 512 on this project's 2-core VM: a window's recurrence 3.3x
+    faster on two cores than on one). `batched`: for segments side by side, where the two
+    sessions alternate, their idle pool threads sleep at once (a spinning pool would burn the
+    core the other session needs: 6.0k against 9.2k tokens/s at 8 rows, GRU 512); else they
+    spin between the steps of one stream's recurrence, whose wake-ups would cost more than the
+    steps (9.7-10.0k against 7.7-8.7k tokens/s).
     """
 
     def __init__(
@@ -654,58 +663,55 @@ class _ScoringSessions:
         state_out: Sequence[str],
         threads: int,
         extra_outputs: Sequence[str] = (),
+        batched: bool = False,
     ) -> None:
-        # Imported here: onnx adds ~0.3 s to the start of `generate` and `next`, which do
-        # not need it.
-        import onnx
-
-        from rnnlm import graphs
-
-        try:
-            parts = graphs.split_for_scoring(onnx.load(str(path)), logits, state_out, extra_outputs)
-        except graphs.GraphSplitError as err:
-            raise ModelLoadError(f"{path}: cannot be scored as a stream: {err}") from None
-        recurrent_threads, head_threads = _split_threads(threads)
-        # With several threads the two parts share the cores with each other and with the
-        # tokenizer: idle pool threads must yield their core at once.
-        spinning = threads == 1
-        self.recurrent = ort.InferenceSession(
-            parts.recurrent,
-            session_options(recurrent_threads, spinning),
-            providers=["CPUExecutionProvider"],
-        )
-        self.head = ort.InferenceSession(
-            parts.head, session_options(head_threads, spinning), providers=["CPUExecutionProvider"]
-        )
+        self._path = path
+        self._threads = threads
+        self._spinning = not batched
         self._tokens = tokens
         self._state_in = list(state_in)
-        self._cut = parts.cut
         self._state_out = list(state_out)
         self._extras = list(extra_outputs)
-        self._outputs = [o.name for o in self.recurrent.get_outputs()]
-        self._targets, self._logprob = graphs.TARGETS_INPUT, graphs.LOGPROB_OUTPUT
+        scoring = _build_graph(path, "scoring", logits, state_out, extra_outputs)
+        self._scoring = self._session(scoring)
+        self._outputs = [o.name for o in self._scoring.get_outputs()]
+        from rnnlm.graphs import TARGETS_INPUT  # loaded by _build_graph
 
-    def recur(
-        self, inputs: np.ndarray, state: State
-    ) -> tuple[dict[str, np.ndarray], State, dict[str, np.ndarray]]:
-        """inputs (batch, time) int64 from `state` -> (the head's inputs, next state, extras)."""
-        feeds = {self._tokens: inputs, **dict(zip(self._state_in, state, strict=True))}
-        values = dict(zip(self._outputs, self.recurrent.run(self._outputs, feeds), strict=True))
-        values.update((name, feeds[name]) for name in self._cut if name in feeds)
-        return (
-            {name: values[name] for name in self._cut},
-            tuple(values[name] for name in self._state_out),
-            {name: values[name] for name in self._extras},
+        self._targets = TARGETS_INPUT
+        self._state_only: ort.InferenceSession | None = None
+        self._state_lock = threading.Lock()
+
+    def _session(self, graph: bytes) -> ort.InferenceSession:
+        return ort.InferenceSession(
+            graph,
+            session_options(self._threads, self._spinning),
+            providers=["CPUExecutionProvider"],
         )
 
-    def logprob(self, handover: dict[str, np.ndarray], targets: np.ndarray) -> np.ndarray:
-        """log p(targets) (batch, time) float32, from what `recur` handed over."""
-        feeds = {**handover, self._targets: targets[..., None]}
-        return self.head.run([self._logprob], feeds)[0][..., 0]
+    def _feeds(self, inputs: np.ndarray, state: State) -> dict[str, np.ndarray]:
+        return {self._tokens: inputs, **dict(zip(self._state_in, state, strict=True))}
+
+    def score(
+        self, inputs: np.ndarray, state: State, targets: np.ndarray
+    ) -> tuple[np.ndarray, State, dict[str, np.ndarray]]:
+        """inputs and targets (batch, time) int64 from `state` -> (log p(targets) (batch, time)
+        float32, next state, extras by name)."""
+        feeds = {**self._feeds(inputs, state), self._targets: targets[..., None]}
+        logprob, *rest = self._scoring.run(self._outputs, feeds)
+        n_state = len(self._state_out)
+        extras = dict(zip(self._extras, rest[n_state:], strict=True))
+        return logprob[..., 0], tuple(rest[:n_state]), extras
+
+    def advance(self, inputs: np.ndarray, state: State) -> State:
+        """The state after reading inputs (batch, time) int64 from `state`."""
+        with self._state_lock:
+            if self._state_only is None:
+                self._state_only = self._session(_build_graph(self._path, "state", self._state_out))
+        return tuple(self._state_only.run(self._state_out, self._feeds(inputs, state)))
 
 
 class _Inline:
-    """The executor of a pipeline stage run on the caller's thread (one thread in all)."""
+    """The scoring worker's stand-in on the caller's thread (one thread in all)."""
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         future: Future = Future()
@@ -741,12 +747,12 @@ class _StreamScorer:
     before it, from a zero state, instead of with the state carried from the stream's start
     (the stream's first segment starts from the stream's start, as in exact mode).
 
-    With more than one thread a window (or batch) goes through a pipeline: the recurrent part
-    on one worker thread (which owns the state), the head on another, while the caller's
-    thread tokenizes the next one; results are consumed in stream order (`_consume`, which
-    gets each window's float32 log-probs). Holds fewer than a window's (or batch's) unscored
-    tokens, the sentences they belong to and at most _IN_FLIGHT of them in the pipeline. Use
-    it as a context manager (its worker threads end with it).
+    With more than one thread a window (or batch) is scored on a worker thread (which owns
+    the state; its session uses every thread) while the caller's thread tokenizes the next
+    one; results are consumed in stream order (`_consume`, which gets each window's float32
+    log-probs). Holds fewer than a window's (or batch's) unscored tokens, the sentences they
+    belong to and at most _IN_FLIGHT of them on the worker. Use it as a context manager (its
+    worker thread ends with it).
     """
 
     def __init__(
@@ -756,12 +762,6 @@ class _StreamScorer:
         rows: int = 1,
     ) -> None:
         check_rows(rows)
-        self._model = model
-        self._sessions = model._scoring_sessions()
-        self._on_sentence = on_sentence
-        self._rows = rows
-        self._segment = segment_tokens(rows)
-        self._state = model.initial_state(1)  # exact mode: owned by the recurrent stage
         self._cache = model.new_cache()  # None: the network alone
         if self._cache is not None and rows > 1:
             # The cache holds one stream's history in order; side-by-side segments have none.
@@ -769,17 +769,22 @@ class _StreamScorer:
                 f"rows = {rows}: the continuous cache scores one stream in order (rows 1); "
                 "turn the cache off to score segments side by side"
             )
+        self._model = model
+        self._sessions = model._scoring_sessions(batched=rows > 1)
+        self._on_sentence = on_sentence
+        self._rows = rows
+        self._segment = segment_tokens(rows)
+        self._state = model.initial_state(1)  # exact mode: owned by the worker
         self._previous = EOS_ID  # the input before the next token: a stream starts after <eos>
         # Batched mode: the last inputs up to the first unscored token's (<eos> at the start),
         # enough for the context of a segment that starts there.
         self._past: deque[int] = deque([EOS_ID], maxlen=CONTEXT + 1)
-        self._submitted = 0  # tokens handed to the pipeline
+        self._submitted = 0  # tokens handed to the worker
         self._ids: list[int] = []  # tokens not scored yet (fewer than a batch between calls)
         self._pending: deque[Future] = deque()
-        pipelined = model.threads > 1
-        self._recurrent = ThreadPoolExecutor(1, "rnnlm-recurrent") if pipelined else _Inline()
-        self._head = ThreadPoolExecutor(1, "rnnlm-head") if pipelined else _Inline()
-        self._in_flight = _IN_FLIGHT if pipelined else 1  # inline: each window is done at once
+        overlapped = model.threads > 1
+        self._worker = ThreadPoolExecutor(1, "rnnlm-score") if overlapped else _Inline()
+        self._in_flight = _IN_FLIGHT if overlapped else 1  # inline: each window is done at once
         # Sentences not fully scored yet, and how many tokens and nats of the first one are.
         self._open: deque[list[str]] = deque()
         self._open_tokens = 0
@@ -792,8 +797,7 @@ class _StreamScorer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for stage in (self._recurrent, self._head):
-            stage.shutdown(wait=True, cancel_futures=True)
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
     def add(self, words: list[str]) -> None:
         """Score one sentence (its words; `<eos>` closes it) as soon as its windows are full."""
@@ -822,13 +826,13 @@ class _StreamScorer:
         if self._rows == 1:
             inputs, targets = lm_pairs(np.array(self._ids[:size]), self._previous)
             self._previous = int(targets[-1])
-            recurred = self._recurrent.submit(self._recur, inputs[None])
-            scored = self._head.submit(self._score, recurred, targets[None], [size])
+            scored = self._worker.submit(self._score_window, inputs[None], targets[None])
         else:
             contexts, inputs, targets, lengths = self._segments(size)
             from_start = self._submitted == 0
-            recurred = self._recurrent.submit(self._recur_rows, contexts, inputs, from_start)
-            scored = self._head.submit(self._score, recurred, targets, lengths)
+            scored = self._worker.submit(
+                self._score_rows, contexts, inputs, targets, lengths, from_start
+            )
         del self._ids[:size]
         self._submitted += size
         self._pending.append(scored)
@@ -861,28 +865,27 @@ class _StreamScorer:
             lengths.append(stop - start)
         return contexts, inputs, targets, lengths
 
-    def _recur(self, inputs: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        handover, self._state, extras = self._sessions.recur(inputs, self._state)
-        return handover, extras
+    def _score_window(self, inputs: np.ndarray, targets: np.ndarray) -> list[ScoredWindow]:
+        """Exact mode: one window (1, time) from the carried state, which it moves on."""
+        logprob, self._state, extras = self._sessions.score(inputs, self._state, targets)
+        return [ScoredWindow(targets[0], logprob[0], extras)]
 
-    def _recur_rows(
-        self, contexts: np.ndarray, inputs: np.ndarray, from_start: bool
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _score_rows(
+        self,
+        contexts: np.ndarray,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        lengths: list[int],
+        from_start: bool,
+    ) -> list[ScoredWindow]:
         """Batched mode: each row's state after its context, read from a zero state, then its
         segment. `from_start`: the first row starts the stream, from the zero state itself."""
-        _, state, _ = self._sessions.recur(contexts, self._model.initial_state(len(inputs)))
+        state = self._sessions.advance(contexts, self._model.initial_state(len(inputs)))
         if from_start:
             state = tuple(np.array(s) for s in state)
             for s in state:
                 s[:, 0, :] = 0.0
-        handover, _, extras = self._sessions.recur(inputs, state)
-        return handover, extras
-
-    def _score(
-        self, recurred: Future, targets: np.ndarray, lengths: list[int]
-    ) -> list[ScoredWindow]:
-        handover, extras = recurred.result()
-        logprob = self._sessions.logprob(handover, targets)
+        logprob, _, extras = self._sessions.score(inputs, state, targets)
         return [
             ScoredWindow(
                 targets[row, :n],
@@ -1050,7 +1053,8 @@ class LanguageModel:
             raise ModelLoadError(f"{self.path}: not a file")
         self.threads: int = default_threads() if threads is None else threads
         options = session_options(GENERATE_THREADS if threads is None else threads)
-        self._scoring: _ScoringSessions | None = None  # built on the first scored stream
+        # Exact (False) and batched (True) scoring, each built on its first scored stream.
+        self._scoring: dict[bool, _ScoringSessions] = {}
         self._scoring_lock = threading.Lock()  # threads scoring at once build it once
         try:
             self._session = ort.InferenceSession(
@@ -1143,11 +1147,12 @@ class LanguageModel:
         shape = (self.num_layers, batch, self.hidden_dim)
         return tuple(np.zeros(shape, dtype=np.float32) for _ in self._state_in)
 
-    def _scoring_sessions(self) -> _ScoringSessions:
-        """The model cut for scoring (recurrent part + log-probability head), built once."""
+    def _scoring_sessions(self, batched: bool = False) -> _ScoringSessions:
+        """The model's scoring graphs (rnnlm.graphs) on onnxruntime for exact or `batched`
+        scoring (`_ScoringSessions`), built once."""
         with self._scoring_lock:
-            if self._scoring is None:
-                self._scoring = _ScoringSessions(
+            if batched not in self._scoring:
+                self._scoring[batched] = _ScoringSessions(
                     self.path,
                     self._tokens_name,
                     self._state_in,
@@ -1156,8 +1161,9 @@ class LanguageModel:
                     self.threads,
                     # The cache's keys: the top layer's output, fetched only when scoring uses it.
                     () if self.cache is None else (self.hidden_output,),
+                    batched,
                 )
-            return self._scoring
+            return self._scoring[batched]
 
     def _run(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """One session call, no checks: ids (batch, time) int64 -> logits (batch, time, vocab)."""

@@ -159,8 +159,8 @@ LINES = [
 def test_streamed_scoring_equals_the_per_token_reference(
     lstm: tuple[LanguageModel, RNNLM], gru_path: Path, cell: str, threads: int
 ) -> None:
-    """Every sentence's NLL and the total, streamed (pipelined with 2 threads, float32
-    log-softmax in the head), equal the float64 per-token NLLs of the logits within 1e-5."""
+    """Every sentence's NLL and the total, streamed (on a worker thread with 2 threads;
+    float32 log-softmax in the scoring graph), equal the float64 per-token NLLs within 1e-5."""
     model = LanguageModel(lstm[0].path if cell == "lstm" else gru_path, threads=threads)
     text = "\n".join(LINES * 80)
     sentences_words = list(model.tokenizer.sentences(text))
@@ -793,7 +793,7 @@ def test_score_stream_scores_while_it_reads(
 ) -> None:
     """Each sentence is scored soon after its bytes are read: an implementation that read
     the whole input first (or tokenized it all first) fails at the first sentence. With two
-    threads the windows go through the pipeline, a few of them in flight at once."""
+    threads the windows are scored on a worker thread, a few of them in flight at once."""
     model = LanguageModel(lstm[0].path, threads=threads)
     monkeypatch.setattr(text_module, "SNIFF_BYTES", 4096)
     paragraph = b"We will build a strong nation. Today congress must keep peace. " * 3 + b"\n"
@@ -807,13 +807,13 @@ def test_score_stream_scores_while_it_reads(
             yield chunk
 
     windows: list[int] = []
-    recur = _ScoringSessions.recur
+    score = _ScoringSessions.score
 
-    def spy(self: _ScoringSessions, inputs: np.ndarray, state: tuple) -> tuple:
+    def spy(self: _ScoringSessions, inputs: np.ndarray, state: tuple, targets: np.ndarray) -> tuple:
         windows.append(inputs.shape[1])
-        return recur(self, inputs, state)
+        return score(self, inputs, state, targets)
 
-    monkeypatch.setattr(_ScoringSessions, "recur", spy)
+    monkeypatch.setattr(_ScoringSessions, "score", spy)
     lags: list[int] = []
 
     def on_sentence(sentence: SentenceScore) -> None:
@@ -873,11 +873,11 @@ def test_score_stream_memory_does_not_grow_with_the_input(
 
 
 @pytest.mark.parametrize("rows", [1, 4])
-def test_pipelined_scoring_memory_is_bounded_by_its_buffers(
+def test_streamed_scoring_memory_is_bounded_by_its_buffers(
     lstm: tuple[LanguageModel, RNNLM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int
 ) -> None:
     """A generated input of a few hundred windows, read through a 4 kB buffer (a 16 kB sniffed
-    head) by the two-thread pipeline: what it holds (windows or batches in flight, open
+    head) with two threads (the scoring worker): what it holds (windows or batches in flight, open
     sentences, the reads) stays under 200 kB, less than half the input."""
     monkeypatch.setattr(inference, "READ_BYTES", 4096)
     monkeypatch.setattr(text_module, "SNIFF_BYTES", 16384)
