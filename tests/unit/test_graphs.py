@@ -56,7 +56,9 @@ def test_the_scoring_and_state_graphs_give_what_the_model_gives(
     logits, *expected_state = session(str(path)).run(["logits", *state_out], feeds)
     expected = -token_nll(logits.reshape(-1, len(VOCAB)), targets.reshape(-1)).reshape(3, 7)
 
-    scoring = session(scoring_graph(model, "logits", state_out))
+    graph = scoring_graph(model, "logits", state_out)
+    onnx.checker.check_model(graph)
+    scoring = session(graph)
     assert [o.name for o in scoring.get_outputs()] == [LOGPROB_OUTPUT, *state_out]
     logprob, *next_state = scoring.run(None, {**feeds, TARGETS_INPUT: targets[..., None]})
     assert logprob.dtype == np.float32 and logprob.shape == (3, 7, 1)
@@ -64,7 +66,12 @@ def test_the_scoring_and_state_graphs_give_what_the_model_gives(
     for got, want in zip(next_state, expected_state, strict=True):
         np.testing.assert_array_equal(got, want)
 
-    recurrence = onnx.load_from_string(state_graph(model, state_out))
+    recurrence = onnx.load_from_string(state_graph(onnx.load(str(path)), state_out))
+    onnx.checker.check_model(recurrence)
+    assert not recurrence.graph.initializer or all(
+        t.name in {n for node in recurrence.graph.node for n in node.input}
+        for t in recurrence.graph.initializer
+    ), "the state graph keeps weights it does not read"
     assert not {"MatMul", "Gemm"} & {n.op_type for n in recurrence.graph.node}, (
         "the state graph computes the output projection"
     )
