@@ -111,8 +111,7 @@ def _command(
         "--threads",
         type=_number(int, 1, MAX_THREADS),
         default=None,
-        help="cores to use (default: all of them for score, one for generate and next, "
-        "which run faster on one)",
+        help="cores to use (default: all of them; on a busy machine one can generate faster)",
     )
     return parser
 

@@ -93,10 +93,6 @@ WINDOW = 256
 MAX_TOKENS = 1_000_000
 MAX_SAMPLES = 1_000
 MAX_THREADS = 1_024
-# Intra-op threads of generation (and `next`, and `token_nlls`) unless `threads` is given: one
-# token per call is a matrix-vector product bound by memory bandwidth, with an op-by-op fork and
-# join of the thread pool that costs more than a second core gains (bench/inference.py).
-GENERATE_THREADS = 1
 # A prompt is context for the recurrent state, which keeps only the recent past: a longer one
 # is almost surely a whole file passed by mistake, and NLTK's tokenizers take up to ~70 us a
 # character on short-sentence text (a 100k-character prompt: seconds, not minutes).
@@ -491,8 +487,8 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
 
     `threads`: intra-op threads (None: onnxruntime's default, one per physical core).
     `spinning=False` lets idle pool threads sleep at once instead of spinning for new work:
-    right for sessions that share the cores with other busy threads (the scoring pipeline),
-    wrong for a loop of tiny calls (one generated token), where waking them costs more.
+    right for sessions that take turns on the same cores (batched scoring's two), wrong for a
+    chain of tiny steps (a recurrence, one generated token), where waking them costs more.
     """
     check_threads(threads)
     options = ort.SessionOptions()
@@ -1030,9 +1026,11 @@ class LanguageModel:
 
     Args:
         path: the `.onnx` file written by the export stage.
-        threads: the cores it may keep busy. None: scoring a stream uses every core this
-            process may run on (`default_threads`), generation GENERATE_THREADS (one token
-            at a time runs faster on one core than split across two).
+        threads: the cores it may keep busy. None: every core this process may run on
+            (`default_threads`). One token per call is a matrix-vector product bound by
+            memory bandwidth, which a second core adds to: the GRU 512 generates in 0.67 ms a
+            token on two cores against 1.39 on one (bench/inference.py, an idle 2-core VM;
+            on a busy machine one thread can be faster: pass threads=1).
         cache: True: score with the continuous cache the export stage tuned, when the model
             carries one (`tuned_cache`; a model without scores with the network alone); False:
             never; CacheSettings: these settings (the model needs the `hidden` output).
@@ -1052,7 +1050,7 @@ class LanguageModel:
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: not a file")
         self.threads: int = default_threads() if threads is None else threads
-        options = session_options(GENERATE_THREADS if threads is None else threads)
+        options = session_options(self.threads)
         # Exact (False) and batched (True) scoring, each built on its first scored stream.
         self._scoring: dict[bool, _ScoringSessions] = {}
         self._scoring_lock = threading.Lock()  # threads scoring at once build it once
