@@ -231,7 +231,9 @@ def test_a_huge_value_is_shown_cut_short(tmp_path: Path) -> None:
 
 def test_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "exp.yaml"
-    path.write_text(PARAMS_YAML.read_text(encoding="utf-8").replace("  cell: gru", "  cel: gru"))
+    shipped = PARAMS_YAML.read_text(encoding="utf-8")
+    assert "\n  cell: " in shipped
+    path.write_text(shipped.replace("\n  cell: ", "\n  cel: ", 1))
     with pytest.raises(ConfigError, match=re.escape(f"{path}: model.cel: unknown key")):
         load_params(path)
 
