@@ -109,10 +109,12 @@ def scoring_graph(
             cache model), after the state.
 
     Raises:
-        ScoringGraphError: one of the outputs named is not in the graph.
+        ScoringGraphError: one of the outputs named is not in the graph, or the graph has
+            control flow.
     """
     graph = model.graph
     _outputs(model, [logits, *state_out, *extra_outputs])
+    _no_control_flow(model)
     log_softmax = f"{logits}/log_softmax"
     graph.node.extend(
         [

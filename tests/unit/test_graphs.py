@@ -110,3 +110,5 @@ def test_graphs_that_lack_what_scoring_needs() -> None:
     model = helper.make_model(looped, opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises(ScoringGraphError, match="control flow"):
         state_graph(model, ["h1"])
+    with pytest.raises(ScoringGraphError, match="control flow"):
+        scoring_graph(model, "h1", [])
