@@ -37,8 +37,8 @@ def _producers(graph: onnx.GraphProto) -> dict[str, int]:
     return {name: i for i, node in enumerate(graph.node) for name in node.output if name}
 
 
-def _ancestors(graph: onnx.GraphProto, names: Iterable[str]) -> list[onnx.NodeProto]:
-    """The nodes that the tensors `names` are computed from, in the graph's (topological) order."""
+def _ancestors(graph: onnx.GraphProto, names: Iterable[str]) -> set[int]:
+    """Indices of the nodes that the tensors `names` are computed from (themselves included)."""
     producers = _producers(graph)
     needed: set[int] = set()
     todo = [producers[n] for n in names if n in producers]
@@ -48,7 +48,7 @@ def _ancestors(graph: onnx.GraphProto, names: Iterable[str]) -> list[onnx.NodePr
             continue
         needed.add(i)
         todo.extend(producers[n] for n in graph.node[i].input if n in producers)
-    return [graph.node[i] for i in sorted(needed)]
+    return needed
 
 
 def _outputs(model: onnx.ModelProto, names: Sequence[str]) -> list[onnx.ValueInfoProto]:
@@ -74,15 +74,14 @@ def _no_control_flow(model: onnx.ModelProto) -> None:
         raise ScoringGraphError("the graph has control flow (If/Loop/Scan): cannot cut it")
 
 
-def _serialised(model: onnx.ModelProto, keep: Sequence[onnx.NodeProto], name: str) -> bytes:
-    """`model` cut down in place to the nodes `keep` (in order) and the initializers they read,
-    serialised. In place, because the weights are most of the model: a copy of them, and
+def _serialised(model: onnx.ModelProto, keep: set[int], name: str) -> bytes:
+    """`model` cut down in place to the nodes at the indices `keep` and the initializers they
+    read, serialised. In place, because the weights are most of the model: a copy of them, and
     another parsed back by onnx's checker, raised the peak memory of building the GRU 512's
     scoring graph by about 100 MB (onnxruntime checks the graph as it loads it)."""
     graph = model.graph
-    ids = {id(node) for node in keep}
     for i in reversed(range(len(graph.node))):
-        if id(graph.node[i]) not in ids:
+        if i not in keep:
             del graph.node[i]
     read = {n for node in graph.node for n in node.input}
     for i in reversed(range(len(graph.initializer))):
@@ -113,7 +112,7 @@ def scoring_graph(
             control flow.
     """
     graph = model.graph
-    _outputs(model, [logits, *state_out, *extra_outputs])
+    kept = _outputs(model, [logits, *state_out, *extra_outputs])[1:]
     _no_control_flow(model)
     log_softmax = f"{logits}/log_softmax"
     graph.node.extend(
@@ -132,7 +131,7 @@ def scoring_graph(
         model,
         [
             helper.make_tensor_value_info(LOGPROB_OUTPUT, TensorProto.FLOAT, ["batch", "time", 1]),
-            *_outputs(model, [*state_out, *extra_outputs]),
+            *kept,
         ],
     )
     return _serialised(
