@@ -179,6 +179,33 @@ def mix_logprobs(model: np.ndarray, cache: np.ndarray, lam: float | np.ndarray) 
         return np.logaddexp(np.log1p(-lam) + model, np.log(lam) + cache)
 
 
+def mix_stream(
+    settings: CacheSettings | None,
+    model_logp: np.ndarray,
+    hidden: np.ndarray,
+    targets: np.ndarray,
+) -> np.ndarray:
+    """log p (N,) float64 of every position of one stream with a cache of `settings` (the
+    model's own log-probs when None), from the collected arrays `tune_cache` takes: what
+    scoring the stream with that cache gives, TUNE_BLOCK positions per product."""
+    model_logp = np.asarray(model_logp, dtype=np.float64)
+    if settings is None:
+        return model_logp
+    cache = ContinuousCache(settings.window, settings.theta, settings.lam)
+    blocks = range(0, len(targets), TUNE_BLOCK)
+    return np.concatenate(
+        [np.zeros(0)]
+        + [
+            cache.mix(
+                model_logp[i : i + TUNE_BLOCK],
+                hidden[i : i + TUNE_BLOCK],
+                targets[i : i + TUNE_BLOCK],
+            )
+            for i in blocks
+        ]
+    )
+
+
 class ContinuousCache:
     """The cache of one token stream: its last `window` (hidden vector, next word) pairs.
 

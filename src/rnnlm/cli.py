@@ -2,15 +2,17 @@
 
     rnnlm generate [--model M] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]
                    [--top-p P] [--seed S] [--num-samples N] [--stop-at-eos] [--no-cache]
-    rnnlm score    [--model M] [--per-sentence] [--json] [--no-cache] FILE|-   (any size: a stream)
-                   [--threads N] [--rows N]   (default: every core; exact: one row)
-    rnnlm next     [--model M] [--prompt TEXT] [-k K] [--no-cache]
+                   [--no-ngram]
+    rnnlm score    [--model M] [--per-sentence] [--json] [--no-cache] [--no-ngram] FILE|-
+                   [--threads N] [--rows N]   (any size: a stream; default: every core, one row)
+    rnnlm next     [--model M] [--prompt TEXT] [-k K] [--no-cache] [--no-ngram]
     rnnlm runs     [--sort COLUMN] [--json] [--all-params]   (the MLflow runs, side by side)
     rnnlm relog    [--tracking-uri URI]   (send what a training could not log to MLflow)
 
 The model file is self-contained (vocabulary and tokenizer are in its metadata), so `--model`
-is all a subcommand needs. `score`, `next` and `generate` use the continuous cache the export
-stage tuned (rnnlm.cache) when the model carries it; `--no-cache` gives the network alone.
+is all a subcommand needs. `score`, `next` and `generate` use the continuous cache (rnnlm.cache)
+and the Kneser-Ney n-gram (rnnlm.ngram) the export stage tuned when the model carries them;
+`--no-cache` and `--no-ngram` leave each out, both give the network alone.
 Exit codes (rnnlm.entry lists them all): 0 success; 1 the model or the input cannot be used;
 2 bad command-line arguments; 130 Ctrl-C. Errors are one line on stderr; only a bug shows a
 traceback, and says that it is one.
@@ -116,16 +118,25 @@ def _command(
     return parser
 
 
-def _load(args: argparse.Namespace, cache: bool = True) -> LanguageModel:
-    return LanguageModel(args.model, threads=args.threads, cache=cache)
+def _load(args: argparse.Namespace) -> LanguageModel:
+    return LanguageModel(
+        args.model, threads=args.threads, cache=not args.no_cache, ngram=not args.no_ngram
+    )
 
 
 def _add_no_cache(parser: argparse.ArgumentParser) -> None:
+    """--no-cache and --no-ngram: what the model mixes into its network's distribution."""
     parser.add_argument(
         "--no-cache",
         action="store_true",
-        help="the network alone, without the continuous cache (default: the cache is on when "
-        "the model carries the settings the export stage tuned for it)",
+        help="without the continuous cache (default: on when the model carries the settings "
+        "the export stage tuned for it)",
+    )
+    parser.add_argument(
+        "--no-ngram",
+        action="store_true",
+        help="without the Kneser-Ney n-gram (default: on when the model carries one); with "
+        "--no-cache: the network alone",
     )
 
 
@@ -169,7 +180,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model = _load(args, cache=not args.no_cache)
+    model = _load(args)
     texts = model.generate(
         args.prompt,
         max_tokens=args.max_tokens,
@@ -322,7 +333,7 @@ def run_score(args: argparse.Namespace) -> int:
     printed at the end). On a terminal, stderr shows progress for long inputs and, in text
     mode, the throughput at the end; `--json` gives `bytes` and `seconds` instead.
     """
-    model = _load(args, cache=not args.no_cache)  # first: a bad --model before stdin is read
+    model = _load(args)  # first: a bad --model before stdin is read
     stream = open_input(args.file)
     spool = _JsonSentences() if args.per_sentence and args.json else None
     on_sentence: Callable[[SentenceScore], None] | None = spool
@@ -353,10 +364,11 @@ def run_score(args: argparse.Namespace) -> int:
             else:
                 print(json.dumps(result.to_dict(), ensure_ascii=False))
             return EXIT_OK
-    cache = f"; continuous cache: {model.cache}" if model.cache is not None else ""
+    mixed = f"; continuous cache: {model.cache}" if model.cache is not None else ""
+    mixed += f"; n-gram: {model.ngram}" if model.ngram is not None else ""
     print(
         f"perplexity {result.ppl:.2f} over {result.tokens} tokens "
-        f"({result.mean_nll:.4f} nats/token, {result.unknown} unknown{cache})"
+        f"({result.mean_nll:.4f} nats/token, {result.unknown} unknown{mixed})"
     )
     if _is_terminal(sys.stderr) and result.bytes is not None and result.seconds is not None:
         print(
@@ -379,7 +391,7 @@ def add_next(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_next(args: argparse.Namespace) -> int:
-    for word, prob in _load(args, cache=not args.no_cache).next_words(args.prompt, args.k):
+    for word, prob in _load(args).next_words(args.prompt, args.k):
         print(f"{word}\t{prob:.6f}")
     return EXIT_OK
 

@@ -343,6 +343,13 @@ class ExportParams:
     cache_thetas: list[float] = field(metadata=_range(0.0, 1000.0, lo_open=True))
     cache_lambdas: list[float] = field(metadata=_range(0.0, 0.99, lo_open=True))
     cache_windows: list[int] = field(metadata=_range(1, 100_000))
+    # The interpolated Kneser-Ney n-gram (rnnlm.ngram), counted on the training split: the one
+    # the model mixes in after its cache (its weight fitted on validation; `ngram_mix: false`
+    # ships none) and the evaluate stage's Kneser-Ney baseline.
+    ngram_order: int = field(metadata=_range(1, 10))
+    # modified: discounts D1, D2, D3+ per order (Chen & Goodman); single: one D per order.
+    ngram_discount: Literal["modified", "single"]
+    ngram_mix: bool
     # The registered pyfunc model's model_config (rnnlm.serving.ServingConfig): onnxruntime
     # threads per loaded copy, and what one request may hold; null: no limit.
     serving_threads: int = field(metadata=_range(1, 256))
@@ -357,9 +364,6 @@ class EvaluateParams:
 
     # Largest allowed |ONNX - PyTorch| / PyTorch test perplexity; beyond it the stage fails.
     tolerance: float = field(metadata=_range(0.0, 1.0, lo_open=True))
-    kn_order: int = field(metadata=_range(1, 10))
-    # modified: discounts D1, D2, D3+ per order (Chen & Goodman); single: one D per order.
-    kn_discount: Literal["modified", "single"]
     # Samples: name -> prompt, each continued `samples_per_prompt` times from one seed.
     sample_prompts: dict[str, str]
     sample_tokens: int = field(metadata=_range(1, 10000))

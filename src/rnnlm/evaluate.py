@@ -1,13 +1,14 @@
 """Stage `evaluate`: the shipped ONNX model against count-based baselines on the test split.
 
     models/model.onnx                  the exported model, run with onnxruntime (rnnlm.inference)
-    data/processed/{train,validation,test}.npy, vocab.json
+    data/processed/{train,test}.npy, vocab.json
     metrics/train.json                 PyTorch test perplexity
     metrics/train_run.json             the MLflow run id
     metrics/export_model.json          the registered model version export created
-      -> metrics/eval.json             perplexities (RNN via ONNX without and with its continuous
-                                       cache, Kneser-Ney, unigram, RNN + KN interpolated), the
-                                       RNN's improvement over Kneser-Ney, the test OOV rate
+      -> metrics/eval.json             perplexities (RNN via ONNX alone, with its continuous
+                                       cache, with cache and n-gram as `rnnlm score` scores;
+                                       Kneser-Ney, unigram), the RNN's improvement over
+                                       Kneser-Ney, the test OOV rate
       -> metrics/samples.txt           generated text: fixed seed, the prompts from params
       -> MLflow                        the same metrics and both files, in the training run;
                                        the registered version's test_ppl tag, and the alias
@@ -19,21 +20,22 @@ state carried. It must agree with the PyTorch test perplexity of the `train` sta
 `evaluate.tolerance` (relative), or the stage fails: a gap means the exported graph or the
 inference code is not the model that was trained. It is also what the registered version's
 `test_ppl` tag and the @champion alias compare, like with like across versions.
-`headline/cache_test_ppl` is what `rnnlm score` gives: the same stream with the continuous cache
-the export stage tuned on validation (rnnlm.cache; equal to `headline/test_ppl` when the model
-carries none). When `train.eval_batch_size` > 1 the PyTorch figure was computed over that many
-parallel rows (each from a zero state, the tail dropped), so the check scores the ONNX model in
-the same layout; eval.json always reports the whole-stream figure.
+`headline/cache_test_ppl` is the same stream with the continuous cache the export stage tuned
+on validation (rnnlm.cache; equal to `headline/test_ppl` when the model carries none), and
+`headline/scored_test_ppl` what `rnnlm score` gives: with the cache and then the Kneser-Ney
+n-gram the model carries (rnnlm.ngram, weight `test/ngram_weight`; equal to the cache's figure
+when it carries none). When `train.eval_batch_size` > 1 the PyTorch figure was computed over
+that many parallel rows (each from a zero state, the tail dropped), so the check scores the
+ONNX model in the same layout; eval.json always reports the whole-stream figure.
 
-The baselines (rnnlm.baselines) use the same split, vocabulary and convention: add-one unigram
-and interpolated Kneser-Ney of order `evaluate.kn_order`, counts from train.npy only.
-`headline/improvement_over_kn_pct` is 100 * (1 - RNN / KN perplexity); `test/oov_rate` is
-defined as in the tokenize stage's stats.json: the share of word tokens (`<eos>` excluded) that
-are `<unk>`. `test/kn_interp_ppl` measures what Kneser-Ney still adds to the shipped model:
-p = (1 - w) p_rnn + w p_kn per token, p_rnn with the cache as `rnnlm score` scores, the weight
-`test/kn_interp_weight` fitted by EM on the validation split (`baselines.interpolation_weight`);
-rnnlm does not ship that mixture. The `headline/` metrics are what runs are compared by:
-MLflow's chart view shows their section first (train adds `headline/val_ppl`).
+The baselines (rnnlm.ngram) use the same split, vocabulary and convention: add-one unigram
+and interpolated Kneser-Ney of order `export.ngram_order` with `export.ngram_discount` (the
+n-gram the model mixes in, counted again: the same counts give the same model), counts from
+train.npy only. `headline/improvement_over_kn_pct` is 100 * (1 - RNN / KN perplexity), the
+network alone against Kneser-Ney alone; `test/oov_rate` is defined as in the tokenize stage's
+stats.json: the share of word tokens (`<eos>` excluded) that are `<unk>`. The `headline/`
+metrics are what runs are compared by: MLflow's chart view shows their section first (train
+adds `headline/val_ppl`).
 
 Run via `dvc repro evaluate`, or directly: `python -m rnnlm.evaluate [--params params.yaml]`.
 """
@@ -49,8 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from rnnlm import baselines, tracking
-from rnnlm.cache import mix_logprobs
+from rnnlm import ngram, tracking
 from rnnlm.config import (
     EvaluateParams,
     MlflowParams,
@@ -199,17 +200,21 @@ def load_model(path: Path, vocab: Sequence[str]) -> LanguageModel:
 
 
 def run(
-    p: EvaluateParams, paths: Paths, ml: MlflowParams, eval_batch_size: int = 1
+    p: EvaluateParams,
+    paths: Paths,
+    ml: MlflowParams,
+    kn_order: int,
+    kn_discount: ngram.Discount,
+    eval_batch_size: int = 1,
 ) -> dict[str, Any]:
     """Score the ONNX model and the baselines on the test split; write, log and return metrics.
 
     Args:
+        kn_order, kn_discount: the Kneser-Ney baseline's (`export.ngram_order`, `_discount`).
         eval_batch_size: `train.eval_batch_size`, the row layout of the PyTorch test figure.
     """
     vocab = read_vocab(paths)
-    train, validation, test = (
-        read_split(paths, split, len(vocab)) for split in ("train", "validation", "test")
-    )
+    train, test = (read_split(paths, split, len(vocab)) for split in ("train", "test"))
     torch_ppl = read_train_test_ppl(paths)
     lm = load_model(paths.onnx_model, vocab)
     run_id = tracking.read_run_id(paths.train_run)
@@ -217,64 +222,64 @@ def run(
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before the work
 
     start = time.perf_counter()
-    rnn_ppl = lm.score_ids(test, cache=False).ppl
+    rnn_ppl = lm.score_ids(test, cache=False, ngram=False).ppl
     seconds = {"rnn": time.perf_counter() - start}
     comparable = rnn_ppl if eval_batch_size == 1 else score_rows(lm, test, eval_batch_size)
     rel_diff = check_agreement(comparable, torch_ppl, p.tolerance)
     start = time.perf_counter()
-    shipped = -lm.token_nlls(test)  # log-probs as `rnnlm score` gives them: with the cache
+    cached_ppl = lm.score_ids(test, ngram=False).ppl
     seconds["cache"] = time.perf_counter() - start
     start = time.perf_counter()
-    kn = baselines.fit_kneser_ney(train, len(vocab), p.kn_order, p.kn_discount)
-    kn_logp = kn.logprobs(test)
-    kn_ppl = baselines.perplexity(kn_logp)
+    scored_ppl = lm.score_ids(test).ppl  # as `rnnlm score` scores: cache, then n-gram
+    seconds["scored"] = time.perf_counter() - start
+    start = time.perf_counter()
+    kn = ngram.fit_kneser_ney(train, len(vocab), kn_order, kn_discount)
+    kn_ppl = ngram.perplexity(kn.logprobs(test))
     seconds["kn"] = time.perf_counter() - start
-    unigram_ppl = baselines.perplexity(
-        baselines.unigram_logprobs(baselines.fit_unigram(train, len(vocab)), test)
+    unigram_ppl = ngram.perplexity(
+        ngram.unigram_logprobs(ngram.fit_unigram(train, len(vocab)), test)
     )
-    kn_weight = baselines.interpolation_weight(-lm.token_nlls(validation), kn.logprobs(validation))
     metrics: dict[str, Any] = {
         "headline/test_ppl": round(rnn_ppl, 4),
-        "headline/cache_test_ppl": round(baselines.perplexity(shipped), 4),
+        "headline/cache_test_ppl": round(cached_ppl, 4),
+        "headline/scored_test_ppl": round(scored_ppl, 4),
         "test/pytorch_ppl": torch_ppl,
         "test/onnx_pytorch_rel_diff": float(f"{rel_diff:.3g}"),
         "headline/kn_test_ppl": round(kn_ppl, 4),
         "headline/unigram_test_ppl": round(unigram_ppl, 4),
         "headline/improvement_over_kn_pct": round(improvement_pct(rnn_ppl, kn_ppl), 4),
-        "test/kn_interp_ppl": round(
-            baselines.perplexity(mix_logprobs(shipped, kn_logp, kn_weight)), 4
-        ),
-        "test/kn_interp_weight": round(kn_weight, 4),
+        "test/ngram_weight": lm.ngram.weight if lm.ngram else 0.0,
         "test/oov_rate": split_stats(test, n_docs=0)["oov_rate"],
         "test/tokens": len(test),
     }
     write_outputs(paths, metrics, generate_samples(lm, p), p, run_id)
-    log_evaluation(tracked, paths, metrics, p, kn.discounts)
+    log_evaluation(tracked, paths, metrics, kn.discounts)
     if registered is not None:
         name, version = registered
         description = (
             f"{lm.cell} {lm.hidden_dim}x{lm.num_layers}: test perplexity {rnn_ppl:.2f} "
-            f"(Kneser-Ney {p.kn_order}-gram {kn_ppl:.2f}); MLflow run {run_id}"
+            f"(Kneser-Ney {kn_order}-gram {kn_ppl:.2f}); MLflow run {run_id}"
         )
         tracking.record_test_perplexity(tracked, name, version, rnn_ppl, description)
     log.info(
         "test perplexity: RNN (ONNX) %.2f [%.1fs; PyTorch %.2f, %.2g%% apart], with its cache "
-        "(%s) %.2f [%.1fs], Kneser-Ney order %d %.2f [%.1fs], unigram %.2f; RNN vs KN %+.1f%%; "
-        "RNN (as scored) + %.3f x KN %.2f; OOV %.2f%%",
+        "(%s) %.2f [%.1fs], with cache and n-gram (%s: what rnnlm score gives) %.2f [%.1fs]; "
+        "Kneser-Ney order %d %.2f [%.1fs], unigram %.2f; RNN vs KN %+.1f%%; OOV %.2f%%",
         rnn_ppl,
         seconds["rnn"],
         torch_ppl,
         100 * rel_diff,
         lm.cache or "off",
-        metrics["headline/cache_test_ppl"],
+        cached_ppl,
         seconds["cache"],
-        p.kn_order,
+        lm.ngram or "off",
+        scored_ppl,
+        seconds["scored"],
+        kn_order,
         kn_ppl,
         seconds["kn"],
         unigram_ppl,
         -metrics["headline/improvement_over_kn_pct"],
-        kn_weight,
-        metrics["test/kn_interp_ppl"],
         100 * metrics["test/oov_rate"],
     )
     return metrics
@@ -304,15 +309,13 @@ def log_evaluation(
     tracked: tracking.TrackedRun,
     paths: Paths,
     metrics: Mapping[str, Any],
-    p: EvaluateParams,
     kn_discounts: Mapping[int, Sequence[float]],
 ) -> None:
-    """The metrics, the baseline's settings and both output files, in the training run."""
+    """The metrics, the Kneser-Ney discounts estimated per order (its order and discount
+    rule are export params of the run) and both output files, in the training run."""
     tracked.log_metrics(metrics)
     tracked.set_tags(
         {
-            "evaluate.kn_order": str(p.kn_order),
-            "evaluate.kn_discount": p.kn_discount,
             "evaluate.kn_discounts": str(
                 {n: [round(d, 4) for d in ds] for n, ds in kn_discounts.items()}
             ),
@@ -323,7 +326,14 @@ def log_evaluation(
 
 
 def run_from_params(params: Params) -> dict[str, Any]:
-    return run(params.evaluate, params.paths, params.mlflow, params.train.eval_batch_size)
+    return run(
+        params.evaluate,
+        params.paths,
+        params.mlflow,
+        params.export.ngram_order,
+        params.export.ngram_discount,
+        params.train.eval_batch_size,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

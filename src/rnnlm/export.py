@@ -1,10 +1,12 @@
 """Stage `export`: models/model.ckpt -> models/model.onnx (+ model.int8.onnx), metrics/export.json.
 
     models/model.ckpt + data/processed/{vocab,tokenizer}.json + metrics/train_run.json (run id)
+    + data/processed/{train,validation}.npy (the n-gram's counts; the tuning)
       -> models/model.onnx        tokens (batch, time) int64, h0[, c0] -> logits, hidden, h1[, c1]
       -> models/model.int8.onnx   the same with dynamic int8 weights
       -> metrics/export.json      parity error, sizes, per-token latency, validation perplexity,
-                                  the continuous cache tuned on validation
+                                  the continuous cache and the n-gram's weight tuned on
+                                  validation
       -> metrics/export_model.json  the logged model's id and URI, its registered version
       -> MLflow                   a pyfunc model (rnnlm.serving: text in, results out, the
                                   .onnx file inside) logged to the training run, registered
@@ -26,10 +28,17 @@ seconds). The best goes into both models' metadata (`rnnlm.cache`), which `rnnlm
 `next` then use; when none beats the model alone the entry is null and they score without.
 `onnx/val_ppl` and `int8/val_ppl` stay the network's own; `cache/val_ppl` is with the cache.
 
-The model is self-contained: vocabulary, tokenizer, provenance and the cache's settings travel
-in its metadata (the schema is in rnnlm.inference). Everything is written to a staging folder
-first and moved into models/ only when every check passed, so a failed export leaves models/ as
-it was.
+Then the interpolated Kneser-Ney n-gram of `export.ngram_order` (rnnlm.ngram) is counted on the
+training split and its weight w in p = (1 - w) p_cached + w p_kn fitted by EM on the validation
+log-probs with the tuned cache (`ngram.interpolation_weight`; the likelihood is concave in w).
+With `export.ngram_mix` on and a gain on validation, its tables and weight go into both models'
+metadata (`rnnlm.ngram`), which scoring, `next`, generation and serving then mix in;
+`ngram/val_ppl` is the whole mixture's validation perplexity.
+
+The model is self-contained: vocabulary, tokenizer, provenance, the cache's settings and the
+n-gram travel in its metadata (the schema is in rnnlm.inference). Everything is written to a
+staging folder first and moved into models/ only when every check passed, so a failed export
+leaves models/ as it was.
 
 The int8 model is a DVC out like model.onnx, so the two always come from the same checkpoint:
 `dvc checkout`, `dvc exp apply` and `dvc pull` restore them together. Its size, speed-up and
@@ -58,8 +67,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from rnnlm import serving, tracking
-from rnnlm.cache import CacheTuning, tune_cache
+from rnnlm import ngram, serving, tracking
+from rnnlm.cache import CacheTuning, mix_stream, tune_cache
 from rnnlm.config import (
     ExportParams,
     MlflowParams,
@@ -83,15 +92,18 @@ from rnnlm.inference import (
     IO_KEY,
     LOGITS_OUTPUT,
     MODEL_KEY,
+    NGRAM_KEY,
     PRECISION_KEY,
     PROVENANCE_KEY,
     TOKENIZER_KEY,
     TOKENS_INPUT,
     VOCAB_KEY,
     LanguageModel,
+    NgramSettings,
     cache_metadata,
     conventions,
     io_metadata,
+    ngram_metadata,
     state_io_names,
 )
 from rnnlm.model import RNNLM, RNNLMConfig, state_names
@@ -386,6 +398,7 @@ def build_metadata(
             conventions(bool(tokenizer["lowercase"]), str(tokenizer["paragraphs"]))
         ),
         CACHE_KEY: dump(cache_metadata(None)),  # until the export stage tunes it
+        NGRAM_KEY: dump(ngram_metadata(None)),  # the same for the n-gram
         PRECISION_KEY: precision,
     }
 
@@ -449,7 +462,7 @@ def measure_latency(
 
     The best of `rounds` runs of `n_tokens`: the least disturbed by other processes.
     """
-    model = LanguageModel(path, threads=threads, cache=False)
+    model = LanguageModel(path, threads=threads, cache=False, ngram=False)
     model.generate("", max_tokens=warmup, seed=0)
     best = math.inf
     for _ in range(rounds):
@@ -463,21 +476,58 @@ def model_metrics(
     path: Path, prefix: str, validation: np.ndarray, p: ExportParams
 ) -> dict[str, float]:
     """Size, per-token generation latency and validation perplexity (the network alone,
-    without the continuous cache) of an exported file."""
+    without the continuous cache and the n-gram) of an exported file."""
     return {
         f"{prefix}/size_mb": round(path.stat().st_size / 1e6, 3),
         f"{prefix}/ms_per_token": round(
             measure_latency(path, p.latency_tokens, p.latency_threads), 4
         ),
-        f"{prefix}/val_ppl": round(LanguageModel(path, cache=False).score_ids(validation).ppl, 4),
+        f"{prefix}/val_ppl": round(
+            LanguageModel(path, cache=False, ngram=False).score_ids(validation).ppl, 4
+        ),
     }
 
 
-def tune_model_cache(path: Path, validation: np.ndarray, p: ExportParams) -> CacheTuning:
-    """The continuous cache's best settings for the exported model at `path` on `validation`:
-    one pass of the network, then `export.cache_*`'s grid on the collected arrays."""
-    logp, hidden = LanguageModel(path, cache=False).logprobs_and_hidden(validation)
-    return tune_cache(logp, hidden, validation, p.cache_thetas, p.cache_lambdas, p.cache_windows)
+def tune_model_cache(
+    path: Path, validation: np.ndarray, p: ExportParams
+) -> tuple[CacheTuning, np.ndarray]:
+    """The continuous cache's best settings for the exported model at `path` on `validation`
+    (one pass of the network, then `export.cache_*`'s grid on the collected arrays), and the
+    log-prob of each validation token with them."""
+    logp, hidden = LanguageModel(path, cache=False, ngram=False).logprobs_and_hidden(validation)
+    tuning = tune_cache(logp, hidden, validation, p.cache_thetas, p.cache_lambdas, p.cache_windows)
+    return tuning, mix_stream(tuning.settings, logp, hidden, validation)
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramTuning:
+    """The n-gram to mix in (None: none pays, or `export.ngram_mix` is off), the validation
+    perplexity before and with it, and the weight EM found (reported even when not shipped)."""
+
+    settings: NgramSettings | None
+    base_ppl: float
+    ppl: float
+    weight: float
+
+
+def tune_ngram(
+    train: np.ndarray,
+    validation: np.ndarray,
+    scored_logp: np.ndarray,
+    vocab_size: int,
+    p: ExportParams,
+) -> NgramTuning:
+    """Count the Kneser-Ney n-gram on `train` and fit its weight in the mixture by EM on
+    `validation`, whose tokens have log-probs `scored_logp` as the model scores them so far
+    (the network with its tuned cache)."""
+    model = ngram.fit_kneser_ney(train, vocab_size, p.ngram_order, p.ngram_discount)
+    kn_logp = model.logprobs(validation)
+    weight = ngram.interpolation_weight(scored_logp, kn_logp)
+    base_ppl = ngram.perplexity(scored_logp)
+    ppl = ngram.perplexity(ngram.mix_logprobs(scored_logp, kn_logp, weight))
+    pays = p.ngram_mix and 0 < weight < 1 and ppl < base_ppl
+    settings = NgramSettings(model, weight) if pays else None
+    return NgramTuning(settings, base_ppl, ppl if pays else base_ppl, weight)
 
 
 def check_int8_perplexity(metrics: Mapping[str, float], max_change_pct: float) -> None:
@@ -504,6 +554,20 @@ def cache_metrics(tuning: CacheTuning, seconds: float) -> dict[str, float]:
         "cache/lambda": settings.lam if settings else 0.0,
         "cache/window": settings.window if settings else 0,
         "cache/tune_s": round(seconds, 2),
+    }
+
+
+def ngram_metrics(tuning: NgramTuning, entry: str, seconds: float) -> dict[str, float]:
+    """`ngram/*` of metrics/export.json: the weight (0 when none is shipped), the validation
+    perplexity of the whole mixture, its gain over the network with its cache, and the size
+    of the metadata entry that carries the tables."""
+    return {
+        "ngram/weight": round(tuning.settings.weight, 4) if tuning.settings else 0.0,
+        "ngram/em_weight": round(tuning.weight, 4),
+        "ngram/val_ppl": round(tuning.ppl, 4),
+        "ngram/val_gain_pct": round(100 * (1 - tuning.ppl / tuning.base_ppl), 4),
+        "ngram/entry_mb": round(len(entry) / 1e6, 3),
+        "ngram/tune_s": round(seconds, 2),
     }
 
 
@@ -578,7 +642,7 @@ def run(p: ExportParams, paths: Paths, ml: MlflowParams, digest: str) -> dict[st
     net = load_checkpoint(paths.checkpoint)
     vocab = read_vocab(paths)
     tokenizer = read_tokenizer(paths)
-    validation = read_split(paths, "validation", len(vocab))
+    train, validation = (read_split(paths, split, len(vocab)) for split in ("train", "validation"))
     run_id = tracking.read_run_id(paths.train_run)
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before any work
     tracking.fail_pending_models(tracked)  # an earlier export's, killed while uploading
@@ -598,11 +662,8 @@ def run(p: ExportParams, paths: Paths, ml: MlflowParams, digest: str) -> dict[st
         parity = verify_parity(net, fp32, p.atol)
         log.info("parity with PyTorch: max |difference| %.2g (atol %g)", parity["max"], p.atol)
         started = time.perf_counter()
-        tuning = tune_model_cache(fp32, validation, p)
+        tuning, cached_logp = tune_model_cache(fp32, validation, p)
         tune_s = time.perf_counter() - started
-        entry = {CACHE_KEY: _json_entry(cache_metadata(tuning.settings))}
-        for path in (fp32, int8):
-            attach_metadata(path, entry)
         log.info(
             "continuous cache tuned on validation in %.1fs: %s, val ppl %.2f -> %.2f",
             tune_s,
@@ -610,12 +671,30 @@ def run(p: ExportParams, paths: Paths, ml: MlflowParams, digest: str) -> dict[st
             tuning.model_ppl,
             tuning.ppl,
         )
+        started = time.perf_counter()
+        ngram_tuning = tune_ngram(train, validation, cached_logp, len(vocab), p)
+        ngram_entry = _json_entry(ngram_metadata(ngram_tuning.settings))
+        ngram_s = time.perf_counter() - started
+        log.info(
+            "Kneser-Ney %d-gram fitted, its weight tuned on validation in %.1fs: %s, val ppl "
+            "%.2f -> %.2f",
+            p.ngram_order,
+            ngram_s,
+            ngram_tuning.settings
+            or ("off (export.ngram_mix)" if not p.ngram_mix else "off (it does not pay)"),
+            ngram_tuning.base_ppl,
+            ngram_tuning.ppl,
+        )
+        entry = {CACHE_KEY: _json_entry(cache_metadata(tuning.settings)), NGRAM_KEY: ngram_entry}
+        for path in (fp32, int8):
+            attach_metadata(path, entry)
         metrics: dict[str, Any] = {
             "parity/max_abs_err": parity["max"],
             "parity/step_max_abs_err": max(v for k, v in parity.items() if k.startswith("step/")),
             **model_metrics(fp32, "onnx", validation, p),
             **model_metrics(int8, "int8", validation, p),
             **cache_metrics(tuning, tune_s),
+            **ngram_metrics(ngram_tuning, ngram_entry, ngram_s),
         }
         metrics["int8/speedup"] = round(
             metrics["onnx/ms_per_token"] / metrics["int8/ms_per_token"], 3

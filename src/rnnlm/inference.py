@@ -4,13 +4,15 @@
                                             .next_words(prompt, k), .generate(prompt, ...),
                                             .step(ids, state)
     LanguageModel(path, cache=False)     -> the same without the continuous cache
+    LanguageModel(path, ngram=False)     -> the same without the Kneser-Ney n-gram
 
 The `.onnx` file written by the `export` stage is self-contained: besides the network it holds,
 as JSON strings in its metadata (`metadata_props`), the vocabulary, the tokenizer settings
 (lowercase flag, paragraph rule, Punkt sentence-splitter parameters), the model configuration,
 the names of the recurrent-state inputs/outputs, the provenance (MLflow run, git commit,
-params digest) and the continuous cache's settings tuned by the export stage. This module
-defines that metadata schema and is the only reader of it.
+params digest), the continuous cache's settings and the Kneser-Ney n-gram (its tables and
+weight) tuned by the export stage. This module defines that metadata schema and is the only
+reader of it.
 
 The network's signature is `tokens (batch, time) int64, h0[, c0] (layers, batch, hidden)
 float32 -> logits (batch, time, vocab), hidden (batch, time, hidden), h1[, c1]`, where `hidden`
@@ -23,19 +25,27 @@ tokenized, and fed in windows as the tokens arrive.
 
 Scoring and `next_words` mix the network's distribution with a continuous cache (rnnlm.cache:
 Grave et al. 2017) when the model's metadata carries tuned settings (`rnnlm.cache`), unless
-the model is opened with `cache=False`; `score_ids`/`token_nlls` also take `cache=False`.
-Generation draws from the same mixture (each sample its own cache).
+the model is opened with `cache=False`; then that with an interpolated Kneser-Ney n-gram
+(rnnlm.ngram) when the metadata carries one (`rnnlm.ngram`), unless opened with `ngram=False`:
 
-Imports numpy, onnxruntime, `rnnlm.cache` and `rnnlm.text` only: never torch, lightning or
-mlflow, so that the CLI starts fast and runs where only onnxruntime is installed. Used by
-`rnnlm.cli` (the `rnnlm` command), the `export` stage (latency and perplexity of the exported
-files, the cache's tuning) and bench/.
+    p = (1 - w) [(1 - lambda) p_network + lambda p_cache] + w p_kn
+
+`score_ids`/`token_nlls` also take `cache=False` and `ngram=False`; both False is the network
+alone. Generation draws from the same mixture (each sample its own cache and n-gram history).
+
+Imports numpy, onnxruntime, `rnnlm.cache`, `rnnlm.ngram` and `rnnlm.text` only: never torch,
+lightning or mlflow, so that the CLI starts fast and runs where only onnxruntime is installed.
+Used by `rnnlm.cli` (the `rnnlm` command), the `export` stage (latency and perplexity of the
+exported files, the tuning of the cache and the n-gram's weight) and bench/.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -55,6 +65,7 @@ import onnxruntime as ort
 
 from rnnlm.cache import CacheSettings, ContinuousCache
 from rnnlm.errors import RnnlmError, is_int, is_real, short_repr
+from rnnlm.ngram import KneserNey, NgramMixer
 from rnnlm.streams import EOS, EOS_ID, UNK, UNK_ID, check_token_ids, lm_pairs
 from rnnlm.text import READ_BYTES, TextTokenizer, detokenize
 
@@ -72,8 +83,10 @@ PRECISION_KEY = "rnnlm.precision"  # "fp32" or "int8"
 CONVENTIONS_KEY = "rnnlm.conventions"  # how text becomes the model's input: see conventions()
 # The continuous cache tuned on validation: cache_metadata(); null (or absent): no cache.
 CACHE_KEY = "rnnlm.cache"
+# The Kneser-Ney n-gram mixed in after the cache: ngram_metadata(); null (or absent): none.
+NGRAM_KEY = "rnnlm.ngram"
 REQUIRED_KEYS = (FORMAT_KEY, MODEL_KEY, IO_KEY, VOCAB_KEY, TOKENIZER_KEY)
-_JSON_KEYS = (*REQUIRED_KEYS, PROVENANCE_KEY, CONVENTIONS_KEY, CACHE_KEY)
+_JSON_KEYS = (*REQUIRED_KEYS, PROVENANCE_KEY, CONVENTIONS_KEY, CACHE_KEY, NGRAM_KEY)
 # What the metadata reader accepts before it parses anything: an exported model's entries
 # total a few MB (the tokenizer's Punkt tables, a vocabulary of up to a few 100k words).
 MAX_METADATA_CHARS = 64 << 20
@@ -169,6 +182,14 @@ def conventions(lowercase: bool, paragraphs: str) -> dict[str, Any]:
             "the sum over all pairs, and p = (1 - lambda) softmax(logits) + lambda p_cache "
             "(p = softmax(logits) while no pair is kept). Grave et al., ICLR 2017"
         ),
+        "ngram": (
+            f"optional ({NGRAM_KEY} not null): an interpolated (modified) Kneser-Ney n-gram of "
+            "the given order over the same ids, counted on the training split (Chen & Goodman "
+            "1998); its tables are a base64 numpy .npz of sorted keys (id of the first n-1 "
+            "words x vocabulary size + the last word) and counts, as rnnlm.ngram stores them; "
+            "its history starts with order-1 <eos>. p = (1 - weight) p + weight p_kn, after "
+            "the cache"
+        ),
     }
 
 
@@ -177,6 +198,36 @@ def cache_metadata(settings: CacheSettings | None) -> dict[str, Any] | None:
     if settings is None or settings.lam == 0:
         return None
     return {"window": settings.window, "theta": settings.theta, "lambda": settings.lam}
+
+
+@dataclass(frozen=True)
+class NgramSettings:
+    """The n-gram a model mixes in after its cache, and its weight in the mixture, in (0, 1)."""
+
+    model: KneserNey
+    weight: float
+
+    def __post_init__(self) -> None:
+        if not is_real(self.weight) or not 0 < self.weight < 1:
+            raise ValueError(f"weight = {short_repr(self.weight)}: must be a number in (0, 1)")
+
+    def __str__(self) -> str:
+        return f"Kneser-Ney order {self.model.order}, weight {self.weight:.3g}"
+
+
+def ngram_metadata(settings: NgramSettings | None) -> dict[str, Any] | None:
+    """The `rnnlm.ngram` entry: order, discount, weight and the tables (base64 of
+    `KneserNey.to_bytes`) with their SHA-256; None for a model scored without."""
+    if settings is None:
+        return None
+    tables = settings.model.to_bytes()
+    return {
+        "order": settings.model.order,
+        "discount": settings.model.discount,
+        "weight": settings.weight,
+        "sha256": hashlib.sha256(tables).hexdigest(),
+        "tables": base64.b64encode(tables).decode("ascii"),
+    }
 
 
 @dataclass(frozen=True)
@@ -576,6 +627,34 @@ def _read_cache(path: Path, entry: Any) -> CacheSettings | None:
     return settings if settings.lam > 0 else None
 
 
+def _read_ngram(path: Path, entry: Any, vocab_size: int) -> NgramSettings | None:
+    """The n-gram of the `rnnlm.ngram` entry (see `ngram_metadata`), its tables checked
+    against their digest and rebuilt (`KneserNey.from_bytes`); None when the entry is null or
+    absent."""
+    if entry is None:
+        return None
+    keys = {"order", "discount", "weight", "sha256", "tables"}
+    if not isinstance(entry, dict) or set(entry) != keys or not isinstance(entry["tables"], str):
+        raise ModelLoadError(
+            f"{path}: rnnlm metadata {NGRAM_KEY} = {short_repr(entry)}: expected null or an "
+            "object with exactly the keys discount, order, sha256, tables (a string), weight"
+        )
+    try:
+        tables = base64.b64decode(entry["tables"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ModelLoadError(f"{path}: rnnlm metadata {NGRAM_KEY}.tables is not base64") from None
+    if hashlib.sha256(tables).hexdigest() != entry["sha256"]:
+        raise ModelLoadError(
+            f"{path}: rnnlm metadata {NGRAM_KEY}: the tables do not match their sha256 "
+            "(the file was altered or damaged); re-export the model (dvc repro export)"
+        )
+    try:
+        model = KneserNey.from_bytes(tables, entry["order"], vocab_size, entry["discount"])
+        return NgramSettings(model, entry["weight"])
+    except ValueError as err:
+        raise ModelLoadError(f"{path}: rnnlm metadata {NGRAM_KEY}: {err}") from None
+
+
 def _check_dims(path: Path, config: Mapping[str, Any]) -> None:
     """The network's sizes in the metadata: whole numbers in a sane range."""
     for key, high in (
@@ -765,6 +844,9 @@ class _StreamScorer:
                 f"rows = {rows}: the continuous cache scores one stream in order (rows 1); "
                 "turn the cache off to score segments side by side"
             )
+        # The n-gram's history is the stream's own: windows are consumed in stream order, so
+        # it is exact in batched mode too.
+        self._ngram = model.new_ngram()
         self._model = model
         self._sessions = model._scoring_sessions(batched=rows > 1)
         self._on_sentence = on_sentence
@@ -893,11 +975,14 @@ class _StreamScorer:
 
     def _consume(self, window: ScoredWindow) -> None:
         """Count a scored window (in stream order) and report the sentences it completes;
-        with the model's continuous cache, its log-probs are first mixed with the cache's."""
+        with the model's continuous cache and n-gram, its log-probs are first mixed with the
+        cache's, then with the n-gram's."""
         logprob: np.ndarray = window.logprob
         if self._cache is not None:
             hidden = window.extras[self._model.hidden_output][0]
             logprob = self._cache.mix(logprob, hidden, window.targets)
+        if self._ngram is not None:
+            logprob = self._ngram.mix(logprob, window.targets)
         self.nll -= float(logprob.sum(dtype=np.float64))
         self.tokens += len(window.targets)
         if self._on_sentence is not None:
@@ -920,13 +1005,18 @@ class _StreamScorer:
 
 
 def _mixed_logits(
-    logits: np.ndarray, hidden: np.ndarray, caches: Sequence[ContinuousCache]
+    logits: np.ndarray,
+    hidden: np.ndarray,
+    caches: Sequence[ContinuousCache],
+    ngrams: Sequence[NgramMixer],
 ) -> np.ndarray:
-    """Logits (rows, V) float32 of each row's network distribution mixed with its cache:
-    what the sampler draws from."""
-    return np.stack(
-        [cache.mixed_logits(logits[row], hidden[row]) for row, cache in enumerate(caches)]
-    )
+    """Logits (rows, V) float32 of each row's network distribution mixed with its cache, then
+    its n-gram (each list empty or one per row): what the sampler draws from."""
+    rows = []
+    for row in range(len(logits)):
+        mixed = caches[row].mixed_logits(logits[row], hidden[row]) if caches else logits[row]
+        rows.append(ngrams[row].mixed_logits(mixed) if ngrams else mixed)
+    return np.stack(rows)
 
 
 class _Stepper:
@@ -1034,16 +1124,24 @@ class LanguageModel:
         cache: True: score with the continuous cache the export stage tuned, when the model
             carries one (`tuned_cache`; a model without scores with the network alone); False:
             never; CacheSettings: these settings (the model needs the `hidden` output).
+        ngram: True: mix in the Kneser-Ney n-gram the model carries (`tuned_ngram`), after
+            the cache; False: never. Both False: the network alone.
     """
 
     def __init__(
-        self, path: Path | str, threads: int | None = None, cache: bool | CacheSettings = True
+        self,
+        path: Path | str,
+        threads: int | None = None,
+        cache: bool | CacheSettings = True,
+        ngram: bool = True,
     ) -> None:
         check_threads(threads)  # a bad `threads` is the caller's error, not the file's
         if not isinstance(cache, bool | CacheSettings):
             raise ValueError(
                 f"cache = {short_repr(cache)}: expected True, False or a CacheSettings"
             )
+        if not isinstance(ngram, bool):
+            raise ValueError(f"ngram = {short_repr(ngram)}: expected True or False")
         self.path = Path(path)
         if not self.path.exists():
             raise ModelLoadError(f"{self.path}: model file not found")
@@ -1077,6 +1175,8 @@ class LanguageModel:
                 f"{self.path}: no {HIDDEN_OUTPUT!r} output, which the continuous cache needs: "
                 "the model was exported before it; re-export it (dvc repro export)"
             )
+        # The n-gram scoring mixes in: None scores without.
+        self.ngram: NgramSettings | None = self.tuned_ngram if ngram else None
 
     def _apply_metadata(self, meta: dict[str, Any]) -> None:
         """Read the configuration, vocabulary, tokenizer and I/O names; check them against
@@ -1113,6 +1213,7 @@ class LanguageModel:
         self.hidden_dim = int(self.config["hidden_dim"])
         if len(self.vocab) != int(self.config["vocab_size"]) or self.vocab[:2] != [UNK, EOS]:
             raise ModelLoadError(f"{self.path}: vocabulary metadata does not match the model")
+        self.tuned_ngram = _read_ngram(self.path, meta.get(NGRAM_KEY), len(self.vocab))
         logits = next(o for o in self._session.get_outputs() if o.name == self._outputs[0])
         width = logits.shape[-1] if logits.shape else None
         if isinstance(width, int) and width != len(self.vocab):
@@ -1187,6 +1288,16 @@ class LanguageModel:
         if self.cache is None:
             return None
         return ContinuousCache(self.cache.window, self.cache.theta, self.cache.lam)
+
+    def new_ngram(self, history: np.ndarray | None = None) -> NgramMixer | None:
+        """The n-gram side of the mixture for one stream (`history`: the ids read so far,
+        none at a stream's start); None when the model scores without an n-gram."""
+        if self.ngram is None:
+            return None
+        mixer = NgramMixer(self.ngram.model, self.ngram.weight)
+        if history is not None:
+            mixer.extend(history)
+        return mixer
 
     def step(self, ids: np.ndarray, state: State | None = None) -> tuple[np.ndarray, State]:
         """Run `ids` (batch, time) from `state` (zero when None); return logits and next state."""
@@ -1278,7 +1389,8 @@ class LanguageModel:
     def next_words(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
         """The k most likely next tokens after `prompt`, with their probabilities, best first.
 
-        With the cache on, the prompt's own words fill it: p is the mixed distribution.
+        With the cache on, the prompt's own words fill it; with the n-gram on, its history is
+        the prompt's end: p is the mixed distribution.
         """
         check_k(k)
         stream, _ = self._prompt_stream(prompt)
@@ -1289,6 +1401,9 @@ class LanguageModel:
         else:
             logits, hidden, _ = self._feed_cached(stream, self.initial_state(1), cache)
             probs = cache.distribution(softmax(logits[0]), hidden)
+        ngram = self.new_ngram(stream[1:])
+        if ngram is not None:
+            probs = ngram.distribution(probs)
         k = min(k, self.vocab_size)
         top = np.argpartition(probs, self.vocab_size - k)[self.vocab_size - k :]
         top = top[np.argsort(-probs[top], kind="stable")]
@@ -1311,8 +1426,9 @@ class LanguageModel:
         The prompt is read once; the samples then run as one batch, one token per call with
         the state carried. With `stop_at_eos` a sample ends at its first end of sentence.
         With the continuous cache on, each sample draws from the network's distribution mixed
-        with its own cache (the prompt's words, then the words it generated); temperature,
-        top-k and top-p then apply to that mixture.
+        with its own cache (the prompt's words, then the words it generated), then with the
+        n-gram (its history the sample's own); temperature, top-k and top-p then apply to that
+        mixture.
         """
         check_sampling(temperature, top_k, top_p, max_tokens, num_samples, seed)
         sample = Sampler(np.random.default_rng(seed), temperature, top_k, top_p)
@@ -1326,6 +1442,8 @@ class LanguageModel:
             logits, last_hidden, state = self._feed_cached(stream, self.initial_state(1), cache)
             hidden = np.repeat(last_hidden[None], num_samples, axis=0)
             caches = [cache] + [cache.copy() for _ in range(num_samples - 1)]
+        ngram = self.new_ngram(stream[1:])
+        ngrams = [] if ngram is None else [ngram] + [ngram.copy() for _ in range(num_samples - 1)]
         if num_samples > 1:
             logits = np.repeat(logits, num_samples, axis=0)
             state = tuple(np.repeat(s, num_samples, axis=1) for s in state)
@@ -1334,12 +1452,14 @@ class LanguageModel:
         lengths = np.full(num_samples, max_tokens)
         done = np.zeros(num_samples, dtype=bool)
         for t in range(max_tokens):
-            if caches:
-                logits = _mixed_logits(logits, hidden, caches)
+            if caches or ngrams:
+                logits = _mixed_logits(logits, hidden, caches, ngrams)
             token = sample(logits)
             steps.append(token)
             for row, row_cache in enumerate(caches):  # the word that followed each vector
                 row_cache.extend(hidden[row : row + 1], token[row : row + 1])
+            for row, row_ngram in enumerate(ngrams):
+                row_ngram.extend(token[row : row + 1])
             if stop_at_eos:
                 ended = (token == EOS_ID) & ~done
                 lengths[ended] = t
@@ -1360,32 +1480,46 @@ class LanguageModel:
         ]
 
     def score_ids(
-        self, stream: Iterable[int] | np.ndarray, window: int = WINDOW, cache: bool = True
+        self,
+        stream: Iterable[int] | np.ndarray,
+        window: int = WINDOW,
+        cache: bool = True,
+        ngram: bool = True,
     ) -> ScoreResult:
         """NLL and perplexity of a whole token stream, state carried from start to end.
 
         Same convention as training's evaluation (`streams.lm_pairs`): the input starts
-        with `<eos>` and every token of `stream` is predicted. `cache=False`: the network
-        alone, even when the model scores with the continuous cache.
+        with `<eos>` and every token of `stream` is predicted. `cache=False`: without the
+        continuous cache, `ngram=False`: without the n-gram, even when the model scores with
+        them; both False: the network alone.
         """
-        nll = self.token_nlls(stream, window, cache)
+        nll = self.token_nlls(stream, window, cache, ngram)
         return ScoreResult(nll=float(nll.sum()), tokens=len(nll), unknown=0)
 
     def token_nlls(
-        self, stream: Iterable[int] | np.ndarray, window: int = WINDOW, cache: bool = True
+        self,
+        stream: Iterable[int] | np.ndarray,
+        window: int = WINDOW,
+        cache: bool = True,
+        ngram: bool = True,
     ) -> np.ndarray:
         """-log p(token | everything before it) for each token of `stream`, float64.
 
-        With the model's continuous cache unless `cache` is False (or the model has none).
+        With the model's continuous cache unless `cache` is False, and its n-gram unless
+        `ngram` is False (or the model has none).
         """
-        if not isinstance(cache, bool):
-            raise ValueError(f"cache = {short_repr(cache)}: expected True or False")
+        for name, value in (("cache", cache), ("ngram", ngram)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} = {short_repr(value)}: expected True or False")
         stream = check_token_ids(stream, self.vocab_size)
         mixer = self.new_cache() if cache else None
+        ngram_mixer = self.new_ngram() if ngram else None
         nll = np.empty(len(stream), dtype=np.float64)
         for start, stop, logp, hidden in self._windows(stream, window, mixer is not None):
             if mixer is not None:
                 logp = mixer.mix(logp, hidden, stream[start:stop])
+            if ngram_mixer is not None:
+                logp = ngram_mixer.mix(logp, stream[start:stop])
             nll[start:stop] = -logp
         return nll
 

@@ -77,6 +77,7 @@ SERVED_MODULES = (
     "errors",
     "graphs",
     "inference",
+    "ngram",
     "serving",
     "streams",
     "text",

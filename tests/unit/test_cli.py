@@ -19,11 +19,18 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rnnlm import cli, export, inference
+from rnnlm import cli, export, inference, ngram
 from rnnlm import text as text_module
 from rnnlm.cache import CacheSettings
 from rnnlm.cli import SUBCOMMANDS, build_parser, main
-from rnnlm.inference import CACHE_KEY, LanguageModel, cache_metadata
+from rnnlm.inference import (
+    CACHE_KEY,
+    NGRAM_KEY,
+    LanguageModel,
+    NgramSettings,
+    cache_metadata,
+    ngram_metadata,
+)
 from rnnlm.text import decode_document
 from tests.unit.test_export import one_torch_thread  # noqa: F401 (autouse)
 from tests.unit.test_inference import identity_model
@@ -232,33 +239,55 @@ def test_next(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
 
 
-def test_score_next_and_generate_use_the_tuned_cache_unless_no_cache(
+def test_score_next_and_generate_use_the_tuned_mixture_unless_switched_off(
     tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A model carrying tuned cache settings is scored with them (the summary line says so);
-    `--no-cache` gives the network alone, for `score`, `next` and `generate`."""
+    """A model carrying tuned cache settings and an n-gram is scored with them (the summary
+    line says so); `--no-cache` and `--no-ngram` leave each out (both: the network alone), for
+    `score`, `next` and `generate`."""
     path = tmp_path / "cached.onnx"
     shutil.copyfile(tiny_onnx_model, path)
     tuned = CacheSettings(window=40, theta=0.5, lam=0.3)
-    export.attach_metadata(path, {CACHE_KEY: json.dumps(cache_metadata(tuned))})
+    model = LanguageModel(path)
+    kn = ngram.fit_kneser_ney(
+        model.encode_words(model.prompt_tokens(decode_document(SPEECH)))[0], model.vocab_size
+    )
+    export.attach_metadata(
+        path,
+        {
+            CACHE_KEY: json.dumps(cache_metadata(tuned)),
+            NGRAM_KEY: json.dumps(ngram_metadata(NgramSettings(kn, 0.25))),
+        },
+    )
     speech = tmp_path / "speech.txt"
     speech.write_bytes(SPEECH)
     text = decode_document(SPEECH)
-    on, off = LanguageModel(path).score(text), LanguageModel(path, cache=False).score(text)
-    assert on.ppl < off.ppl
+    on = LanguageModel(path).score(text)
+    no_ngram = LanguageModel(path, ngram=False).score(text)
+    off = LanguageModel(path, cache=False, ngram=False).score(text)
+    assert on.ppl < no_ngram.ppl < off.ppl
     code, out, err = run_cli(capsys, "score", "--model", str(path), str(speech))
     assert code == 0 and err == ""
     assert out == (
         f"perplexity {on.ppl:.2f} over 840 tokens ({on.mean_nll:.4f} nats/token, 90 unknown; "
-        "continuous cache: window 40, theta 0.5, lambda 0.3)\n"
+        "continuous cache: window 40, theta 0.5, lambda 0.3; n-gram: Kneser-Ney order 3, "
+        "weight 0.25)\n"
     )
-    code, out, err = run_cli(capsys, "score", "--model", str(path), "--no-cache", str(speech))
+    code, out, err = run_cli(capsys, "score", "--model", str(path), "--no-ngram", str(speech))
+    assert code == 0 and err == "" and out.startswith(f"perplexity {no_ngram.ppl:.2f} over")
+    code, out, err = run_cli(
+        capsys, "score", "--model", str(path), "--no-cache", "--no-ngram", str(speech)
+    )
     assert code == 0 and err == ""
     assert out == (
         f"perplexity {off.ppl:.2f} over 840 tokens ({off.mean_nll:.4f} nats/token, 90 unknown)\n"
     )
-    for flags, cache in (([], True), (["--no-cache"], False)):
-        model = LanguageModel(path, cache=cache)
+    for flags, cache, with_ngram in (
+        ([], True, True),
+        (["--no-cache"], False, True),
+        (["--no-cache", "--no-ngram"], False, False),
+    ):
+        model = LanguageModel(path, cache=cache, ngram=with_ngram)
         prompt = "we will build a strong nation. we will build a strong"
         code, out, _ = run_cli(capsys, "next", "--model", str(path), "--prompt", prompt, *flags)
         rows = [line.split("\t") for line in out.splitlines()]
@@ -274,6 +303,7 @@ def test_score_next_and_generate_use_the_tuned_cache_unless_no_cache(
     for command in ("score", "next", "generate"):
         code, out, _ = run_cli(capsys, command, "--help")
         assert code == 0 and "--no-cache" in out and "continuous cache" in out
+        assert "--no-ngram" in out and "Kneser-Ney" in out
 
 
 def test_empty_prompt(tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]) -> None:

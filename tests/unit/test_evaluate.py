@@ -16,11 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from rnnlm import baselines, evaluate, export, train
-from rnnlm.cache import CacheSettings, mix_logprobs
+from rnnlm import evaluate, export, ngram, train
+from rnnlm.cache import CacheSettings
 from rnnlm.config import Params
 from rnnlm.datamodule import StreamWindows
-from rnnlm.inference import CACHE_KEY, LanguageModel, cache_metadata
+from rnnlm.inference import (
+    CACHE_KEY,
+    NGRAM_KEY,
+    LanguageModel,
+    NgramSettings,
+    cache_metadata,
+    ngram_metadata,
+)
 from rnnlm.processed import ProcessedDataError
 from tests.fixtures import shipped_params, write_full_params
 from tests.unit.test_export import build_net, write_model
@@ -68,10 +75,11 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     paths = exported.paths
     train_metrics = json.loads(paths.train_metrics.read_text())
     run_id = json.loads(paths.train_run.read_text())["run_id"]
-    # Whether tuning turned the cache on for this tiny model is the export tests' business:
-    # here it is off first, then on with fixed settings (below).
+    # Whether tuning turned the cache and the n-gram on for this tiny model is the export
+    # tests' business: here they are off first, then on with fixed settings (below).
     set_cache(paths.onnx_model, None)
-    metrics = evaluate.run(EVAL_PARAMS, paths, exported.mlflow)
+    set_ngram(paths.onnx_model, None)
+    metrics = evaluate.run(EVAL_PARAMS, paths, exported.mlflow, 3, "modified")
 
     written = json.loads((paths.metrics_dir / "eval.json").read_text())
     assert written == metrics
@@ -84,12 +92,12 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     vocab = json.loads((paths.processed_dir / "vocab.json").read_text())["tokens"]
     train_ids = np.load(paths.processed_dir / "train.npy")
     test_ids = np.load(paths.processed_dir / "test.npy")
-    kn = baselines.fit_kneser_ney(train_ids, len(vocab), order=3)
-    unigram = baselines.fit_unigram(train_ids, len(vocab))
-    expected_kn = baselines.perplexity(kn.logprobs(test_ids))
+    kn = ngram.fit_kneser_ney(train_ids, len(vocab), order=3)
+    unigram = ngram.fit_unigram(train_ids, len(vocab))
+    expected_kn = ngram.perplexity(kn.logprobs(test_ids))
     assert metrics["headline/kn_test_ppl"] == pytest.approx(expected_kn, abs=1e-4)
     assert metrics["headline/unigram_test_ppl"] == pytest.approx(
-        baselines.perplexity(baselines.unigram_logprobs(unigram, test_ids)), abs=1e-4
+        ngram.perplexity(ngram.unigram_logprobs(unigram, test_ids)), abs=1e-4
     )
     assert 1 < metrics["headline/kn_test_ppl"] < metrics["headline/unigram_test_ppl"] < len(vocab)
     assert metrics["headline/improvement_over_kn_pct"] == pytest.approx(
@@ -99,18 +107,12 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     assert metrics["test/oov_rate"] == stats["test"]["oov_rate"] > 0
     assert metrics["test/tokens"] == len(test_ids) == stats["test"]["tokens"]
 
-    # Without a cache in the model, headline/cache_test_ppl is the network's.
+    # Without a cache or an n-gram in the model, what it scores is the network's.
     lm = LanguageModel(paths.models_dir / "model.onnx")
-    assert lm.cache is None
+    assert lm.cache is None and lm.ngram is None
     assert metrics["headline/cache_test_ppl"] == metrics["headline/test_ppl"]
-    # What Kneser-Ney adds to the model as scored, the weight fitted on validation.
-    val_ids = np.load(paths.processed_dir / "validation.npy")
-    weight = baselines.interpolation_weight(-lm.token_nlls(val_ids), kn.logprobs(val_ids))
-    assert metrics["test/kn_interp_weight"] == pytest.approx(weight, abs=1e-4) and 0 < weight < 1
-    interpolated = mix_logprobs(-lm.token_nlls(test_ids), kn.logprobs(test_ids), weight)
-    assert metrics["test/kn_interp_ppl"] == pytest.approx(
-        baselines.perplexity(interpolated), abs=1e-4
-    )
+    assert metrics["headline/scored_test_ppl"] == metrics["headline/test_ppl"]
+    assert metrics["test/ngram_weight"] == 0
 
     # Samples: a header, each prompt, its samples; reproducible from the seed.
     samples = (paths.metrics_dir / "samples.txt").read_text()
@@ -128,8 +130,9 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     for key, value in metrics.items():
         assert run.data.metrics[key] == pytest.approx(value), key
     assert run.data.metrics["test/ppl"] == pytest.approx(torch_ppl, rel=1e-4)  # from train
-    assert run.data.tags["evaluate.kn_order"] == "3"
-    assert run.data.tags["evaluate.kn_discount"] == "modified"
+    assert run.data.tags["evaluate.kn_discounts"] == str(
+        {n: [round(d, 4) for d in ds] for n, ds in kn.discounts.items()}
+    )
     assert _artifacts(client, run.info.run_id, "evaluation") == {
         "evaluation/eval.json",
         "evaluation/samples.txt",
@@ -152,19 +155,28 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     (paths.metrics_dir / "train.json").write_text(
         json.dumps({**train_metrics, "test_ppl": round(rows_ppl, 4)})
     )
-    # With the cache in the model: the gate and headline/test_ppl stay the network's, and
-    # headline/cache_test_ppl is what `rnnlm score` gives.
+    # With the cache and the n-gram in the model: the gate and headline/test_ppl stay the
+    # network's, headline/cache_test_ppl adds the cache, headline/scored_test_ppl the n-gram
+    # too: what `rnnlm score` gives.
     set_cache(paths.onnx_model, CacheSettings(window=50, theta=0.5, lam=0.2))
-    rows_metrics = evaluate.run(EVAL_PARAMS, paths, exported.mlflow, eval_batch_size=3)
+    set_ngram(paths.onnx_model, NgramSettings(kn, 0.3))
+    rows_metrics = evaluate.run(
+        EVAL_PARAMS, paths, exported.mlflow, 3, "modified", eval_batch_size=3
+    )
     # Still the whole stream:
     assert rows_metrics["headline/test_ppl"] == metrics["headline/test_ppl"]
     assert rows_metrics["test/onnx_pytorch_rel_diff"] < 1e-4
     cached = LanguageModel(paths.onnx_model)
     assert cached.cache == CacheSettings(window=50, theta=0.5, lam=0.2)
     assert rows_metrics["headline/cache_test_ppl"] == pytest.approx(
-        cached.score_ids(test_ids).ppl, abs=1e-4
+        cached.score_ids(test_ids, ngram=False).ppl, abs=1e-4
     )
     assert rows_metrics["headline/cache_test_ppl"] != rows_metrics["headline/test_ppl"]
+    assert cached.ngram is not None and cached.ngram.weight == 0.3
+    assert rows_metrics["test/ngram_weight"] == 0.3
+    scored = mix_logprobs_of(cached, test_ids, kn, 0.3)
+    assert rows_metrics["headline/scored_test_ppl"] == pytest.approx(scored, abs=1e-4)
+    assert rows_metrics["headline/scored_test_ppl"] != rows_metrics["headline/cache_test_ppl"]
 
     # A PyTorch figure 0.2% away fails the stage and leaves its outputs as they were.
     before = {
@@ -175,16 +187,28 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     )
     # |ONNX - 1.002 x PyTorch| / (1.002 x PyTorch) = 0.1996%, give or take ONNX's 1e-6.
     with pytest.raises(evaluate.EvaluateError, match=r"by 0\.(199|2)\d*% > evaluate\.tolerance"):
-        evaluate.run(EVAL_PARAMS, paths, exported.mlflow)
+        evaluate.run(EVAL_PARAMS, paths, exported.mlflow, 3, "modified")
     assert {name: (paths.metrics_dir / name).read_bytes() for name in before} == before
-    loose = dataclasses.replace(EVAL_PARAMS, tolerance=0.01, sample_prompts={}, kn_order=2)
-    bigram = evaluate.run(loose, paths, exported.mlflow)["headline/kn_test_ppl"]
+    loose = dataclasses.replace(EVAL_PARAMS, tolerance=0.01, sample_prompts={})
+    bigram = evaluate.run(loose, paths, exported.mlflow, 2, "modified")["headline/kn_test_ppl"]
     assert bigram != metrics["headline/kn_test_ppl"]
 
 
 def set_cache(path: Path, settings: CacheSettings | None) -> None:
     """Put these cache settings (None: no cache) into the exported model's metadata."""
     export.attach_metadata(path, {CACHE_KEY: json.dumps(cache_metadata(settings))})
+
+
+def set_ngram(path: Path, settings: NgramSettings | None) -> None:
+    """Put this n-gram (None: none) into the exported model's metadata."""
+    export.attach_metadata(path, {NGRAM_KEY: json.dumps(ngram_metadata(settings))})
+
+
+def mix_logprobs_of(lm: LanguageModel, stream: np.ndarray, kn: ngram.KneserNey, w: float) -> float:
+    """Perplexity of `stream` scored by `lm` with its cache and without its n-gram, then mixed
+    with `kn` by weight `w` here, the whole stream at once."""
+    cached = -lm.token_nlls(stream, ngram=False)
+    return ngram.perplexity(ngram.mix_logprobs(cached, kn.logprobs(stream), w))
 
 
 def test_check_agreement() -> None:
@@ -205,23 +229,23 @@ def test_improvement_and_samples_format() -> None:
 def test_missing_inputs_are_named(processed_tiny: Params, tmp_path: Path) -> None:
     paths, ml = processed_tiny.paths, processed_tiny.mlflow
     with pytest.raises(evaluate.EvaluateError, match=r"train\.json: not found"):
-        evaluate.run(EVAL_PARAMS, paths, ml)
+        evaluate.run(EVAL_PARAMS, paths, ml, 3, "modified")
     (paths.metrics_dir).mkdir(parents=True, exist_ok=True)
     (paths.metrics_dir / "train.json").write_text(json.dumps({"epochs": 2}))
     with pytest.raises(evaluate.EvaluateError, match=r"no test_ppl \(run the train stage first\)"):
-        evaluate.run(EVAL_PARAMS, paths, ml)
+        evaluate.run(EVAL_PARAMS, paths, ml, 3, "modified")
     (paths.metrics_dir / "train.json").write_text(json.dumps({"test_ppl": 5.0}))
     with pytest.raises(evaluate.EvaluateError, match=r"not found \(run the export stage first\)"):
-        evaluate.run(EVAL_PARAMS, paths, ml)
+        evaluate.run(EVAL_PARAMS, paths, ml, 3, "modified")
     # A model exported from another vocabulary is refused before anything is scored.
     write_model(paths.onnx_model, build_net())
     with pytest.raises(evaluate.EvaluateError, match=r"vocabulary .* is not data/processed"):
-        evaluate.run(EVAL_PARAMS, paths, ml)
+        evaluate.run(EVAL_PARAMS, paths, ml, 3, "modified")
     (paths.processed_dir / "test.npy").unlink()
     with pytest.raises(
         ProcessedDataError, match=r"test\.npy: not found \(run the tokenize stage first\)"
     ):
-        evaluate.run(EVAL_PARAMS, paths, ml)
+        evaluate.run(EVAL_PARAMS, paths, ml, 3, "modified")
     assert not (paths.metrics_dir / "eval.json").exists()
 
 

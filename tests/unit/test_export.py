@@ -22,7 +22,7 @@ import pytest
 import torch
 from nltk.tokenize.punkt import PunktParameters
 
-from rnnlm import export, tracking
+from rnnlm import export, ngram, tracking
 from rnnlm.config import Params, params_digest, training_values
 from rnnlm.inference import (
     FORMAT_KEY,
@@ -364,12 +364,34 @@ def test_run_end_to_end_logs_and_registers(
     assert (written["cache/theta"], written["cache/lambda"], written["cache/window"]) == (
         tuned.theta, tuned.lam, tuned.window,
     )  # fmt: skip
-    assert written["cache/val_ppl"] == pytest.approx(model.score_ids(validation).ppl, rel=1e-5)
+    assert written["cache/val_ppl"] == pytest.approx(
+        model.score_ids(validation, ngram=False).ppl, rel=1e-5
+    )
     assert written["cache/val_ppl"] < written["onnx/val_ppl"]
     assert written["cache/val_gain_pct"] == pytest.approx(
         100 * (1 - written["cache/val_ppl"] / written["onnx/val_ppl"]), abs=1e-3
     )
     assert 0 < written["cache/tune_s"] < 60
+    # Then the Kneser-Ney n-gram counted on train, its weight fitted on validation by EM over
+    # the cached log-probs: in both models, and what the model now scores validation with.
+    train_ids = np.load(paths.processed_dir / "train.npy")
+    kn = ngram.fit_kneser_ney(train_ids, model.vocab_size, p.ngram_order, p.ngram_discount)
+    shipped = model.tuned_ngram
+    assert shipped is not None and model.ngram == shipped
+    assert all(np.array_equal(shipped.model.keys[k], kn.keys[k]) for k in kn.keys)
+    assert all(np.array_equal(shipped.model.counts[n], kn.counts[n]) for n in kn.counts)
+    cached = -model.token_nlls(validation, ngram=False)
+    weight = ngram.interpolation_weight(cached, kn.logprobs(validation))
+    assert shipped.weight == pytest.approx(weight, abs=1e-9) and 0 < weight < 1
+    assert written["ngram/weight"] == written["ngram/em_weight"] == round(weight, 4)
+    int8_ngram = LanguageModel(int8_path).tuned_ngram
+    assert int8_ngram is not None and int8_ngram.weight == shipped.weight
+    assert written["ngram/val_ppl"] == pytest.approx(model.score_ids(validation).ppl, rel=1e-5)
+    assert written["ngram/val_ppl"] < written["cache/val_ppl"]
+    assert written["ngram/val_gain_pct"] == pytest.approx(
+        100 * (1 - written["ngram/val_ppl"] / written["cache/val_ppl"]), abs=1e-3
+    )
+    assert written["ngram/entry_mb"] > 0
     assert model.provenance["mlflow_run_id"] == run_id
     assert model.conventions["stream_start"].startswith("a stream starts at a sentence boundary")
     assert model.provenance["params_digest"] == params_digest(
@@ -462,9 +484,13 @@ def test_int8_model_is_replaced_with_the_model_and_nothing_is_registered_without
 
     paths = trained_layout.paths
     paths.int8_model.write_bytes(b"int8 model of another experiment")
-    p = dataclasses.replace(trained_layout.export, registered_model_name=None)
+    p = dataclasses.replace(trained_layout.export, registered_model_name=None, ngram_mix=False)
     metrics = export.run(p, paths, trained_layout.mlflow, digest="d" * 64)
     fp32, int8 = LanguageModel(paths.onnx_model), LanguageModel(paths.int8_model)
+    # export.ngram_mix off: no n-gram in either model, though EM found a weight that pays.
+    assert fp32.tuned_ngram is None and int8.tuned_ngram is None
+    assert metrics["ngram/weight"] == 0 and metrics["ngram/em_weight"] > 0
+    assert metrics["ngram/val_ppl"] == metrics["cache/val_ppl"]
     assert int8.precision == "int8" and fp32.precision == "fp32"
     assert int8.provenance == fp32.provenance  # the same checkpoint, the same run
     assert metrics["int8/val_ppl"] > 1

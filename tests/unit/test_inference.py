@@ -8,7 +8,10 @@ own forward pass on the same network is the reference.
 
 from __future__ import annotations
 
+import base64
 import codecs
+import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -25,7 +28,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnnlm import export, inference
+from rnnlm import export, inference, ngram
 from rnnlm import text as text_module
 from rnnlm.cache import CacheSettings
 from rnnlm.inference import (
@@ -34,15 +37,18 @@ from rnnlm.inference import (
     CACHE_KEY,
     CONTEXT,
     MAX_ROWS,
+    NGRAM_KEY,
     WINDOW,
     LanguageModel,
     ModelLoadError,
+    NgramSettings,
     SentenceScore,
     _ScoringSessions,
     _Stepper,
     cache_metadata,
     check_sampling,
     inverse_cdf,
+    ngram_metadata,
     sample_next,
     segment_tokens,
     softmax,
@@ -1110,3 +1116,160 @@ def test_bad_cache_metadata_is_refused_in_one_line(
     assert str(err.value).startswith(f"{path}: rnnlm metadata rnnlm.cache")
     assert "\n" not in str(err.value) and len(str(err.value)) < 300
     assert LanguageModel(with_cache_entry(path, "null")).tuned_cache is None
+
+
+# The n-gram the tests mix in: counted on a stream over the tiny vocabulary that repeats a few
+# word orders, so it knows trigrams the random network does not.
+NGRAM_WEIGHT = 0.4
+
+
+@pytest.fixture(scope="module")
+def kn_model() -> ngram.KneserNey:
+    rng = np.random.default_rng(21)
+    stream = np.concatenate([rng.permutation(np.arange(2, 9))[:5] for _ in range(200)])
+    return ngram.fit_kneser_ney(stream, len(VOCAB), order=3)
+
+
+def with_ngram_entry(path: Path, entry: str) -> Path:
+    """The model at `path` with its `rnnlm.ngram` metadata set to `entry` (JSON), in place."""
+    export.attach_metadata(path, {NGRAM_KEY: entry})
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed(
+    cached: LanguageModel, kn_model: ngram.KneserNey, tmp_path_factory: pytest.TempPathFactory
+) -> LanguageModel:
+    """The `cached` model with the n-gram in its metadata too: the whole shipped mixture."""
+    path = tmp_path_factory.mktemp("mixed") / "model.onnx"
+    shutil.copyfile(cached.path, path)
+    entry = json.dumps(ngram_metadata(NgramSettings(kn_model, NGRAM_WEIGHT)))
+    return LanguageModel(with_ngram_entry(path, entry), threads=1)
+
+
+def test_ngram_round_trips_through_the_metadata(
+    mixed: LanguageModel, kn_model: ngram.KneserNey, cached: LanguageModel
+) -> None:
+    shipped = mixed.tuned_ngram
+    assert shipped is not None and mixed.ngram == shipped and shipped.weight == NGRAM_WEIGHT
+    assert shipped.model.order == 3 and shipped.model.discount == "modified"
+    stream = np.random.default_rng(22).integers(0, len(VOCAB), 200)
+    assert shipped.model.logprobs(stream) == pytest.approx(kn_model.logprobs(stream), abs=0)
+    assert cached.tuned_ngram is None and cached.new_ngram() is None
+    off = LanguageModel(mixed.path, ngram=False)
+    assert off.tuned_ngram is not None and off.tuned_ngram.weight == NGRAM_WEIGHT
+    assert off.ngram is None and off.new_ngram() is None
+    assert off.cache == CACHE  # each part of the mixture is switched on its own
+    assert ngram_metadata(None) is None
+    with pytest.raises(ValueError, match="ngram = 1: expected True or False"):
+        LanguageModel(mixed.path, ngram=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ngram = 'no': expected True or False"):
+        mixed.token_nlls([2, 3], ngram="no")  # type: ignore[arg-type]
+
+
+def test_scoring_mixes_the_cached_network_with_the_ngram(
+    mixed: LanguageModel, kn_model: ngram.KneserNey
+) -> None:
+    """p = (1 - w) p_cached + w p_kn for every token, whatever the window; every switch
+    leaves its own part out; score and score_stream score text as token_nlls scores ids."""
+    stream = np.random.default_rng(23).integers(2, 9, size=300)
+    cached_logp = -mixed.token_nlls(stream, ngram=False)
+    network_logp = -mixed.token_nlls(stream, cache=False, ngram=False)
+    kn_logp = kn_model.logprobs(stream)
+    expected = np.log((1 - NGRAM_WEIGHT) * np.exp(cached_logp) + NGRAM_WEIGHT * np.exp(kn_logp))
+    for window in (7, 256, 1000):
+        np.testing.assert_allclose(-mixed.token_nlls(stream, window), expected, rtol=1e-6)
+    alone = np.log((1 - NGRAM_WEIGHT) * np.exp(network_logp) + NGRAM_WEIGHT * np.exp(kn_logp))
+    np.testing.assert_allclose(-mixed.token_nlls(stream, cache=False), alone, rtol=1e-9)
+    assert mixed.score_ids(stream).nll == pytest.approx(-expected.sum(), rel=1e-9)
+    data = (PROSE * 8).encode()
+    text = decode_document(data)
+    tokens = [t for s in mixed.tokenizer.sentences(text) for t in (*s, "<eos>")]
+    whole = mixed.score(text)
+    assert whole.nll == pytest.approx(mixed.token_nlls(ids_of(mixed, tokens)).sum(), rel=1e-6)
+    streamed = mixed.score_stream(chunked(data, 7))
+    assert streamed.nll == pytest.approx(whole.nll, rel=1e-9)
+    # Batched scoring (no cache: it needs one stream in order) keeps the n-gram's history
+    # exact: the same n-gram side as exact scoring, the network side read in segments.
+    no_cache = LanguageModel(mixed.path, cache=False)
+    network_rows = LanguageModel(mixed.path, cache=False, ngram=False)
+    ids = ids_of(mixed, tokens)
+    for rows in (1, 4):
+        batched = no_cache.score(text, rows=rows)
+        plain = network_rows.score(text, rows=rows)
+        assert batched.tokens == plain.tokens == len(ids)
+        assert batched.nll != pytest.approx(plain.nll, rel=1e-3)  # the n-gram is in it
+    assert no_cache.score(text, rows=1).nll == pytest.approx(
+        no_cache.token_nlls(ids, cache=False).sum(), rel=1e-6
+    )
+
+
+def test_next_words_and_generation_draw_from_the_whole_mixture(
+    mixed: LanguageModel, kn_model: ngram.KneserNey
+) -> None:
+    prompt = "we will build a strong nation. we will build a strong"
+    ids = ids_of(mixed, mixed.prompt_tokens(prompt))
+    got = dict(mixed.next_words(prompt, k=len(VOCAB)))
+    before = dict(LanguageModel(mixed.path, ngram=False).next_words(prompt, k=len(VOCAB)))
+    kn_next = kn_model.distribution(ids)
+    assert sum(got.values()) == pytest.approx(1.0)
+    for word, p in got.items():
+        expected = (1 - NGRAM_WEIGHT) * before[word] + NGRAM_WEIGHT * kn_next[mixed.stoi[word]]
+        assert p == pytest.approx(expected, rel=1e-5), word
+    # Greedy generation with the n-gram (no cache): each step's argmax of the mixture of the
+    # network's distribution after the whole sequence and the n-gram's after its last words.
+    no_cache = LanguageModel(mixed.path, cache=False)
+    sequence = list(ids)
+    for _ in range(10):
+        logits, _ = no_cache.step(np.array([[EOS_ID, *sequence]]))
+        p = (1 - NGRAM_WEIGHT) * softmax(logits[0, -1]) + NGRAM_WEIGHT * kn_model.distribution(
+            sequence
+        )
+        sequence.append(int(p.argmax()))
+    expected_text = detokenize([mixed.vocab[i] for i in sequence[-10:]])
+    greedy = no_cache.generate(
+        prompt, max_tokens=10, temperature=0, include_prompt=False, num_samples=2
+    )
+    assert greedy == [expected_text] * 2
+    samples = mixed.generate(prompt, max_tokens=20, seed=3, num_samples=3)
+    assert samples == mixed.generate(prompt, max_tokens=20, seed=3, num_samples=3)
+
+
+def _tampered(entry: dict, **changes: object) -> str:
+    return json.dumps({**entry, **changes})
+
+
+def test_bad_ngram_metadata_is_refused_in_one_line(
+    tmp_path: Path, lstm: tuple[LanguageModel, RNNLM], kn_model: ngram.KneserNey
+) -> None:
+    good = ngram_metadata(NgramSettings(kn_model, NGRAM_WEIGHT))
+    assert good is not None
+    damaged = ngram.KneserNey.to_bytes(
+        dataclasses.replace(kn_model, keys={**kn_model.keys, 3: kn_model.keys[3][::-1].copy()})
+    )
+    cases = [
+        (_tampered(good, weight=1.0), r"weight = 1\.0: must be a number in \(0, 1\)"),
+        (_tampered(good, weight="0.4"), r"weight = '0\.4': must be a number"),
+        (_tampered(good, tables=good["tables"][:-8] + "AAAAAAAA"), "do not match their sha256"),
+        (_tampered(good, tables="not base64!"), r"rnnlm\.ngram\.tables is not base64"),
+        (_tampered(good, order=2), r"tables \[.*\], expected"),
+        (_tampered(good, discount="kenlm"), "discount = 'kenlm'"),
+        (json.dumps({k: v for k, v in good.items() if k != "sha256"}), "exactly the keys"),
+        ("[3, 0.4]", r"rnnlm\.ngram = \[3, 0\.4\]: expected null or an object"),
+        (
+            _tampered(
+                good,
+                tables=base64.b64encode(damaged).decode(),
+                sha256=hashlib.sha256(damaged).hexdigest(),
+            ),
+            "keys3: keys must be strictly increasing",
+        ),
+    ]
+    path = write_model(tmp_path / "m.onnx", lstm[1])
+    for entry, message in cases:
+        with_ngram_entry(path, entry)
+        with pytest.raises(ModelLoadError, match=message) as err:
+            LanguageModel(path, ngram=False)  # refused even when not used: the file is wrong
+        assert str(err.value).startswith(f"{path}: rnnlm metadata rnnlm.ngram")
+        assert "\n" not in str(err.value) and len(str(err.value)) < 400
+    assert LanguageModel(with_ngram_entry(path, "null")).tuned_ngram is None

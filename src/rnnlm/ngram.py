@@ -1,4 +1,5 @@
-"""Count-based baselines for the `evaluate` stage: add-one unigram and interpolated Kneser-Ney.
+"""Count-based n-gram models: add-one unigram and interpolated Kneser-Ney, and the Kneser-Ney
+side of the shipped model's mixture.
 
 Both use the RNN's exact data and convention: the training counts come from train.npy alone,
 taken as one token stream (every sentence closed by `<eos>`, `<unk>` an ordinary token), and a
@@ -9,6 +10,9 @@ before the first token is `<eos>` (repeated for the longer histories of higher o
     lm = fit_kneser_ney(train, vocab_size, order=3)   # modified KN: three discounts per order
     perplexity(unigram_logprobs(probs, test)), perplexity(lm.logprobs(test))
     w = interpolation_weight(rnn_val_logp, lm.logprobs(val))  # (1 - w) p_rnn + w p_kn
+    mixer = NgramMixer(lm, w)                         # one stream, its history carried:
+    mixer.mix(rnn_logp, targets)                      # a window's mixed log-probs
+    mixer.distribution(rnn_probs)                     # the next position, over the vocabulary
 
 Kneser-Ney is the interpolated form of Chen & Goodman (1998): the highest order discounts raw
 counts, each lower order discounts continuation counts (how many distinct words precede the
@@ -19,22 +23,30 @@ continuation counts by scanning every n-gram on each call (about 40 ms a token h
 for the state_union test split) and has no modified discounts, hence this vectorised version:
 n-grams are integer keys in sorted arrays, a whole stream is scored with `searchsorted`.
 
+A fitted model is its keys and counts (`to_bytes`, a compressed npz); `from_bytes` checks them
+and derives the probabilities again, so a stored model cannot hold a distribution that does not
+sum to one. The export stage stores one in the ONNX model's metadata (rnnlm.inference), which
+mixes it into every score, next-word list and sample.
+
 `interpolation_weight` fits the weight of a linear interpolation of two models' per-token
 probabilities (the RNN with Kneser-Ney) by EM on held-out data.
 
-Pure numpy: no torch, no I/O.
+Pure numpy: no torch.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from rnnlm.cache import mix_logprobs
+from rnnlm.errors import is_int, is_real, short_repr
 from rnnlm.streams import EOS_ID, check_token_ids, padded_history
 
 # Discounts are kept in [MIN_DISCOUNT, k] for count level k: a discount of zero would leave no
@@ -45,6 +57,11 @@ FALLBACK_DISCOUNT = 0.5
 # EM for an interpolation weight stops once a step moves it less than this.
 EM_TOLERANCE = 1e-7
 EM_MAX_STEPS = 10_000
+# Bounds on a stored model (`KneserNey.from_bytes`), far beyond any corpus rnnlm trains on: its
+# tables unpacked (state_union's trigram model: 6 MB), a count, the order.
+MAX_TABLE_BYTES = 1 << 30
+MAX_COUNT = 1 << 40
+MAX_ORDER = 10
 
 Discount = Literal["modified", "single"] | float
 
@@ -119,7 +136,7 @@ def estimate_discounts(
     return d1, d2, d3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
 class _Order:
     """Statistics of one order n of a Kneser-Ney model.
 
@@ -135,18 +152,22 @@ class _Order:
     discounts: tuple[float, float, float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
 class KneserNey:
     """A fitted interpolated Kneser-Ney model of order `order` over ids 0..vocab_size-1.
 
     N-gram ids: a 1-gram's id is its word id; the k-grams (k >= 2) seen in training are sorted
     integer keys `id(first k-1 words) * vocab_size + last word`, and a k-gram's id is its index
     in `keys[k]`. Ids stay below (distinct n-grams) x vocab_size, so any order fits in int64.
+    `counts[n]` are the counts the order-n statistics come from: raw counts at the highest
+    order, continuation counts below (`_kn_counts`).
     """
 
     order: int
     vocab_size: int
+    discount: Discount
     keys: dict[int, np.ndarray]  # k -> sorted int64 keys of the k-grams, k = 2..order
+    counts: dict[int, np.ndarray]  # n -> int64 count of each n-gram, n = 1..order
     orders: dict[int, _Order]  # n -> statistics, n = 1..order
 
     @property
@@ -154,13 +175,18 @@ class KneserNey:
         """(D1, D2, D3+) of each order."""
         return {n: stats.discounts for n, stats in self.orders.items()}
 
-    def logprobs(self, stream: np.ndarray) -> np.ndarray:
-        """Natural-log probability of each token of `stream`, history starting at `<eos>`."""
+    def logprobs(self, stream: np.ndarray, history: Sequence[int] | np.ndarray = ()) -> np.ndarray:
+        """Natural-log probability of each token of `stream`.
+
+        `history`: the tokens before the stream (only the last order-1 count); what it lacks
+        of order-1 is `<eos>`, so the default is a stream's start.
+        """
         stream = _check_ids(stream, self.vocab_size)
         if len(stream) == 0:
             return np.zeros(0)
         pad = self.order - 1
-        ids = gram_ids(self.keys, padded_history(stream, pad), self.vocab_size, self.order)
+        padded = np.concatenate([self._context(history), stream])
+        ids = gram_ids(self.keys, padded, self.vocab_size, self.order)
         first = self.orders[1]
         prob = first.alpha[stream] + first.gamma[0] / self.vocab_size
         for n in range(2, self.order + 1):
@@ -174,14 +200,10 @@ class KneserNey:
             prob = np.where(known, alpha + gamma * prob, prob)
         return np.log(prob)
 
-    def distribution(self, history: Sequence[int]) -> np.ndarray:
-        """p(w | history) for every word w (vocab_size,); only the last order-1 ids count.
-
-        A history shorter than order-1 is left-padded with `<eos>` (a stream's start).
-        """
-        pad = self.order - 1
-        hist = padded_history(_check_ids(np.asarray(history, dtype=np.int64), self.vocab_size), pad)
-        hist = hist[len(hist) - pad :] if pad else hist[:0]
+    def distribution(self, history: Sequence[int] | np.ndarray) -> np.ndarray:
+        """p(w | history) for every word w (vocab_size,) float64; only the last order-1 ids
+        count, and a shorter history is left-padded with `<eos>` (a stream's start)."""
+        hist = self._context(history)
         first = self.orders[1]
         prob = first.alpha + first.gamma[0] / self.vocab_size
         for n in range(2, self.order + 1):
@@ -196,6 +218,70 @@ class KneserNey:
             prob[keys[lo:hi] - base] += stats.alpha[lo:hi]
         return prob
 
+    def _context(self, history: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The last order-1 ids of `history`, left-padded with `<eos>`: (order-1,) int64."""
+        pad = self.order - 1
+        hist = _check_ids(np.asarray(history, dtype=np.int64), self.vocab_size)
+        hist = hist[max(len(hist) - pad, 0) :] if pad else hist[:0]
+        return padded_history(hist, pad - len(hist))
+
+    def to_bytes(self) -> bytes:
+        """The model as a compressed npz of its keys and counts (`from_bytes` reads it)."""
+        buffer = io.BytesIO()
+        arrays: dict[str, Any] = {f"keys{k}": keys for k, keys in self.keys.items()}
+        arrays.update({f"counts{n}": counts for n, counts in self.counts.items()})
+        np.savez_compressed(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, order: int, vocab_size: int, discount: Discount = "modified"
+    ) -> KneserNey:
+        """A model stored by `to_bytes`, its keys and counts checked; ValueError naming what
+        is wrong (an archive that is not one, a missing or extra table, keys out of order or
+        range, counts that are negative or of the wrong length)."""
+        _check_settings(order, discount)
+        if vocab_size <= EOS_ID:
+            raise ValueError(f"vocab_size = {vocab_size}: must include <unk> and <eos>")
+        expected = {f"keys{k}" for k in range(2, order + 1)} | {
+            f"counts{n}" for n in range(1, order + 1)
+        }
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                infos = archive.infolist()
+                size = sum(info.file_size for info in infos)
+                names = {info.filename.removesuffix(".npy") for info in infos}
+                if size > MAX_TABLE_BYTES:
+                    raise ValueError(
+                        f"tables of {size:,} bytes unpacked, more than {MAX_TABLE_BYTES:,}"
+                    )
+                if names != expected:
+                    raise ValueError(
+                        f"tables {sorted(names)}, expected {sorted(expected)} for order {order}"
+                    )
+                arrays = {
+                    name: np.load(io.BytesIO(archive.read(name + ".npy")), allow_pickle=False)
+                    for name in sorted(expected)
+                }
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise ValueError(f"not an n-gram archive ({err})") from None
+        keys = {k: _checked_keys(arrays, k, vocab_size) for k in range(2, order + 1)}
+        counts = {}
+        for n in range(1, order + 1):
+            name = f"counts{n}"
+            value = arrays[name]
+            length = vocab_size if n == 1 else len(keys[n])
+            if value.dtype.kind not in "iu" or value.shape != (length,):
+                raise ValueError(
+                    f"{name}: expected {length:,} integer counts, got {value.dtype} {value.shape}"
+                )
+            if length and (value.min() < 0 or value.max() > MAX_COUNT):
+                raise ValueError(f"{name}: counts must lie in [0, {MAX_COUNT:,}]")
+            counts[n] = value.astype(np.int64)
+        if counts[order].sum() == 0:
+            raise ValueError(f"counts{order}: no n-gram was counted")
+        return _from_counts(order, vocab_size, discount, keys, counts)
+
 
 def fit_kneser_ney(
     stream: np.ndarray, vocab_size: int, order: int = 3, discount: Discount = "modified"
@@ -209,16 +295,29 @@ def fit_kneser_ney(
         discount: "modified" (D1, D2, D3+ per order), "single" (one estimated D per order), or
             a fixed D in (0, 1] for every order and count.
     """
-    if order < 1:
-        raise ValueError(f"order = {order}: must be >= 1")
-    if isinstance(discount, str):
-        if discount not in ("modified", "single"):
-            raise ValueError(f"discount = {discount!r}: 'modified', 'single' or a number")
-    elif not 0 < discount <= 1:
-        raise ValueError(f"discount = {discount}: a fixed discount must lie in (0, 1]")
+    _check_settings(order, discount)
     stream = _check_ids(stream, vocab_size)
     if len(stream) == 0:
         raise ValueError("cannot fit a Kneser-Ney model on an empty stream")
+    keys, counts = _kn_counts(stream, vocab_size, order)
+    return _from_counts(order, vocab_size, discount, keys, counts)
+
+
+def _check_settings(order: int, discount: Discount) -> None:
+    if not is_int(order) or not 1 <= order <= MAX_ORDER:
+        raise ValueError(f"order = {short_repr(order)}: must be an integer in [1, {MAX_ORDER}]")
+    if isinstance(discount, str):
+        if discount not in ("modified", "single"):
+            raise ValueError(f"discount = {discount!r}: 'modified', 'single' or a number")
+    elif not is_real(discount) or not 0 < discount <= 1:
+        raise ValueError(f"discount = {discount}: a fixed discount must lie in (0, 1]")
+
+
+def _kn_counts(
+    stream: np.ndarray, vocab_size: int, order: int
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The sorted keys of the k-grams (k >= 2) of the `<eos>`-padded stream, and the count of
+    each n-gram the model uses: raw at the highest order, continuation counts below."""
     pad = order - 1
     padded = padded_history(stream, pad)
     keys: dict[int, np.ndarray] = {}
@@ -229,19 +328,102 @@ def fit_kneser_ney(
         new_keys = ids[k - 1][k - 2 : -1] * vocab_size + padded[k - 1 :]
         keys[k], full[k - 1 :] = np.unique(new_keys, return_inverse=True)
         ids[k] = full
-
-    orders: dict[int, _Order] = {}
+    counts: dict[int, np.ndarray] = {}
     for n in range(1, order + 1):
         n_grams = vocab_size if n == 1 else len(keys[n])
         if n == order:  # raw counts of the n-grams that predict a training token
-            counts = np.bincount(ids[n][pad:], minlength=n_grams)
+            counts[n] = np.bincount(ids[n][pad:], minlength=n_grams)
         else:  # continuation counts: distinct (n+1)-grams that end with the n-gram
             _, first = np.unique(ids[n + 1][pad:], return_index=True)
-            counts = np.bincount(ids[n][pad:][first], minlength=n_grams)
-        context = np.zeros(n_grams, dtype=np.int64) if n == 1 else keys[n] // vocab_size
+            counts[n] = np.bincount(ids[n][pad:][first], minlength=n_grams)
+    return keys, counts
+
+
+def _from_counts(
+    order: int,
+    vocab_size: int,
+    discount: Discount,
+    keys: dict[int, np.ndarray],
+    counts: dict[int, np.ndarray],
+) -> KneserNey:
+    """The model whose n-grams and counts these are (checked by the caller)."""
+    orders: dict[int, _Order] = {}
+    for n in range(1, order + 1):
+        context = np.zeros(len(counts[n]), dtype=np.int64) if n == 1 else keys[n] // vocab_size
         n_contexts = 1 if n == 1 else (vocab_size if n == 2 else len(keys[n - 1]))
-        orders[n] = _order_stats(counts, context, n_contexts, discount)
-    return KneserNey(order=order, vocab_size=vocab_size, keys=keys, orders=orders)
+        orders[n] = _order_stats(counts[n], context, n_contexts, discount)
+    return KneserNey(order, vocab_size, discount, keys, counts, orders)
+
+
+def _checked_keys(arrays: dict[str, np.ndarray], k: int, vocab_size: int) -> np.ndarray:
+    """keys{k} of a stored model: int64, strictly increasing, each a (k-1)-gram id (below the
+    number of (k-1)-grams) times vocab_size plus a word id."""
+    name, value = f"keys{k}", arrays[f"keys{k}"]
+    if value.dtype != np.int64 or value.ndim != 1:
+        raise ValueError(f"{name}: expected 1-D int64 keys, got {value.dtype} {value.shape}")
+    prefixes = vocab_size if k == 2 else len(arrays[f"keys{k - 1}"])
+    if len(value) and (value[0] < 0 or value[-1] >= prefixes * vocab_size):
+        raise ValueError(f"{name}: keys must lie in [0, {prefixes * vocab_size:,})")
+    if len(value) > 1 and not (np.diff(value) > 0).all():
+        raise ValueError(f"{name}: keys must be strictly increasing")
+    return value
+
+
+class NgramMixer:
+    """The n-gram side of a mixture for one token stream: p = (1 - weight) p_in + weight p_kn,
+    the n-gram's history carried from window to window (`<eos>` before the stream's start).
+
+    `p_in` is what comes before it: the network's distribution, or the network mixed with its
+    continuous cache. A stream cut into windows of any size gives the same result as one.
+    """
+
+    def __init__(self, model: KneserNey, weight: float) -> None:
+        if not is_real(weight) or not 0 <= weight < 1:
+            raise ValueError(f"n-gram weight = {short_repr(weight)}: must be a number in [0, 1)")
+        self.model = model
+        self.weight = float(weight)
+        self._history = model._context(())
+
+    def copy(self) -> NgramMixer:
+        """An independent mixer with the same history (one per generated sample)."""
+        twin = NgramMixer(self.model, self.weight)
+        twin._history = self._history.copy()
+        return twin
+
+    def extend(self, tokens: Sequence[int] | np.ndarray) -> None:
+        """Add `tokens` to the history (what `mix` does after scoring them)."""
+        self._history = self.model._context(np.concatenate([self._history, np.asarray(tokens)]))
+
+    def mix(self, logp: np.ndarray, targets: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Mixed log-probs (T,) float64 of a window's targets, given log p_in of each (T,);
+        then the targets join the history."""
+        targets = np.asarray(targets, dtype=np.int64)
+        logp = np.asarray(logp, dtype=np.float64)
+        if logp.shape != targets.shape or logp.ndim != 1:
+            raise ValueError(
+                f"logp has shape {logp.shape}, targets {targets.shape}: one log-prob per target"
+            )
+        kn = self.model.logprobs(targets, self._history)
+        self.extend(targets)
+        return mix_logprobs(logp, kn, self.weight)
+
+    def distribution(self, probs: np.ndarray) -> np.ndarray:
+        """The mixture (V,) float64 at the next position, given p_in there (V,)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.shape != (self.model.vocab_size,):
+            raise ValueError(
+                f"probs must be one distribution ({self.model.vocab_size},), got {probs.shape}"
+            )
+        kn = self.model.distribution(self._history)
+        return (1 - self.weight) * probs + self.weight * kn
+
+    def mixed_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Logits (V,) float32 whose softmax is the mixture given logits of p_in: what a
+        sampler draws from."""
+        logits = np.asarray(logits, dtype=np.float64)
+        shifted = np.exp(logits - logits.max())
+        mixed = self.distribution(shifted / shifted.sum())
+        return np.log(mixed).astype(np.float32)
 
 
 def _order_stats(
