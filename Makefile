@@ -94,8 +94,8 @@ serve: install
 
 # Experiments side by side in a terminal: the params that differ and the headline metrics.
 # `dvc exp show` alone lists every param, metric and dependency hash (over 140 columns).
-EXPS_KEEP := ^(val_ppl|headline/test_ppl|headline/kn_test_ppl|epochs|train_time_s)$$
-EXPS_DROP := ^(data|models|src|metrics)/|^(train|validation|test)\.(documents|sentences|tokens|oov_rate)$$|^vocab_size$$|^(parity|onnx|int8)/|^(best_epoch|devices|test_loss|val_loss|tokens_per_s|test_ppl)$$|^test/(tokens|oov_rate|pytorch_ppl|onnx_pytorch_rel_diff)$$|^headline/(unigram_test_ppl|improvement_over_kn_pct|cache_test_ppl)$$|^cache/|^test/kn_interp_
+EXPS_KEEP := ^(val_ppl|headline/test_ppl|headline/scored_test_ppl|headline/kn_test_ppl|epochs|train_time_s)$$
+EXPS_DROP := ^(data|models|src|metrics)/|^(train|validation|test)\.(documents|sentences|tokens|oov_rate)$$|^vocab_size$$|^(parity|onnx|int8)/|^(best_epoch|devices|test_loss|val_loss|tokens_per_s|test_ppl)$$|^test/(tokens|oov_rate|pytorch_ppl|onnx_pytorch_rel_diff)$$|^headline/(unigram_test_ppl|improvement_over_kn_pct|cache_test_ppl)$$|^(cache|ngram)/|^test/ngram_weight$$
 exps: install
 	@$(BIN)/dvc exp show --no-pager --only-changed --keep '$(EXPS_KEEP)' --drop '$(EXPS_DROP)' \
 		--sort-by headline/test_ppl --sort-order asc

@@ -2,7 +2,7 @@
 
     python bench/score_stream.py                         # 5 MB and 20 MB of state_union prose
     python bench/score_stream.py --sizes 1 5 50 --per-sentence
-    python bench/score_stream.py --sizes 1 --no-cache    # also without the continuous cache
+    python bench/score_stream.py --sizes 1 --no-cache    # also the network alone (no cache/n-gram)
     python bench/score_stream.py --source synthetic      # words from the model's vocabulary
     python bench/score_stream.py --pythonpath /tmp/old/src   # another version's rnnlm, same inputs
 
@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-cache",
         action="store_true",
-        help="also time --no-cache: the network alone, what the continuous cache costs",
+        help="also time --no-cache --no-ngram: the network alone, what the cache and the "
+        "n-gram cost",
     )
     parser.add_argument("--threads", type=int, help="passed to rnnlm score (default: its own)")
     parser.add_argument("--seed", type=int, default=0)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             modes = [("", [])] + (
                 [("per-sentence", ["--per-sentence"])] if args.per_sentence else []
             )
-            modes += [("no-cache", ["--no-cache"])] if args.no_cache else []
+            modes += [("network", ["--no-cache", "--no-ngram"])] if args.no_cache else []
             for mode, extra in modes:
                 row = {"mb": size / MB, "mode": mode or "total", **score(args, path, extra)}
                 rows.append(row)

@@ -135,10 +135,11 @@ def test_dvc_experiments_share_one_mlflow_store(
     ]
     view = run_ok(make, cwd=project, env={**env, "COLUMNS": "200"}).stdout
     header = next(line for line in view.splitlines() if "Experiment" in line)
-    headline = ("val_ppl", "headline/test_ppl", "headline/kn_test_ppl")
+    headline = ("val_ppl", "headline/test_ppl", "headline/scored_test_ppl", "headline/kn_test_ppl")
     for column in ("model.cell", "train.seed", *headline):
         assert column in header, view
     assert "src/rnnlm" not in view and "run_id" not in view and "parity/" not in view, view
+    assert "ngram/" not in view and "cache/" not in view, view
     assert max(len(line) for line in view.splitlines()) <= 200, view
 
     # Learning curves of the --temp experiment against the committed baseline.
