@@ -88,6 +88,9 @@ def _serialised(model: onnx.ModelProto, keep: set[int], name: str) -> bytes:
         if graph.initializer[i].name not in read:
             del graph.initializer[i]
     graph.name = name
+    # The metadata (vocabulary, tokenizer, the n-gram's tables: 3.5 MB for the shipped model)
+    # is read from the model file; a scoring session has no use for another copy.
+    del model.metadata_props[:]
     return model.SerializeToString()
 
 

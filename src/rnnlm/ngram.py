@@ -36,6 +36,7 @@ Pure numpy: no torch.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import zipfile
@@ -204,8 +205,7 @@ class KneserNey:
         """p(w | history) for every word w (vocab_size,) float64; only the last order-1 ids
         count, and a shorter history is left-padded with `<eos>` (a stream's start)."""
         hist = self._context(history)
-        first = self.orders[1]
-        prob = first.alpha + first.gamma[0] / self.vocab_size
+        prob = self._unigram.copy()
         for n in range(2, self.order + 1):
             context = _lookup_gram(self.keys, hist[len(hist) - (n - 1) :], self.vocab_size)
             stats = self.orders[n]
@@ -217,6 +217,12 @@ class KneserNey:
             prob = stats.gamma[context] * prob
             prob[keys[lo:hi] - base] += stats.alpha[lo:hi]
         return prob
+
+    @functools.cached_property
+    def _unigram(self) -> np.ndarray:
+        """The lowest order's distribution (V,): every `distribution` starts from it."""
+        first = self.orders[1]
+        return first.alpha + first.gamma[0] / self.vocab_size
 
     def _context(self, history: Sequence[int] | np.ndarray) -> np.ndarray:
         """The last order-1 ids of `history`, left-padded with `<eos>`: (order-1,) int64."""
@@ -419,11 +425,19 @@ class NgramMixer:
 
     def mixed_logits(self, logits: np.ndarray) -> np.ndarray:
         """Logits (V,) float32 whose softmax is the mixture given logits of p_in: what a
-        sampler draws from."""
-        logits = np.asarray(logits, dtype=np.float64)
-        shifted = np.exp(logits - logits.max())
-        mixed = self.distribution(shifted / shifted.sum())
-        return np.log(mixed).astype(np.float32)
+        sampler draws from. In float32, in place where it can: a step of generation."""
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.shape != (self.model.vocab_size,):
+            raise ValueError(
+                f"logits must be one row ({self.model.vocab_size},), got {logits.shape}"
+            )
+        probs = np.subtract(logits, logits.max())
+        np.exp(probs, out=probs)
+        probs *= (1 - self.weight) / probs.sum(dtype=np.float64)
+        kn = self.model.distribution(self._history)
+        kn *= self.weight
+        probs += kn.astype(np.float32)
+        return np.log(probs, out=probs)
 
 
 def _order_stats(
