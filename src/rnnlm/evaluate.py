@@ -15,7 +15,7 @@
                                        @champion moved to it when it beats the champion
 
 The RNN's test perplexity `headline/test_ppl` is that of the shipped network: the ONNX model via
-`LanguageModel.score_ids` without the continuous cache, over the whole test stream with the
+`LanguageModel.logprobs_and_hidden` (the network alone), over the whole test stream with the
 state carried. It must agree with the PyTorch test perplexity of the `train` stage within
 `evaluate.tolerance` (relative), or the stage fails: a gap means the exported graph or the
 inference code is not the model that was trained. It is also what the registered version's
@@ -24,9 +24,12 @@ inference code is not the model that was trained. It is also what the registered
 on validation (rnnlm.cache; equal to `headline/test_ppl` when the model carries none), and
 `headline/scored_test_ppl` what `rnnlm score` gives: with the cache and then the Kneser-Ney
 n-gram the model carries (rnnlm.ngram, weight `test/ngram_weight`; equal to the cache's figure
-when it carries none). When `train.eval_batch_size` > 1 the PyTorch figure was computed over
-that many parallel rows (each from a zero state, the tail dropped), so the check scores the
-ONNX model in the same layout; eval.json always reports the whole-stream figure.
+when it carries none). All three come from that one pass of the network: its log-probs and
+hidden vectors are mixed with the cache (`cache.mix_stream`), then the n-gram
+(`LanguageModel.new_ngram`), as `LanguageModel.token_nlls` mixes them. When
+`train.eval_batch_size` > 1 the PyTorch figure was computed over that many parallel rows (each
+from a zero state, the tail dropped), so the check scores the ONNX model in the same layout;
+eval.json always reports the whole-stream figure.
 
 The baselines (rnnlm.ngram) use the same split, vocabulary and convention: add-one unigram
 and interpolated Kneser-Ney of order `export.ngram_order` with `export.ngram_discount` (the
@@ -52,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from rnnlm import ngram, tracking
+from rnnlm.cache import mix_stream
 from rnnlm.config import (
     EvaluateParams,
     MlflowParams,
@@ -222,16 +226,17 @@ def run(
     tracked = tracking.attach_run(ml, run_id)  # an unusable store fails before the work
 
     start = time.perf_counter()
-    rnn_ppl = lm.score_ids(test, cache=False, ngram=False).ppl
+    network_logp, hidden = lm.logprobs_and_hidden(test)
+    rnn_ppl = ngram.perplexity(network_logp)
     seconds = {"rnn": time.perf_counter() - start}
     comparable = rnn_ppl if eval_batch_size == 1 else score_rows(lm, test, eval_batch_size)
     rel_diff = check_agreement(comparable, torch_ppl, p.tolerance)
     start = time.perf_counter()
-    cached_ppl = lm.score_ids(test, ngram=False).ppl
-    seconds["cache"] = time.perf_counter() - start
-    start = time.perf_counter()
-    scored_ppl = lm.score_ids(test).ppl  # as `rnnlm score` scores: cache, then n-gram
-    seconds["scored"] = time.perf_counter() - start
+    cached_logp = mix_stream(lm.cache, network_logp, hidden, test)
+    mixer = lm.new_ngram()  # then the n-gram, as `rnnlm score` scores
+    scored_logp = cached_logp if mixer is None else mixer.mix(cached_logp, test)
+    cached_ppl, scored_ppl = ngram.perplexity(cached_logp), ngram.perplexity(scored_logp)
+    seconds["mixture"] = time.perf_counter() - start
     start = time.perf_counter()
     kn = ngram.fit_kneser_ney(train, len(vocab), kn_order, kn_discount)
     kn_ppl = ngram.perplexity(kn.logprobs(test))
@@ -263,7 +268,7 @@ def run(
         tracking.record_test_perplexity(tracked, name, version, rnn_ppl, description)
     log.info(
         "test perplexity: RNN (ONNX) %.2f [%.1fs; PyTorch %.2f, %.2g%% apart], with its cache "
-        "(%s) %.2f [%.1fs], with cache and n-gram (%s: what rnnlm score gives) %.2f [%.1fs]; "
+        "(%s) %.2f, with cache and n-gram (%s: what rnnlm score gives) %.2f [both %.1fs]; "
         "Kneser-Ney order %d %.2f [%.1fs], unigram %.2f; RNN vs KN %+.1f%%; OOV %.2f%%",
         rnn_ppl,
         seconds["rnn"],
@@ -271,10 +276,9 @@ def run(
         100 * rel_diff,
         lm.cache or "off",
         cached_ppl,
-        seconds["cache"],
         lm.ngram or "off",
         scored_ppl,
-        seconds["scored"],
+        seconds["mixture"],
         kn_order,
         kn_ppl,
         seconds["kn"],

@@ -188,8 +188,7 @@ class KneserNey:
         pad = self.order - 1
         padded = np.concatenate([self._context(history), stream])
         ids = gram_ids(self.keys, padded, self.vocab_size, self.order)
-        first = self.orders[1]
-        prob = first.alpha[stream] + first.gamma[0] / self.vocab_size
+        prob = self._unigram[stream]
         for n in range(2, self.order + 1):
             stats = self.orders[n]
             context = ids[n - 1][pad - 1 : -1]  # the n-1 words before each target
