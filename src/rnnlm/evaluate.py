@@ -11,22 +11,24 @@
                                        Kneser-Ney, the test OOV rate
       -> metrics/samples.txt           generated text: fixed seed, the prompts from params
       -> MLflow                        the same metrics and both files, in the training run;
-                                       the registered version's test_ppl tag, and the alias
-                                       @champion moved to it when it beats the champion
+                                       the registered version's test_ppl and scored_test_ppl
+                                       tags, and the alias @champion moved to it when it
+                                       serves better than the champion
 
 The RNN's test perplexity `headline/test_ppl` is that of the shipped network: the ONNX model via
 `LanguageModel.logprobs_and_hidden` (the network alone), over the whole test stream with the
 state carried. It must agree with the PyTorch test perplexity of the `train` stage within
 `evaluate.tolerance` (relative), or the stage fails: a gap means the exported graph or the
-inference code is not the model that was trained. It is also what the registered version's
-`test_ppl` tag and the @champion alias compare, like with like across versions.
-`headline/cache_test_ppl` is the same stream with the continuous cache the export stage tuned
-on validation (rnnlm.cache; equal to `headline/test_ppl` when the model carries none), and
-`headline/scored_test_ppl` what `rnnlm score` gives: with the cache and then the Kneser-Ney
-n-gram the model carries (rnnlm.ngram, weight `test/ngram_weight`; equal to the cache's figure
-when it carries none). All three come from that one pass of the network: its log-probs and
-hidden vectors are mixed with the cache (`cache.mix_stream`), then the n-gram
-(`LanguageModel.new_ngram`), as `LanguageModel.token_nlls` mixes them. When
+inference code is not the model that was trained. It becomes the registered version's
+`test_ppl` tag. `headline/cache_test_ppl` is the same stream with the continuous cache the
+export stage tuned on validation (rnnlm.cache; equal to `headline/test_ppl` when the model
+carries none), and `headline/scored_test_ppl` what `rnnlm score` gives: with the cache and then
+the Kneser-Ney n-gram the model carries (rnnlm.ngram, weight `test/ngram_weight`; equal to the
+cache's figure when it carries none). It becomes the version's `scored_test_ppl` tag, which
+the @champion alias ranks versions by: what each one serves. All three come from that one pass
+of the network: its log-probs and hidden vectors are mixed with the cache
+(`cache.mix_stream`), then the n-gram (`LanguageModel.new_ngram`), as
+`LanguageModel.token_nlls` mixes them. When
 `train.eval_batch_size` > 1 the PyTorch figure was computed over that many parallel rows (each
 from a zero state, the tail dropped), so the check scores the ONNX model in the same layout;
 eval.json always reports the whole-stream figure.
@@ -262,10 +264,11 @@ def run(
     if registered is not None:
         name, version = registered
         description = (
-            f"{lm.cell} {lm.hidden_dim}x{lm.num_layers}: test perplexity {rnn_ppl:.2f} "
-            f"(Kneser-Ney {kn_order}-gram {kn_ppl:.2f}); MLflow run {run_id}"
+            f"{lm.cell} {lm.hidden_dim}x{lm.num_layers}: test perplexity {scored_ppl:.2f} as "
+            f"served (the network alone {rnn_ppl:.2f}, Kneser-Ney {kn_order}-gram "
+            f"{kn_ppl:.2f}); MLflow run {run_id}"
         )
-        tracking.record_test_perplexity(tracked, name, version, rnn_ppl, description)
+        tracking.record_test_perplexity(tracked, name, version, rnn_ppl, scored_ppl, description)
     log.info(
         "test perplexity: RNN (ONNX) %.2f [%.1fs; PyTorch %.2f, %.2g%% apart], with its cache "
         "(%s) %.2f, with cache and n-gram (%s: what rnnlm score gives) %.2f [both %.1fs]; "

@@ -55,9 +55,9 @@ REGISTERED_MODEL_DESCRIPTION = (
     "text in and results out (params task = score, next or generate; mlflow models serve runs "
     "it, no torch needed), holding the self-contained ONNX file as artifacts/model.onnx "
     "(vocabulary and tokenizer in its metadata; onnxruntime alone runs it). "
-    "Each version carries tags corpus and test_ppl; the alias @champion is the version with "
-    "the lowest test perplexity on its corpus, moved by the evaluate stage only when a new "
-    "version beats it."
+    "Each version carries tags corpus, test_ppl (the network alone) and scored_test_ppl (with "
+    "the cache and n-gram it serves); the alias @champion is the version with the lowest "
+    "scored_test_ppl on its corpus, moved by the evaluate stage only when a new version beats it."
 )
 CHAMPION_ALIAS = "champion"
 # Run tags a registered version carries too, so the registry says what each version is.
@@ -790,33 +790,55 @@ def _register(tracked: TrackedRun, model_uri: str, name: str) -> str:
     return str(version.version)
 
 
-def _tagged_ppl(version: Any) -> float | None:
-    """A registered version's `test_ppl` tag as a number; None when absent or not a number."""
+# The registered version's tags: the network's own test perplexity, and that of what the
+# version serves (`rnnlm score`: with the cache and n-gram its model carries), which ranks it.
+TEST_PPL_TAG = "test_ppl"
+SCORED_PPL_TAG = "scored_test_ppl"
+
+
+def _tagged_float(version: Any, tag: str) -> float | None:
+    """A registered version's tag as a number; None when absent or not a number."""
     try:
-        value = float(version.tags.get("test_ppl", "nan"))
+        value = float(version.tags.get(tag, "nan"))
     except ValueError:
         return None
     return value if value == value else None  # NaN: not scored
 
 
-def record_test_perplexity(
-    tracked: TrackedRun, name: str, version: str, test_ppl: float, description: str
-) -> dict[str, Any]:
-    """Tag version `version` of registered model `name` with its test perplexity, and point
-    the alias @champion at the best version of the champion's corpus.
+def _champion_rank(version: Any) -> float | None:
+    """The perplexity @champion compares a version by: its `scored_test_ppl` tag (what it
+    serves); a version evaluated before that tag existed, by its `test_ppl` (the network
+    alone, what it was ranked by then); None when it carries neither."""
+    scored = _tagged_float(version, SCORED_PPL_TAG)
+    return scored if scored is not None else _tagged_float(version, TEST_PPL_TAG)
 
-    The champion is recomputed from every version's tags (lowest `test_ppl` among the versions
-    of the same `corpus` tag, the older on a tie), so it moves only when a version beats it and
-    concurrent experiments converge on the same answer. The first scored version of a model
-    becomes champion; versions of another corpus than the champion's never displace it (their
-    perplexities are not comparable: train those under another `export.registered_model_name`).
+
+def record_test_perplexity(
+    tracked: TrackedRun,
+    name: str,
+    version: str,
+    test_ppl: float,
+    scored_test_ppl: float,
+    description: str,
+) -> dict[str, Any]:
+    """Tag version `version` of registered model `name` with its test perplexities (the
+    network alone, and as served), and point the alias @champion at the best version of the
+    champion's corpus.
+
+    The champion is recomputed from every version's tags (lowest `_champion_rank` among the
+    versions of the same `corpus` tag, the older on a tie), so it moves only when a version
+    beats it and concurrent experiments converge on the same answer. The first scored version
+    of a model becomes champion; versions of another corpus than the champion's never displace
+    it (their perplexities are not comparable: train those under another
+    `export.registered_model_name`).
 
     Returns:
         {"champion_version": ..., "is_champion": bool, "champion_corpus": ...}.
     """
     try:
         client = tracked.client
-        client.set_model_version_tag(name, version, "test_ppl", f"{test_ppl:.4f}")
+        client.set_model_version_tag(name, version, TEST_PPL_TAG, f"{test_ppl:.4f}")
+        client.set_model_version_tag(name, version, SCORED_PPL_TAG, f"{scored_test_ppl:.4f}")
         client.update_model_version(name, version, description=description)
         try:
             champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
@@ -827,7 +849,7 @@ def record_test_perplexity(
         scored = [
             (ppl, int(v.version), v)
             for v in client.search_model_versions(f"name = '{name}'")
-            if v.tags.get("corpus") == corpus and (ppl := _tagged_ppl(v)) is not None
+            if v.tags.get("corpus") == corpus and (ppl := _champion_rank(v)) is not None
         ]
         best = min(scored, key=lambda item: item[:2])[2]
         if champion is None or str(champion.version) != str(best.version):
@@ -841,10 +863,11 @@ def record_test_perplexity(
         "champion_corpus": corpus,
     }
     log.info(
-        "registered model %s v%s: test ppl %.2f; @%s is v%s (corpus %s)",
+        "registered model %s v%s: test ppl %.2f, as served %.2f; @%s is v%s (corpus %s)",
         name,
         version,
         test_ppl,
+        scored_test_ppl,
         CHAMPION_ALIAS,
         result["champion_version"],
         corpus,

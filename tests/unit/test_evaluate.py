@@ -140,6 +140,9 @@ def test_evaluate_end_to_end_on_a_trained_and_exported_model(exported: Params) -
     # The registered version says what it is and how good; the first one is the champion.
     version = client.get_model_version("tiny", "1")
     assert float(version.tags["test_ppl"]) == pytest.approx(metrics["headline/test_ppl"], abs=1e-4)
+    assert float(version.tags["scored_test_ppl"]) == pytest.approx(
+        metrics["headline/scored_test_ppl"], abs=1e-4
+    )
     assert version.tags["corpus"] == "tinycorpus" and version.tags["cell"] == "lstm"
     assert "test perplexity" in version.description and run_id in version.description
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
@@ -262,28 +265,36 @@ def test_main_reports_a_missing_model(
     assert "ONNX model not found (run the export stage first)" in caplog.text
 
 
-def test_champion_moves_only_to_a_better_version_of_the_same_corpus(tmp_path: Path) -> None:
+def test_champion_moves_only_to_a_version_that_serves_better_on_the_same_corpus(
+    tmp_path: Path,
+) -> None:
     from rnnlm import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     client.create_registered_model("lm")
-    corpora = ["union", "union", "union", "inaugural", "union"]
+    corpora = ["union", "union", "union", "inaugural", "union", "union"]
     for corpus in corpora:
         client.create_model_version("lm", source=str(tmp_path), tags={"corpus": corpus})
     tracked = tracking.TrackedRun(uri=uri, run_id="unused", experiment_id="0")
 
-    def record(version: str, ppl: float) -> str:
-        result = tracking.record_test_perplexity(tracked, "lm", version, ppl, f"v{version}")
+    def record(version: str, ppl: float, scored: float) -> str:
+        result = tracking.record_test_perplexity(tracked, "lm", version, ppl, scored, f"v{version}")
         champion = str(client.get_model_version_by_alias("lm", tracking.CHAMPION_ALIAS).version)
         assert result["champion_version"] == champion
         assert result["is_champion"] == (champion == version)
         return champion
 
-    assert record("1", 80.0) == "1"  # the first scored version
-    assert record("2", 85.0) == "1"  # worse: the champion stays
-    assert record("3", 75.0) == "3"  # better: it moves
-    assert record("4", 50.0) == "3"  # another corpus is not comparable
-    assert record("5", 75.0) == "3"  # a tie keeps the older version
-    assert client.get_model_version("lm", "2").tags["test_ppl"] == "85.0000"
+    assert record("1", 80.0, 75.0) == "1"  # the first scored version
+    assert record("2", 85.0, 78.0) == "1"  # serves worse: the champion stays
+    # A worse network that serves better (its cache and n-gram gain more) is what users get.
+    assert record("3", 82.0, 70.0) == "3"
+    assert record("4", 50.0, 45.0) == "3"  # another corpus is not comparable
+    assert record("5", 60.0, 70.0) == "3"  # a tie of what is served keeps the older version
+    version = client.get_model_version("lm", "2")
+    assert (version.tags["test_ppl"], version.tags["scored_test_ppl"]) == ("85.0000", "78.0000")
     assert client.get_model_version("lm", "4").description == "v4"
+    # A version evaluated before the scored tag existed ranks by its network's figure: v3
+    # without its tag ranks 82, so v5 (70) leads, where v3 won the tie before.
+    client.delete_model_version_tag("lm", "3", "scored_test_ppl")
+    assert record("6", 90.0, 72.0) == "5"
