@@ -27,6 +27,9 @@ from torch import Tensor
 from rnnlm.config import TrainParams
 from rnnlm.model import RNNLM, RNNLMConfig, State, detach_state
 
+# Devices with torch's fused Adam/AdamW kernels (the ones this project trains on).
+FUSED_ADAM_DEVICES = frozenset({"cpu", "cuda", "mps"})
+
 
 class LitRNNLM(pl.LightningModule):
     average_steps: Tensor  # a buffer, registered when averaging
@@ -200,11 +203,14 @@ class LitRNNLM(pl.LightningModule):
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
-        params = self.net.parameters()  # not the average: it follows, it is not trained
+        params = list(self.net.parameters())  # not the average: it follows, it is not trained
         kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        optimizer: torch.optim.Optimizer = kinds[hp["optimizer"]](
-            params, lr=hp["lr"], weight_decay=hp["weight_decay"]
-        )
+        options: dict[str, Any] = {"lr": hp["lr"], "weight_decay": hp["weight_decay"]}
+        if hp["optimizer"] != "sgd" and all(p.device.type in FUSED_ADAM_DEVICES for p in params):
+            # One fused kernel per step instead of a chain of foreach ops over the parameters
+            # (LSTM 512 training step on the 2-core VM: -3% time). Same update, other rounding.
+            options["fused"] = True
+        optimizer: torch.optim.Optimizer = kinds[hp["optimizer"]](params, **options)
         if hp["lr_schedule"] == "cosine":
             # Over the whole budget (max_epochs; Lightning counts the steps of every device).
             total_steps = max(1, int(self.trainer.estimated_stepping_batches))

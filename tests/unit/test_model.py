@@ -398,3 +398,34 @@ def test_averaging_continues_from_a_loaded_checkpoint() -> None:
     assert running.average is not None and loaded.average is not None
     for key, value in loaded.average.state_dict().items():
         torch.testing.assert_close(value, running.average.state_dict()[key], msg=key)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_adam_runs_fused_on_cpu_with_the_unfused_update(kind: str) -> None:
+    """Adam/AdamW take torch's fused kernel on CPU (one kernel per step, faster); the weights
+    after a few steps are those of the plain (foreach) optimizer up to rounding. SGD stays as
+    it is."""
+    torch.manual_seed(0)
+    module = _regularised(optimizer=kind, lr_schedule="plateau", weight_decay=0.01)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(
+        optimizer, torch.optim.SGD if kind == "sgd" else torch.optim.Adam | torch.optim.AdamW
+    )
+    assert optimizer.defaults.get("fused") is (None if kind == "sgd" else True)
+    twin = _regularised(optimizer=kind, lr_schedule="plateau", weight_decay=0.01)
+    twin.load_state_dict(module.state_dict())
+    plain = type(optimizer)(twin.net.parameters(), lr=optimizer.defaults["lr"],
+                            weight_decay=0.01, foreach=True)  # fmt: skip
+    initial = {k: v.clone() for k, v in module.net.named_parameters()}
+    windows = _windows()
+    for m in (module, twin):
+        m.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no trainer
+        m.train().on_train_epoch_start()
+    for i in range(4):
+        for m, opt in ((module, optimizer), (twin, plain)):
+            opt.zero_grad()
+            m.training_step(windows[i], i).backward()
+            opt.step()
+    for (name, got), want in zip(module.net.named_parameters(), twin.net.parameters(), strict=True):
+        assert not torch.equal(got, initial[name])  # it trained
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
