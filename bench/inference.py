@@ -14,7 +14,9 @@ Measures in one run, on the shipped model (models/model.onnx and models/model.in
     method before the scoring graph, kept here as a baseline (one session call per 256-token
     window returning the logits, NLL in numpy); each as a fraction of the floor. Then a
     profile: each stage alone (the tokenizer; the scoring session and the recurrence alone,
-    on 1 thread and on all cores) in microseconds a token, against scoring end to end;
+    on 1 thread and on all cores) in microseconds a token, against scoring end to end, and
+    the scoring session by operator (onnxruntime's profiler; exact and rows=8), with the
+    GFLOP/s that the recurrent op and the projection reach;
   - generation ms/token (temperature 1, one stream, 300 tokens) through `generate`, fp32 and
     int8, 1 and 2 threads, against today's loop (a plain session call and the old sampling
     per token), with the bound of reading the projection once a token (a bare GEMV);
@@ -256,6 +258,40 @@ def stage_profile(
     return profile
 
 
+def op_profile(
+    model_path: Path, ids: np.ndarray, cores: int, rows: int, max_calls: int = 40
+) -> dict[str, float]:
+    """Microseconds a token per operator type of the scoring session (onnxruntime's own
+    profiler, `cores` threads), exact (rows 1: 256-token windows, the state carried) or with
+    `rows` segments side by side (from zero states: the contexts' reads are not included)."""
+    from rnnlm.inference import _build_graph
+
+    model = LanguageModel(model_path, threads=cores, cache=False, ngram=False)
+    options = session_options(cores, spinning=rows == 1)  # as _ScoringSessions sets them
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="rnnlm-ortprof-")) / "p")
+    graph = _build_graph(model_path, "scoring", model._outputs[0], model._outputs[1:])
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]  # tokens, state..., targets
+    inputs, targets = lm_pairs(ids)
+    width = segment_tokens(rows) * rows if rows > 1 else WINDOW
+    calls = min(max_calls, len(ids) // width)
+    state = model.initial_state(rows)
+    for i in range(calls):
+        x = inputs[i * width : (i + 1) * width].reshape(rows, -1)
+        y = targets[i * width : (i + 1) * width].reshape(rows, -1, 1)
+        out = session.run(None, dict(zip(names, [x, *state, y], strict=True)))
+        state = tuple(out[1:]) if rows == 1 else state
+    trace = Path(session.end_profiling())
+    per_op: dict[str, float] = {}
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + event["dur"] / (calls * width)
+    shutil.rmtree(trace.parent, ignore_errors=True)
+    return dict(sorted(per_op.items(), key=lambda item: -item[1]))
+
+
 def requantized(fp32: Path, folder: Path) -> Path:
     """`fp32` quantized by the export stage's quantizer, with its metadata (precision int8)."""
     from rnnlm import export
@@ -427,6 +463,32 @@ def main(argv: list[str] | None = None) -> None:
                 + "".join(f"{stage[c]:15.1f}" for c in columns)
                 + f"{1e6 / score_rows[name]:12.1f}"
             )
+
+        ids = np.load(args.processed / "validation.npy").astype(np.int64)
+        recurrent_flops = flops - 2 * fp32.config["hidden_dim"] * fp32.vocab_size
+        print(
+            "\nthe scoring session by operator (onnxruntime's profiler, all cores, us a token; "
+            "GFLOP/s of the recurrent op and the projection from their FLOPs a token)"
+        )
+        recurrent_op = {"lstm": "LSTM", "gru": "GRU"}.get(fp32.cell, "RNN")
+        work = {recurrent_op: recurrent_flops, "MatMul": flops - recurrent_flops}
+        ops_figures = {}
+        for rows in (1, ROWS):
+            for name, path in paths.items():
+                ops = op_profile(path, ids, cores, rows)
+                ops_figures[f"{name} rows={rows}"] = ops
+                top = sorted(ops, key=lambda op: -ops[op])[:5]
+                rates = [
+                    f"{op} {work[op] / ops[op] / 1e3:.0f} GFLOP/s"
+                    for op in work
+                    if name == "fp32" and ops.get(op)
+                ]
+                print(
+                    f"  {name} rows={rows}: total {sum(ops.values()):.1f}; "
+                    + ", ".join(f"{op} {ops[op]:.1f}" for op in top)
+                    + (f" ({'; '.join(rates)})" if rates else "")
+                )
+        figures["ops"] = ops_figures
 
         # Generation.
         gen: dict[str, Callable[[], object]] = {}
