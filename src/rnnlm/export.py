@@ -99,7 +99,6 @@ from rnnlm.inference import (
     TOKENS_INPUT,
     VOCAB_KEY,
     LanguageModel,
-    NgramSettings,
     cache_metadata,
     conventions,
     io_metadata,
@@ -107,6 +106,7 @@ from rnnlm.inference import (
     state_io_names,
 )
 from rnnlm.model import RNNLM, RNNLMConfig, state_names
+from rnnlm.ngram import NgramSettings
 from rnnlm.processed import read_split, read_tokenizer, read_vocab
 from rnnlm.stage import stage_main
 from rnnlm.text import TextTokenizer

@@ -66,7 +66,7 @@ import onnxruntime as ort
 
 from rnnlm.cache import CacheSettings, ContinuousCache
 from rnnlm.errors import RnnlmError, is_int, is_real, short_repr
-from rnnlm.ngram import KneserNey, NgramMixer
+from rnnlm.ngram import KneserNey, NgramMixer, NgramSettings
 from rnnlm.streams import EOS, EOS_ID, UNK, UNK_ID, check_token_ids, lm_pairs
 from rnnlm.text import READ_BYTES, TextTokenizer, detokenize
 
@@ -199,21 +199,6 @@ def cache_metadata(settings: CacheSettings | None) -> dict[str, Any] | None:
     if settings is None or settings.lam == 0:
         return None
     return {"window": settings.window, "theta": settings.theta, "lambda": settings.lam}
-
-
-@dataclass(frozen=True)
-class NgramSettings:
-    """The n-gram a model mixes in after its cache, and its weight in the mixture, in (0, 1)."""
-
-    model: KneserNey
-    weight: float
-
-    def __post_init__(self) -> None:
-        if not is_real(self.weight) or not 0 < self.weight < 1:
-            raise ValueError(f"weight = {short_repr(self.weight)}: must be a number in (0, 1)")
-
-    def __str__(self) -> str:
-        return f"Kneser-Ney order {self.model.order}, weight {self.weight:.3g}"
 
 
 def ngram_metadata(settings: NgramSettings | None) -> dict[str, Any] | None:

@@ -374,6 +374,22 @@ def _checked_keys(arrays: dict[str, np.ndarray], k: int, vocab_size: int) -> np.
     return value
 
 
+@dataclass(frozen=True)
+class NgramSettings:
+    """The n-gram a model mixes in after its cache, and its weight in the mixture, in (0, 1):
+    what the model's `rnnlm.ngram` metadata holds (`rnnlm.inference` writes and reads it)."""
+
+    model: KneserNey
+    weight: float
+
+    def __post_init__(self) -> None:
+        if not is_real(self.weight) or not 0 < self.weight < 1:
+            raise ValueError(f"weight = {short_repr(self.weight)}: must be a number in (0, 1)")
+
+    def __str__(self) -> str:
+        return f"Kneser-Ney order {self.model.order}, weight {self.weight:.3g}"
+
+
 class NgramMixer:
     """The n-gram side of a mixture for one token stream: p = (1 - weight) p_in + weight p_kn,
     the n-gram's history carried from window to window (`<eos>` before the stream's start).

@@ -27,10 +27,10 @@ from rnnlm.inference import (
     CACHE_KEY,
     NGRAM_KEY,
     LanguageModel,
-    NgramSettings,
     cache_metadata,
     ngram_metadata,
 )
+from rnnlm.ngram import NgramSettings
 from rnnlm.text import decode_document
 from tests.unit.test_export import one_torch_thread  # noqa: F401 (autouse)
 from tests.unit.test_inference import identity_model

@@ -24,10 +24,10 @@ from rnnlm.inference import (
     CACHE_KEY,
     NGRAM_KEY,
     LanguageModel,
-    NgramSettings,
     cache_metadata,
     ngram_metadata,
 )
+from rnnlm.ngram import NgramSettings
 from rnnlm.processed import ProcessedDataError
 from tests.fixtures import shipped_params, write_full_params
 from tests.unit.test_export import build_net, write_model

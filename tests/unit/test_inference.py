@@ -42,7 +42,6 @@ from rnnlm.inference import (
     WINDOW,
     LanguageModel,
     ModelLoadError,
-    NgramSettings,
     SentenceScore,
     _ScoringSessions,
     _Stepper,
@@ -56,6 +55,7 @@ from rnnlm.inference import (
     token_nll,
 )
 from rnnlm.model import RNNLM
+from rnnlm.ngram import NgramSettings
 from rnnlm.streams import EOS_ID, lm_pairs
 from rnnlm.text import (
     MAX_PARAGRAPH_CHARS,
