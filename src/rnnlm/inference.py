@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import onnxruntime as ort
@@ -69,6 +69,9 @@ from rnnlm.errors import RnnlmError, is_int, is_real, short_repr
 from rnnlm.ngram import KneserNey, NgramMixer, NgramSettings
 from rnnlm.streams import EOS, EOS_ID, UNK, UNK_ID, check_token_ids, lm_pairs
 from rnnlm.text import READ_BYTES, TextTokenizer, detokenize
+
+if TYPE_CHECKING:  # rnnlm.graphs imports onnx, loaded only when a stream is scored
+    from rnnlm.graphs import AdaptiveSoftmax
 
 log = logging.getLogger(__name__)
 
@@ -681,6 +684,23 @@ def _check_dims(path: Path, config: Mapping[str, Any]) -> None:
             )
 
 
+def _read_cutoffs(path: Path, config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The adaptive softmax's cutoffs in the metadata (rnnlm.model.Decoder): () for one
+    softmax (also for models exported before the key)."""
+    cutoffs = config.get("softmax_cutoffs") or []
+    vocab = config["vocab_size"]
+    if not (
+        isinstance(cutoffs, list)
+        and all(type(c) is int for c in cutoffs)
+        and all(a < b for a, b in itertools.pairwise([0, *cutoffs, vocab]))
+    ):
+        raise ModelLoadError(
+            f"{path}: rnnlm metadata {MODEL_KEY}.softmax_cutoffs = {short_repr(cutoffs)}: "
+            f"expected whole numbers increasing strictly within [1, {vocab:,})"
+        )
+    return tuple(cutoffs)
+
+
 # Batched scoring (`rows` > 1): segments of a stream scored side by side, each read after the
 # CONTEXT tokens before it from a zero state; a batch holds about BATCH_TOKENS positions (its
 # head's logits: BATCH_TOKENS x vocabulary floats, 32 MB for the shipped model).
@@ -709,7 +729,7 @@ def segment_tokens(rows: int) -> int:
 _IN_FLIGHT = 2
 
 
-def _build_graph(path: Path, kind: str, *args: Any) -> bytes:
+def _build_graph(path: Path, kind: str, *args: Any, **kwargs: Any) -> bytes:
     """The `kind` ("scoring" or "state") graph of the model at `path` (rnnlm.graphs)."""
     # Imported here: onnx adds ~0.3 s to the start of `generate` and `next`, which need no
     # scoring graph.
@@ -719,7 +739,7 @@ def _build_graph(path: Path, kind: str, *args: Any) -> bytes:
 
     build = graphs.scoring_graph if kind == "scoring" else graphs.state_graph
     try:
-        return build(onnx.load(str(path)), *args)
+        return build(onnx.load(str(path)), *args, **kwargs)
     except graphs.ScoringGraphError as err:
         raise ModelLoadError(f"{path}: cannot build its {kind} graph: {err}") from None
 
@@ -749,6 +769,7 @@ class _ScoringSessions:
         threads: int,
         extra_outputs: Sequence[str] = (),
         batched: bool = False,
+        adaptive: AdaptiveSoftmax | None = None,
     ) -> None:
         self._path = path
         self._threads = threads
@@ -757,7 +778,7 @@ class _ScoringSessions:
         self._state_in = list(state_in)
         self._state_out = list(state_out)
         self._extras = list(extra_outputs)
-        scoring = _build_graph(path, "scoring", logits, state_out, extra_outputs)
+        scoring = _build_graph(path, "scoring", logits, state_out, extra_outputs, adaptive)
         self._scoring = self._session(scoring)
         del scoring
         _return_freed_memory()  # the parsed model and the graph's bytes
@@ -1225,6 +1246,7 @@ class LanguageModel:
             )
         self.num_layers = int(self.config["num_layers"])
         self.hidden_dim = int(self.config["hidden_dim"])
+        self.softmax_cutoffs = _read_cutoffs(self.path, self.config)
         if len(self.vocab) != int(self.config["vocab_size"]) or self.vocab[:2] != [UNK, EOS]:
             raise ModelLoadError(f"{self.path}: vocabulary metadata does not match the model")
         self.tuned_ngram = _read_ngram(self.path, meta.get(NGRAM_KEY), len(self.vocab))
@@ -1275,8 +1297,18 @@ class LanguageModel:
                     # The cache's keys: the top layer's output, fetched only when scoring uses it.
                     () if self.cache is None else (self.hidden_output,),
                     batched,
+                    self._adaptive_softmax(),
                 )
             return self._scoring[batched]
+
+    def _adaptive_softmax(self) -> AdaptiveSoftmax | None:
+        """What the scoring graph needs to score an adaptive softmax target-only (from the
+        `hidden` output the decoder reads; models exported before it lack that output)."""
+        if not self.softmax_cutoffs or self._hidden_name is None:
+            return None
+        from rnnlm.graphs import AdaptiveSoftmax  # with onnx: only when a stream is scored
+
+        return AdaptiveSoftmax(self._hidden_name, self.softmax_cutoffs, self.vocab_size)
 
     def _run(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """One session call, no checks: ids (batch, time) int64 -> logits (batch, time, vocab)."""

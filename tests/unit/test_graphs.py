@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 from rnnlm.graphs import (
     LOGPROB_OUTPUT,
     TARGETS_INPUT,
+    AdaptiveSoftmax,
     ScoringGraphError,
     scoring_graph,
     state_graph,
@@ -112,3 +113,70 @@ def test_graphs_that_lack_what_scoring_needs() -> None:
         state_graph(model, ["h1"])
     with pytest.raises(ScoringGraphError, match="control flow"):
         scoring_graph(model, "h1", [])
+
+
+def full_logprob(path: Path, feeds: dict[str, np.ndarray], targets: np.ndarray) -> np.ndarray:
+    """log softmax(logits)[target] (batch, time) from the model's own logits, float64."""
+    logits = session(str(path)).run(["logits"], feeds)[0]
+    return -token_nll(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).reshape(
+        targets.shape
+    )
+
+
+@pytest.mark.parametrize(("cell", "cutoffs", "precision"), [
+    ("lstm", (4, 12), "fp32"), ("gru", (7,), "fp32"), ("lstm", (4, 12), "int8"),
+])  # fmt: skip
+def test_an_adaptive_softmax_is_scored_target_only(
+    tmp_path: Path, cell: str, cutoffs: tuple[int, ...], precision: str
+) -> None:
+    """The head on every position, each tail cluster on its targets' positions only: the
+    vocabulary-wide projection is gone from the graph, and log p(target) is the model's, for
+    windows whose targets fill every cluster, leave a tail empty, or are one position."""
+    path = write_model(tmp_path / "m.onnx", build_net(cell, layers=1, cutoffs=cutoffs),
+                       quantize=True)  # fmt: skip
+    if precision == "int8":
+        path = tmp_path / "m.int8.onnx"
+    adaptive = AdaptiveSoftmax("hidden", cutoffs, len(VOCAB))
+    state_out = ["h1", "c1"] if cell == "lstm" else ["h1"]
+    graph = onnx.load_from_string(scoring_graph(onnx.load(str(path)), "logits", state_out,
+                                                adaptive=adaptive))  # fmt: skip
+    onnx.checker.check_model(graph)
+    assert "NonZero" in {n.op_type for n in graph.graph.node}
+    wide = {t.name for t in graph.graph.initializer if len(VOCAB) in t.dims}
+    products = [n for n in graph.graph.node if n.op_type in ("MatMul", "MatMulInteger", "Gemm")]
+    assert products and not [n.name for n in products if wide & set(n.input)], (
+        "the scoring graph multiplies by the vocabulary-wide projection"
+    )
+    scoring = session(graph.SerializeToString())
+    rng = np.random.default_rng(1)
+    head_only = rng.integers(0, cutoffs[0], size=(2, 5))
+    windows = [rng.integers(0, len(VOCAB), size=(3, 40)), head_only, np.array([[len(VOCAB) - 1]])]
+    for targets in windows:
+        batch, time = targets.shape
+        state = {n: rng.normal(size=(1, batch, 8)).astype(np.float32) * 0.5
+                 for n in ["h0", "c0"][: len(state_out)]}  # fmt: skip
+        feeds = {"tokens": rng.integers(0, len(VOCAB), size=(batch, time)), **state}
+        logprob = scoring.run([LOGPROB_OUTPUT], {**feeds, TARGETS_INPUT: targets[..., None]})[0]
+        expected = full_logprob(path, feeds, targets)
+        if precision == "fp32":
+            np.testing.assert_allclose(logprob[..., 0], expected, rtol=1e-5, atol=1e-5)
+        else:  # a tail's rows are quantized apart from the others: their own int8 scale
+            assert np.abs(logprob[..., 0] - expected).mean() < 0.02
+    assert any((t >= cutoffs[-1]).any() for t in windows), "no window reached the last tail"
+
+
+def test_an_adaptive_softmax_not_found_in_the_graph_is_scored_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decoder input the graph does not have: the full log-softmax (the same numbers),
+    with a warning that names why."""
+    path = write_model(tmp_path / "m.onnx", build_net("gru", layers=1, cutoffs=(4, 12)))
+    adaptive = AdaptiveSoftmax("elsewhere", (4, 12), len(VOCAB))
+    with caplog.at_level("WARNING", logger="rnnlm.graphs"):
+        graph = scoring_graph(onnx.load(str(path)), "logits", ["h1"], adaptive=adaptive)
+    assert "scoring computes the whole adaptive softmax (" in caplog.text
+    assert "elsewhere" in caplog.text
+    targets = np.array([[1, 5, 20]])
+    feeds = {"tokens": np.array([[2, 3, 4]]), "h0": np.zeros((1, 1, 8), np.float32)}
+    logprob = session(graph).run([LOGPROB_OUTPUT], {**feeds, TARGETS_INPUT: targets[..., None]})
+    np.testing.assert_allclose(logprob[0][..., 0], full_logprob(path, feeds, targets), rtol=1e-5)
