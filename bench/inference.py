@@ -8,6 +8,8 @@ Measures in one run, on the shipped model (models/model.onnx and models/model.in
   - the machine's sustained fp32 GEMM rate on the output projection's shape (numpy and an
     onnxruntime MatMul, all cores), and from it the floor: tokens/s if every FLOP of a token
     (recurrence + projection, from the model's sizes) ran at that rate;
+  - the output rows the scoring graph computes a token (an adaptive softmax: the head and
+    the target's cluster, not the whole vocabulary) and the floor of that smaller work;
   - scoring tokens/s end to end (bytes in, perplexity out; tokenizer included) on a
     multi-MB input of corpus prose: `LanguageModel.score_stream` in fp32 and int8 (default
     threads: all cores), exact (one stream, the default) and batched (rows=8), and today's
@@ -115,6 +117,21 @@ def flops_per_token(model: LanguageModel) -> float:
         for layer in range(c["num_layers"])
     )  # fmt: skip
     return recurrent + 2 * c["hidden_dim"] * c["vocab_size"]
+
+
+def scored_rows(model: LanguageModel, targets: np.ndarray) -> float:
+    """Output rows (words and cluster entries) the scoring graph computes a token, on average
+    over `targets`: every word for one softmax; for an adaptive one, the head and the target's
+    tail cluster (rnnlm.graphs)."""
+    cutoffs = model.softmax_cutoffs
+    if not cutoffs:
+        return float(model.vocab_size)
+    ends = [*cutoffs[1:], model.vocab_size]
+    tails = sum(
+        float(np.mean((targets >= start) & (targets < end))) * (end - start)
+        for start, end in zip(cutoffs, ends, strict=True)
+    )
+    return cutoffs[0] + len(cutoffs) + tails
 
 
 def matmul_session(weights: np.ndarray, threads: int) -> ort.InferenceSession:
@@ -270,7 +287,13 @@ def op_profile(
     options = session_options(cores, spinning=rows == 1)  # as _ScoringSessions sets them
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="rnnlm-ortprof-")) / "p")
-    graph = _build_graph(model_path, "scoring", model._outputs[0], model._outputs[1:])
+    graph = _build_graph(
+        model_path,
+        "scoring",
+        model._outputs[0],
+        model._outputs[1:],
+        adaptive=model._adaptive_softmax(),
+    )
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]  # tokens, state..., targets
     inputs, targets = lm_pairs(ids)
@@ -415,9 +438,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         tokens = results["fp32"][1]
         rel = abs(results["fp32"][0] / results["baseline fp32"][0] - 1)
+        int8_change = math.exp((results["int8"][0] - results["fp32"][0]) / tokens) - 1
         print(
             f"\nscoring {size / MB:.1f} MB of corpus prose ({tokens:,} tokens), end to end, "
-            f"default threads ({cores}); fp32 NLL equals the baseline's to {rel:.1e} relative"
+            f"default threads ({cores}); fp32 NLL equals the baseline's to {rel:.1e} relative; "
+            f"int8 perplexity {int8_change:+.3%} against fp32"
         )
         print(
             f"{'':16s}{'seconds':>9s}{'tokens/s':>11s}{'of floor':>10s}{'vs baseline':>13s}"
@@ -445,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
             "tokens": tokens,
             "tokens_per_s": score_rows,
             "nll_rel_diff": rel,
+            "int8_ppl_change": int8_change,
             "batched_ppl_change": batched,
         }
 
@@ -466,22 +492,38 @@ def main(argv: list[str] | None = None) -> None:
 
         ids = np.load(args.processed / "validation.npy").astype(np.int64)
         recurrent_flops = flops - 2 * fp32.config["hidden_dim"] * fp32.vocab_size
+        rows_a_token = scored_rows(fp32, ids[1:])
+        done_flops = recurrent_flops + 2 * fp32.config["hidden_dim"] * rows_a_token
+        figures["gemm"]["scored_flops_per_token"] = done_flops
+        print(
+            f"\nthe scoring graph computes {rows_a_token:,.0f} of the {fp32.vocab_size:,} output "
+            f"rows a token (validation targets; the adaptive softmax's head and the target's "
+            f"cluster): {done_flops / 1e6:.2f} MFLOP a token, whose floor is "
+            f"{max(rates.values()) * 1e9 / done_flops:,.0f} tokens/s; the targets keep the "
+            "floor of the whole vocabulary above"
+        )
         print(
             "\nthe scoring session by operator (onnxruntime's profiler, all cores, us a token; "
             "GFLOP/s of the recurrent op and the projection from their FLOPs a token)"
         )
         recurrent_op = {"lstm": "LSTM", "gru": "GRU"}.get(fp32.cell, "RNN")
-        work = {recurrent_op: recurrent_flops, "MatMul": flops - recurrent_flops}
+        # onnxruntime runs the projection as MatMul, or as Gemm where it fuses the bias in.
+        projection_ops = ("MatMul", "Gemm")
+        work = {recurrent_op: recurrent_flops, "projection": done_flops - recurrent_flops}
         ops_figures = {}
         for rows in (1, ROWS):
             for name, path in paths.items():
                 ops = op_profile(path, ids, cores, rows)
                 ops_figures[f"{name} rows={rows}"] = ops
                 top = sorted(ops, key=lambda op: -ops[op])[:5]
+                spent = {
+                    recurrent_op: ops.get(recurrent_op, 0.0),
+                    "projection": sum(ops.get(op, 0.0) for op in projection_ops),
+                }
                 rates = [
-                    f"{op} {work[op] / ops[op] / 1e3:.0f} GFLOP/s"
-                    for op in work
-                    if name == "fp32" and ops.get(op)
+                    f"{part} {work[part] / spent[part] / 1e3:.0f} GFLOP/s"
+                    for part in work
+                    if name == "fp32" and spent[part]
                 ]
                 print(
                     f"  {name} rows={rows}: total {sum(ops.values()):.1f}; "

@@ -702,8 +702,8 @@ def _read_cutoffs(path: Path, config: Mapping[str, Any]) -> tuple[int, ...]:
 
 
 # Batched scoring (`rows` > 1): segments of a stream scored side by side, each read after the
-# CONTEXT tokens before it from a zero state; a batch holds about BATCH_TOKENS positions (its
-# head's logits: BATCH_TOKENS x vocabulary floats, 32 MB for the shipped model).
+# CONTEXT tokens before it from a zero state; a batch holds about BATCH_TOKENS positions (a
+# one-softmax model's log-probs: BATCH_TOKENS x vocabulary floats, 32 MB at 7,751 words).
 CONTEXT = 64
 BATCH_TOKENS = 1024
 MAX_ROWS = BATCH_TOKENS // CONTEXT
