@@ -613,9 +613,23 @@ def _with_props(path: Path, **changes: str) -> Path:
         ("rnnlm.provenance", '"' + "x" * (64 << 20) + '"', "more than 67,108,864: not a model"),
         ("rnnlm.model", "hidden_dim", r"rnnlm\.model\.hidden_dim = 0: expected a whole number"),
         ("rnnlm.model", "num_layers", r"rnnlm\.model\.num_layers = 1e\+30: expected a whole"),
+        (
+            "rnnlm.model",
+            "softmax_cutoffs",
+            r"rnnlm\.model\.softmax_cutoffs = \[12, 4\]: expected "
+            r"whole numbers increasing strictly within \[1, 23\)",
+        ),
         ("rnnlm.vocab", "extra word", "has 24 words but the network's logits output scores 23"),
     ],
-    ids=["deep-list", "deep-object", "huge", "zero-dim", "float-layers", "vocab-vs-logits"],
+    ids=[
+        "deep-list",
+        "deep-object",
+        "huge",
+        "zero-dim",
+        "float-layers",
+        "cutoffs",
+        "vocab-vs-logits",
+    ],
 )
 def test_hostile_metadata_is_refused_before_anything_is_built(
     tmp_path: Path, entry: str, value: str, message: str
@@ -624,7 +638,7 @@ def test_hostile_metadata_is_refused_before_anything_is_built(
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     if entry == "rnnlm.model":  # one size made insane
         config = json.loads(props[entry])
-        config[value] = 0 if value == "hidden_dim" else 1e30
+        config[value] = {"hidden_dim": 0, "softmax_cutoffs": [12, 4]}.get(value, 1e30)
         value = json.dumps(config)
     elif entry == "rnnlm.vocab":  # a vocabulary, and a model size, one word longer
         config = json.loads(props["rnnlm.model"])
