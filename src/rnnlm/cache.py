@@ -171,6 +171,12 @@ def cache_logprobs(shifted: np.ndarray, match: np.ndarray, theta: float) -> np.n
         return np.where(total > 0, np.log(hits) - np.log(total), -np.inf)
 
 
+def draw_index(weights: np.ndarray, u: float) -> int:
+    """The index drawn from unnormalised non-negative `weights` (n,) with the uniform u."""
+    cdf = np.cumsum(weights, dtype=np.float64)
+    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(cdf) - 1)
+
+
 def mix_logprobs(model: np.ndarray, cache: np.ndarray, lam: float | np.ndarray) -> np.ndarray:
     """log((1 - lam) exp(model) + lam exp(cache)), computed in log space; exactly `model` at
     lam = 0. `lam` may be an array that broadcasts against the log-probs (a grid)."""
@@ -310,6 +316,15 @@ class ContinuousCache:
             return probs
         cache = np.bincount(self.words, weights=weights, minlength=len(probs)) / weights.sum()
         return (1 - self.settings.lam) * probs + self.settings.lam * cache
+
+    def draw(self, hidden: np.ndarray, rng: np.random.Generator, vocab: int) -> int | None:
+        """A word from the cache's part of the mixture at `hidden` (d,): with probability
+        lambda, a cached position drawn by its weight, and the word that followed it; None
+        otherwise (the caller then draws from the model), and when nothing is cached."""
+        weights = self._query_weights(hidden, vocab, "the vocabulary has")
+        if weights is None or rng.random() >= self.settings.lam:
+            return None
+        return int(self.words[draw_index(weights, rng.random())])
 
     def mixed_logits(self, logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         """Logits (V,) float32 whose softmax is `distribution(softmax(logits), hidden)`: what

@@ -4,6 +4,9 @@
       -> tokens, h0[, c0], targets (b, t, 1) -> target_logprob (b, t, 1) float32, h1[, c1][, extras]
     state_graph(model, state_out=["h1"])
       -> tokens, h0[, c0]                    -> h1[, c1]    (the recurrence alone)
+    sampling_graphs(model, state_out, adaptive, ["hidden"])
+      -> head: tokens, h0[, c0] -> head log-probs, h1[, c1], hidden
+         tail: each cluster's hidden vectors -> log p(word | cluster)
 
 Scoring a stream needs, per token, only log p(target), not the (batch, time, vocab) logits:
 the scoring graph is the network with its logits ended by LogSoftmax and GatherElements, so
@@ -20,7 +23,9 @@ it, so a token pays for about 1,400 of the shipped model's 7,751 output rows ins
 them. The graph's own projection is cut into one part per cluster (the weights, biases and an
 int8 model's per-row scales and zero points sliced along the vocabulary), found from the
 structure the exporters write; where it is not there, the full log-softmax is used (the same
-numbers, slower) and a warning says so.
+numbers, slower) and a warning says so. Generation samples such a model in two levels the
+same way (`sampling_graphs`): a draw from the head, then, for a draw that lands on a cluster,
+a draw among that cluster's words.
 
 Needs the `onnx` package (a dependency of rnnlm; imported by `rnnlm.inference` only when a
 stream is scored, so `generate` and `next` start without it). No torch.
@@ -280,10 +285,19 @@ def _clone(
     return copies
 
 
-def _target_only_decoder(model: onnx.ModelProto, softmax: AdaptiveSoftmax, output: str) -> None:
-    """Add to `model` the nodes that compute `output`, log p(target) (batch, time, 1) of an
-    adaptive softmax, with the head on every position and each tail cluster on its positions
-    only. Checks the graph before it changes it.
+@dataclass(frozen=True)
+class _CutProjection:
+    scores: str  # the full projection's scores (batch, time, vocab), no longer computed
+    nodes: list[onnx.NodeProto]  # the projection's nodes, from the hidden vectors to `scores`
+    weights: dict[tuple[int, int], dict[str, str]]  # part -> {initializer: its slice}
+    head_logprob: str  # the head's log-probs (batch, time, head words + clusters)
+
+
+def _cut_projection(model: onnx.ModelProto, softmax: AdaptiveSoftmax) -> _CutProjection:
+    """Cut `model`'s output projection into the head's part and each tail's (Slice nodes over
+    its weights), and compute the head's log-probs from the head's part alone, where the
+    slice of the full projection was (the graph stays in topological order). Checks the
+    graph before it changes it.
 
     Raises:
         ScoringGraphError: the graph is not built the way this expects.
@@ -293,8 +307,30 @@ def _target_only_decoder(model: onnx.ModelProto, softmax: AdaptiveSoftmax, outpu
     graph = model.graph
     scores, head_scores, head_logprob = _find_head(graph, softmax)
     nodes, wide = _projection(graph, softmax, scores)
-    head_part, tails = (0, softmax.cutoffs[0]), softmax.tails
-    weights = _sliced_weights(graph, wide, [head_part, *tails])
+    head_part = (0, softmax.cutoffs[0])
+    weights = _sliced_weights(graph, wide, [head_part, *softmax.tails])
+    at = next(i for i, n in enumerate(graph.node) if head_scores in n.output)
+    head = _clone(nodes, {**weights[head_part]}, "head")
+    head.append(helper.make_node("Identity", [f"{scores}/head"], [head_scores],
+                                 name=f"{_PREFIX}/head"))  # fmt: skip
+    kept = [*graph.node[:at], *head, *graph.node[at + 1 :]]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return _CutProjection(scores, nodes, weights, head_logprob)
+
+
+def _target_only_decoder(model: onnx.ModelProto, softmax: AdaptiveSoftmax, output: str) -> None:
+    """Add to `model` the nodes that compute `output`, log p(target) (batch, time, 1) of an
+    adaptive softmax, with the head on every position and each tail cluster on its positions
+    only. Checks the graph before it changes it.
+
+    Raises:
+        ScoringGraphError: the graph is not built the way this expects.
+    """
+    graph = model.graph
+    cut = _cut_projection(model, softmax)
+    scores, nodes, weights, head_logprob = cut.scores, cut.nodes, cut.weights, cut.head_logprob
+    tails = softmax.tails
 
     def name(what: str) -> str:
         return f"{_PREFIX}/{what}"
@@ -307,14 +343,6 @@ def _target_only_decoder(model: onnx.ModelProto, softmax: AdaptiveSoftmax, outpu
         new.append(helper.make_node(op, inputs, [name(what)], name=name(what), **attrs))
         return name(what)
 
-    # The head's scores from its own slice of the projection, on every position, where the
-    # slice of the full projection was (the graph stays in topological order).
-    at = next(i for i, n in enumerate(graph.node) if head_scores in n.output)
-    head = _clone(nodes, {**weights[head_part]}, "head")
-    head.append(helper.make_node("Identity", [f"{scores}/head"], [head_scores], name=name("head")))
-    kept = [*graph.node[:at], *head, *graph.node[at + 1 :]]
-    del graph.node[:]
-    graph.node.extend(kept)
     new: list[onnx.NodeProto] = []
     # cluster: 0 for a head word, k for the k-th tail (1-based); the head's target: the word,
     # or the entry of the target's cluster.
@@ -425,3 +453,78 @@ def state_graph(model: onnx.ModelProto, state_out: Sequence[str]) -> bytes:
     _set_outputs(model, _outputs(model, state_out))
     _no_control_flow(model)
     return _serialised(model, _ancestors(model.graph, state_out), "state")
+
+
+HEAD_OUTPUT = f"{_PREFIX}/head_logprob"  # (batch, time, head words + clusters) float32
+
+
+def tail_input(k: int) -> str:
+    """The tail graph's input for cluster k (1-based): hidden vectors (n, hidden)."""
+    return f"{_PREFIX}/tail{k}_x"
+
+
+def tail_output(k: int) -> str:
+    """The tail graph's output for cluster k: log p(word | cluster k) (n, cluster size)."""
+    return f"{_PREFIX}/tail{k}_logprob"
+
+
+def sampling_graphs(
+    model: onnx.ModelProto,
+    state_out: Sequence[str],
+    adaptive: AdaptiveSoftmax,
+    extra_outputs: Sequence[str] = (),
+) -> tuple[bytes, bytes]:
+    """Two graphs that sample an adaptive softmax in two levels (built in `model`, which it
+    changes): the head graph, the network up to the head,
+
+        tokens, state -> HEAD_OUTPUT (batch, time, head words + clusters), state[, extras]
+
+    and the tail graph, each cluster's words given the hidden vectors whose draw fell in it,
+
+        tail_input(k) (n_k, hidden) for every k -> tail_output(k) (n_k, cluster size)
+
+    (feed 0 rows for a cluster not wanted). A step then reads the head's part of the
+    projection, and a tail's part only when the head's draw lands in that cluster.
+
+    Raises:
+        ScoringGraphError: the graph is not built the way this expects, or lacks an output.
+    """
+    kept = _outputs(model, [*state_out, *extra_outputs])
+    _no_control_flow(model)
+    cut = _cut_projection(model, adaptive)
+    graph = model.graph
+    outputs = []
+    for k, part in enumerate(adaptive.tails, start=1):
+        renamed = {adaptive.hidden: tail_input(k), **cut.weights[part]}
+        graph.node.extend(_clone(cut.nodes, renamed, f"tail{k}"))
+        graph.node.append(helper.make_node("LogSoftmax", [renamed[cut.scores]], [tail_output(k)],
+                                           name=tail_output(k), axis=-1))  # fmt: skip
+        outputs.append(tail_output(k))
+    tails = _standalone(model, [tail_input(k) for k in range(1, len(outputs) + 1)], outputs)
+    graph.node.append(helper.make_node("Identity", [cut.head_logprob], [HEAD_OUTPUT],
+                                       name=HEAD_OUTPUT))  # fmt: skip
+    width = adaptive.cutoffs[0] + len(adaptive.cutoffs)
+    head_info = helper.make_tensor_value_info(HEAD_OUTPUT, TensorProto.FLOAT,
+                                              ["batch", "time", width])  # fmt: skip
+    _set_outputs(model, [head_info, *kept])
+    names = [HEAD_OUTPUT, *state_out, *extra_outputs]
+    return _serialised(model, _ancestors(graph, names), "head"), tails
+
+
+def _standalone(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str]) -> bytes:
+    """A new model of the nodes of `model` that compute `outputs` from `inputs` (float32
+    (rows, features) each) and initializers, serialised; `model` is left as it is."""
+    graph = model.graph
+    keep = _ancestors(graph, outputs)
+    nodes = [graph.node[i] for i in sorted(keep)]
+    read = {n for node in nodes for n in node.input}
+    sub = helper.make_graph(
+        nodes,
+        "tails",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["rows", "features"]) for n in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["rows", "words"]) for n in outputs],
+        [t for t in graph.initializer if t.name in read],
+    )
+    standalone = helper.make_model(sub, opset_imports=list(model.opset_import))
+    standalone.ir_version = model.ir_version
+    return standalone.SerializeToString()

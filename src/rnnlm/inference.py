@@ -1060,12 +1060,22 @@ class _Stepper:
     allocates nothing. `step` returns a view that the next step overwrites; so is `hidden`,
     the top layer's output at the step (bound only when asked for: the continuous cache)."""
 
-    def __init__(self, model: LanguageModel, state: State, hidden: bool = False) -> None:
-        session = model._session
+    def __init__(
+        self,
+        model: LanguageModel,
+        state: State,
+        hidden: bool = False,
+        head: _TwoLevel | None = None,
+    ) -> None:
+        # `head`: step its head graph, whose output is the head's log-probs, not the logits.
+        session = model._session if head is None else head.head
+        output, width = (
+            (model._outputs[0], model.vocab_size) if head is None else (head.output, head.width)
+        )
         rows = state[0].shape[1]
         self._session = session
         self._tokens = np.empty((rows, 1), dtype=np.int64)
-        self._logits = np.empty((rows, 1, model.vocab_size), dtype=np.float32)
+        self._logits = np.empty((rows, 1, width), dtype=np.float32)
         self._hidden = np.empty((rows, 1, model.hidden_dim) if hidden else (0,), np.float32)
         states = (
             tuple(np.array(s, dtype=np.float32, order="C") for s in state),
@@ -1079,7 +1089,7 @@ class _Stepper:
             binding.bind_ortvalue_input(model._tokens_name, self._value(self._tokens))
             for name, array in zip(model._state_in, reads, strict=True):
                 binding.bind_ortvalue_input(name, self._value(array))
-            binding.bind_ortvalue_output(model._outputs[0], self._value(self._logits))
+            binding.bind_ortvalue_output(output, self._value(self._logits))
             if hidden:
                 binding.bind_ortvalue_output(model.hidden_output, self._value(self._hidden))
             for name, array in zip(state_out, writes, strict=True):
@@ -1093,7 +1103,8 @@ class _Stepper:
         return value
 
     def step(self, token: np.ndarray) -> np.ndarray:
-        """Feed one token per stream; the logits (rows, vocab) of the next one."""
+        """Feed one token per stream; the logits (rows, vocab) of the next one (the head's
+        log-probs (rows, head width) with `head`)."""
         self._tokens[:, 0] = token
         self._session.run_with_iobinding(self._bindings[self._turn])
         self._turn ^= 1
@@ -1103,6 +1114,76 @@ class _Stepper:
     def hidden(self) -> np.ndarray:
         """The top layer's output (rows, hidden_dim) at the last step (when bound)."""
         return self._hidden[:, 0, :]
+
+
+class _TwoLevel:
+    """Plain sampling (temperature 1, no top-k or top-p) of an adaptive softmax in two levels
+    (`rnnlm.graphs.sampling_graphs`): a draw from the head, its words and one entry per tail
+    cluster; when it lands on a cluster, a draw among that cluster's words, computed for that
+    row alone. The same distribution as a draw from every word's probability, while a step
+    reads the head's part of the projection and a tail's only when needed (the shipped LSTM
+    512: 86% of the tokens are head words). A mixture with the cache and the n-gram is drawn
+    by its parts: the n-gram's with its weight, else the cache's with lambda, else the
+    network's."""
+
+    def __init__(self, path: Path, model: LanguageModel, adaptive: AdaptiveSoftmax) -> None:
+        import onnx  # only when a model with an adaptive softmax generates
+
+        from rnnlm import graphs
+
+        head, tails = graphs.sampling_graphs(
+            onnx.load(str(path)), model._outputs[1:], adaptive, [model.hidden_output]
+        )
+        options = session_options(model.threads)
+        self.head = ort.InferenceSession(head, options, providers=["CPUExecutionProvider"])
+        self._tails = ort.InferenceSession(tails, options, providers=["CPUExecutionProvider"])
+        del head, tails
+        _return_freed_memory()
+        self.output, self.width = graphs.HEAD_OUTPUT, adaptive.cutoffs[0] + len(adaptive.cutoffs)
+        self._tail_inputs = [graphs.tail_input(k) for k in range(1, len(adaptive.cutoffs) + 1)]
+        self._tail_outputs = [graphs.tail_output(k) for k in range(1, len(adaptive.cutoffs) + 1)]
+        self._starts = adaptive.cutoffs
+        self._vocab = adaptive.vocab_size
+
+    def draw(
+        self,
+        head_logprob: np.ndarray,
+        hidden: np.ndarray,
+        caches: Sequence[ContinuousCache],
+        ngrams: Sequence[NgramMixer],
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """One token id per row, given the head's log-probs (rows, width) and the hidden
+        vectors (rows, hidden) of the step; `caches` and `ngrams` empty or one per row."""
+        rows = len(head_logprob)
+        tokens = np.empty(rows, dtype=np.int64)
+        network = []  # the rows whose token comes from the network
+        for row in range(rows):
+            word = ngrams[row].draw(rng) if ngrams else None
+            if word is None and caches:
+                word = caches[row].draw(hidden[row], rng, self._vocab)
+            if word is None:
+                network.append(row)
+            else:
+                tokens[row] = word
+        if not network:
+            return tokens
+        entry = inverse_cdf(np.exp(head_logprob[network]), rng.random(len(network)))
+        tokens[network] = entry
+        head_words = self._starts[0]
+        wanted = {k: [r for r, e in zip(network, entry, strict=True) if e == head_words + k]
+                  for k in range(len(self._starts))}  # fmt: skip
+        feeds = {
+            name: hidden[wanted[k]] for k, name in enumerate(self._tail_inputs)
+        }  # 0 rows for a cluster no draw landed in
+        if any(wanted.values()):
+            outputs = [o for k, o in enumerate(self._tail_outputs) if wanted[k]]
+            logprobs = iter(self._tails.run(outputs, feeds))
+            for k, in_cluster in wanted.items():
+                if in_cluster:
+                    words = inverse_cdf(np.exp(next(logprobs)), rng.random(len(in_cluster)))
+                    tokens[in_cluster] = self._starts[k] + words
+        return tokens
 
 
 def read_chunks(source: BinaryIO | Iterable[bytes], size: int | None = None) -> Iterator[bytes]:
@@ -1186,6 +1267,8 @@ class LanguageModel:
         # Exact (False) and batched (True) scoring, each built on its first scored stream.
         self._scoring: dict[bool, _ScoringSessions] = {}
         self._scoring_lock = threading.Lock()  # threads scoring at once build it once
+        self._two_level: _TwoLevel | None = None  # generation's graphs, built on first use
+        self._two_level_tried = False
         try:
             self._session = ort.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]
@@ -1300,6 +1383,26 @@ class LanguageModel:
                     self._adaptive_softmax(),
                 )
             return self._scoring[batched]
+
+    def _two_level_sampler(self) -> _TwoLevel | None:
+        """The head and tail graphs of plain sampling in two levels (`_TwoLevel`), built on
+        first use; None for one softmax, or a graph not built as rnnlm.graphs expects (then
+        with a warning: generation draws from every word's probability, the same
+        distribution, slower)."""
+        adaptive = self._adaptive_softmax()
+        if adaptive is None:
+            return None
+        with self._scoring_lock:
+            if not self._two_level_tried:
+                self._two_level_tried = True
+                from rnnlm.graphs import ScoringGraphError
+
+                try:
+                    self._two_level = _TwoLevel(self.path, self, adaptive)
+                except ScoringGraphError as err:
+                    log.warning("%s: generation samples the whole adaptive softmax (%s)",
+                                self.path, err)  # fmt: skip
+            return self._two_level
 
     def _adaptive_softmax(self) -> AdaptiveSoftmax | None:
         """What the scoring graph needs to score an adaptive softmax target-only (from the
@@ -1474,10 +1577,16 @@ class LanguageModel:
         With the continuous cache on, each sample draws from the network's distribution mixed
         with its own cache (the prompt's words, then the words it generated), then with the
         n-gram (its history the sample's own); temperature, top-k and top-p then apply to that
-        mixture.
+        mixture. Plain sampling (temperature 1, no top-k or top-p) of an adaptive softmax
+        draws in two levels after the first token (`_TwoLevel`): the same distribution, a
+        fraction of the projection read per token.
         """
         check_sampling(temperature, top_k, top_p, max_tokens, num_samples, seed)
-        sample = Sampler(np.random.default_rng(seed), temperature, top_k, top_p)
+        rng = np.random.default_rng(seed)
+        sample = Sampler(rng, temperature, top_k, top_p)
+        # Plain sampling of an adaptive softmax: in two levels after the first token.
+        plain = temperature == 1 and top_k == 0 and top_p == 1
+        two_level = self._two_level_sampler() if plain and max_tokens > 1 else None
         stream, prompt_tokens = self._prompt_stream(prompt)
         cache = self.new_cache()
         caches: list[ContinuousCache] = []  # one per sample, when the cache is on
@@ -1493,14 +1602,18 @@ class LanguageModel:
         if num_samples > 1:
             logits = np.repeat(logits, num_samples, axis=0)
             state = tuple(np.repeat(s, num_samples, axis=1) for s in state)
-        stepper = _Stepper(self, state, hidden=bool(caches))
+        stepper = _Stepper(self, state, hidden=bool(caches) or two_level is not None,
+                           head=two_level)  # fmt: skip
         steps: list[np.ndarray] = []  # (num_samples,) ids per step: memory grows as generated
         lengths = np.full(num_samples, max_tokens)
         done = np.zeros(num_samples, dtype=bool)
         for t in range(max_tokens):
-            if caches or ngrams:
-                logits = _mixed_logits(logits, hidden, caches, ngrams)
-            token = sample(logits)
+            if two_level is not None and t > 0:  # `logits`: the head's log-probs
+                token = two_level.draw(logits, hidden, caches, ngrams, rng)
+            else:
+                if caches or ngrams:
+                    logits = _mixed_logits(logits, hidden, caches, ngrams)
+                token = sample(logits)
             steps.append(token)
             for row, row_cache in enumerate(caches):  # the word that followed each vector
                 row_cache.extend(hidden[row : row + 1], token[row : row + 1])
@@ -1515,7 +1628,7 @@ class LanguageModel:
             if t + 1 == max_tokens:
                 break  # the last token needs no forward pass
             logits = stepper.step(token)
-            if caches:
+            if caches or two_level is not None:
                 hidden = stepper.hidden
         out = np.stack(steps, axis=1) if steps else np.empty((num_samples, 0), dtype=np.int64)
         vocab = self.vocab

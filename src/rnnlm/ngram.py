@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rnnlm.cache import mix_logprobs
+from rnnlm.cache import draw_index, mix_logprobs
 from rnnlm.errors import is_int, is_real, short_repr
 from rnnlm.streams import EOS_ID, check_token_ids, padded_history
 
@@ -427,6 +427,14 @@ class NgramMixer:
         kn = self.model.logprobs(targets, self._history)
         self.extend(targets)
         return mix_logprobs(logp, kn, self.weight)
+
+    def draw(self, rng: np.random.Generator) -> int | None:
+        """A word from the n-gram's part of the mixture: with probability `weight`, drawn
+        from the Kneser-Ney distribution after the history; None otherwise (the caller then
+        draws from p_in)."""
+        if rng.random() >= self.weight:
+            return None
+        return draw_index(self.model.distribution(self._history), rng.random())
 
     def distribution(self, probs: np.ndarray) -> np.ndarray:
         """The mixture (V,) float64 at the next position, given p_in there (V,)."""

@@ -16,12 +16,16 @@ import pytest
 from onnx import TensorProto, helper
 
 from rnnlm.graphs import (
+    HEAD_OUTPUT,
     LOGPROB_OUTPUT,
     TARGETS_INPUT,
     AdaptiveSoftmax,
     ScoringGraphError,
+    sampling_graphs,
     scoring_graph,
     state_graph,
+    tail_input,
+    tail_output,
 )
 from rnnlm.inference import token_nll
 from tests.unit.test_export import (
@@ -187,3 +191,36 @@ def test_an_adaptive_softmax_not_found_in_the_graph_is_scored_whole(
     feeds = {"tokens": np.array([[2, 3, 4]]), "h0": np.zeros((1, 1, 8), np.float32)}
     logprob = session(graph).run([LOGPROB_OUTPUT], {**feeds, TARGETS_INPUT: targets[..., None]})
     np.testing.assert_allclose(logprob[0][..., 0], full_logprob(path, feeds, targets), rtol=1e-5)
+
+
+def test_the_sampling_graphs_give_the_head_and_each_cluster_of_the_model(tmp_path: Path) -> None:
+    """The head graph: the head words' log-probs and, per tail cluster, the log of its mass
+    (log-sum-exp of its words), with the model's next state and hidden vectors; the tail
+    graph: log p(word | cluster) of the rows fed to that cluster (none for another)."""
+    cutoffs = (4, 12)
+    path = write_model(tmp_path / "m.onnx", build_net("lstm", layers=1, cutoffs=cutoffs))
+    adaptive = AdaptiveSoftmax("hidden", cutoffs, len(VOCAB))
+    head, tails = sampling_graphs(onnx.load(str(path)), ["h1", "c1"], adaptive, ["hidden"])
+    rng = np.random.default_rng(3)
+    feeds = {
+        "tokens": rng.integers(0, len(VOCAB), size=(2, 6)),
+        **{n: rng.normal(size=(1, 2, 8)).astype(np.float32) for n in ("h0", "c0")},
+    }
+    logits, *expected = session(str(path)).run(["logits", "h1", "c1", "hidden"], feeds)
+    head_logprob, *got = session(head).run([HEAD_OUTPUT, "h1", "c1", "hidden"], feeds)
+    mass = [np.logaddexp.reduce(logits[..., a:b], axis=-1, keepdims=True)
+            for a, b in adaptive.tails]  # fmt: skip
+    np.testing.assert_allclose(
+        head_logprob, np.concatenate([logits[..., : cutoffs[0]], *mass], axis=-1), atol=1e-5
+    )
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    rows = expected[2].reshape(-1, 8)  # the hidden vectors of every position
+    tail_session = session(tails)
+    first, second = tail_session.run(
+        [tail_output(1), tail_output(2)], {tail_input(1): rows, tail_input(2): rows[:0]}
+    )
+    assert second.shape == (0, len(VOCAB) - cutoffs[1])
+    start, end = adaptive.tails[0]
+    flat_logits, flat_mass = logits.reshape(-1, len(VOCAB)), mass[0].reshape(-1, 1)
+    np.testing.assert_allclose(first, flat_logits[:, start:end] - flat_mass, atol=1e-5)

@@ -21,6 +21,7 @@ import shutil
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -43,8 +44,10 @@ from rnnlm.inference import (
     LanguageModel,
     ModelLoadError,
     SentenceScore,
+    _mixed_logits,
     _ScoringSessions,
     _Stepper,
+    _TwoLevel,
     cache_metadata,
     check_sampling,
     inverse_cdf,
@@ -1324,3 +1327,72 @@ def test_freed_heap_pages_go_back_to_the_system_after_a_session_is_built() -> No
     finally:
         for block in blocks[1::2]:
             libc.free(block)
+
+
+@pytest.fixture(scope="module")
+def adaptive_mixed(
+    gru_path: Path, kn_model: ngram.KneserNey, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The adaptive GRU with the cache and the n-gram in its metadata: the shipped kind."""
+    path = tmp_path_factory.mktemp("adaptive_mixed") / "model.onnx"
+    shutil.copyfile(gru_path, path)
+    with_cache_entry(path, json.dumps(cache_metadata(CACHE)))
+    entry = json.dumps(ngram_metadata(NgramSettings(kn_model, NGRAM_WEIGHT)))
+    return with_ngram_entry(path, entry)
+
+
+@pytest.mark.parametrize("mixture", [False, True], ids=["network", "cache+ngram"])
+def test_two_level_sampling_draws_what_every_words_probability_gives(
+    adaptive_mixed: Path, mixture: bool
+) -> None:
+    """A draw from the head, then from a tail cluster for the rows that land on it (and,
+    in the mixture, from the n-gram's and the cache's parts first): 20,000 draws after a
+    prompt follow the distribution computed over every word (total variation < 0.03; their
+    sampling noise is about 0.013), tail words included."""
+    model = LanguageModel(adaptive_mixed, threads=1, cache=mixture, ngram=mixture)
+    two_level = model._two_level_sampler()
+    assert two_level is not None
+    stream = np.array([[EOS_ID, *ids_of(model, model.prompt_tokens("we will build a strong"))]])
+    logits, _ = model.step(stream)
+    head_logprob, hidden = two_level.head.run(
+        [two_level.output, model.hidden_output],
+        {"tokens": stream, "h0": model.initial_state(1)[0]},
+    )
+    caches, ngrams = [], []
+    if mixture:
+        cache = model.new_cache()
+        ngram_mixer = model.new_ngram(stream[0, 1:])
+        assert cache is not None and ngram_mixer is not None
+        cache.extend(hidden[0, :-1], stream[0, 1:])  # each vector and the word after it
+        caches, ngrams = [cache], [ngram_mixer]
+    query = hidden[:, -1]
+    expected = softmax(_mixed_logits(logits[:, -1], query, caches, ngrams)[0].astype(np.float64))
+    n = 20_000
+    tokens = two_level.draw(np.repeat(head_logprob[:, -1], n, axis=0), np.repeat(query, n, axis=0),
+                            caches * n, ngrams * n, np.random.default_rng(7))  # fmt: skip
+    freq = np.bincount(tokens, minlength=model.vocab_size) / n
+    assert 0.5 * np.abs(freq - expected).sum() < 0.03
+    assert freq[model.softmax_cutoffs[0] :].sum() > 0.2, "the tails are hardly drawn: no test"
+
+
+def test_generation_samples_an_adaptive_softmax_in_two_levels(
+    adaptive_mixed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain sampling (temperature 1, no top-k or top-p) goes through the head and tail
+    graphs after the first token; any other sampling draws from every word's probability."""
+    draws: list[int] = []
+    real = _TwoLevel.draw
+
+    def counted(self: _TwoLevel, *args: Any) -> np.ndarray:
+        draws.append(len(args[0]))
+        return real(self, *args)
+
+    monkeypatch.setattr(_TwoLevel, "draw", counted)
+    model = LanguageModel(adaptive_mixed, threads=1)
+    samples = model.generate("we will", max_tokens=6, seed=2, num_samples=3)
+    assert draws == [3] * 5 and len(set(samples)) > 1
+    assert samples == model.generate("we will", max_tokens=6, seed=2, num_samples=3)
+    draws.clear()
+    model.generate("we will", max_tokens=6, seed=2, top_k=5)
+    model.generate("we will", max_tokens=6, seed=2, temperature=0.7)
+    assert draws == []
