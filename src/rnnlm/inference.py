@@ -1134,7 +1134,9 @@ class _TwoLevel:
         head, tails = graphs.sampling_graphs(
             onnx.load(str(path)), model._outputs[1:], adaptive, [model.hidden_output]
         )
-        options = session_options(model.threads)
+        # One thread whatever `threads` allows: a step's products are too small to share
+        # (shipped LSTM 512, 300 tokens: 0.58 ms a token on one thread, 0.76 on two).
+        options = session_options(1)
         self.head = ort.InferenceSession(head, options, providers=["CPUExecutionProvider"])
         self._tails = ort.InferenceSession(tails, options, providers=["CPUExecutionProvider"])
         del head, tails
@@ -1235,7 +1237,8 @@ class LanguageModel:
             (`default_threads`). One token per call is a matrix-vector product bound by
             memory bandwidth, which a second core adds to: the GRU 512 generates in 0.67 ms a
             token on two cores against 1.39 on one (bench/inference.py, an idle 2-core VM;
-            on a busy machine one thread can be faster: pass threads=1).
+            on a busy machine one thread can be faster: pass threads=1). Two-level sampling
+            (`_TwoLevel`) keeps to one thread.
         cache: True: score with the continuous cache the export stage tuned, when the model
             carries one (`tuned_cache`; a model without scores with the network alone); False:
             never; CacheSettings: these settings (the model needs the `hidden` output).
