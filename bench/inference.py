@@ -537,6 +537,7 @@ def main(argv: list[str] | None = None) -> None:
         for threads in sorted({1, 2}):
             for name, path in paths.items():
                 model = LanguageModel(path, threads=threads, cache=False, ngram=False)
+                model.prepare_generation()  # per token, not the two levels' building
                 gen[f"{name} {threads}t"] = lambda m=model: m.generate(
                     "", max_tokens=args.tokens, seed=0
                 )
@@ -545,6 +546,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
         for name, model in cached.items():  # sampling from the mixture, one thread
             one_thread = LanguageModel(model.path, threads=1)
+            one_thread.prepare_generation()
             gen[f"{name} 1t"] = lambda m=one_thread: m.generate("", max_tokens=args.tokens, seed=0)
         gen["gemv"] = projection.gemv
         gen_seconds = best_of(args.rounds * 5, gen)

@@ -469,6 +469,7 @@ def measure_latency(
     The best of `rounds` runs of `n_tokens`: the least disturbed by other processes.
     """
     model = LanguageModel(path, threads=threads, cache=False, ngram=False)
+    model.prepare_generation()  # the steady state per token, not the graphs' building
     model.generate("", max_tokens=warmup, seed=0)
     best = math.inf
     for _ in range(rounds):

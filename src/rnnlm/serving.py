@@ -335,6 +335,7 @@ class TextModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         self.config = ServingConfig.read(context.model_config)
         self.model = LanguageModel(context.artifacts[ONNX_ARTIFACT], threads=self.config.threads)
+        self.model.prepare_generation()  # every request then samples in two levels
 
     def predict(
         self,

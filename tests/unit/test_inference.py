@@ -1376,10 +1376,12 @@ def test_two_level_sampling_draws_what_every_words_probability_gives(
 
 
 def test_generation_samples_an_adaptive_softmax_in_two_levels(
-    adaptive_mixed: Path, monkeypatch: pytest.MonkeyPatch
+    adaptive_mixed: Path, lstm: tuple[LanguageModel, RNNLM], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Plain sampling (temperature 1, no top-k or top-p) goes through the head and tail
-    graphs after the first token; any other sampling draws from every word's probability."""
+    graphs after the first token, once they are built (`prepare_generation`, or a call that
+    draws enough tokens to pay for building them); any other sampling draws from every
+    word's probability."""
     draws: list[int] = []
     real = _TwoLevel.draw
 
@@ -1389,10 +1391,19 @@ def test_generation_samples_an_adaptive_softmax_in_two_levels(
 
     monkeypatch.setattr(_TwoLevel, "draw", counted)
     model = LanguageModel(adaptive_mixed, threads=1)
-    samples = model.generate("we will", max_tokens=6, seed=2, num_samples=3)
-    assert draws == [3] * 5 and len(set(samples)) > 1
-    assert samples == model.generate("we will", max_tokens=6, seed=2, num_samples=3)
+    model.generate("we will", max_tokens=6, seed=2)
+    assert draws == [], "a short call built the two levels: it costs more than it saves"
+    many = inference.TWO_LEVEL_MIN_TOKENS // 2
+    model.generate("we will", max_tokens=2, seed=2, num_samples=many)
+    assert draws == [many], "a long call samples in two levels"
     draws.clear()
-    model.generate("we will", max_tokens=6, seed=2, top_k=5)
-    model.generate("we will", max_tokens=6, seed=2, temperature=0.7)
+    other = LanguageModel(adaptive_mixed, threads=1)
+    assert other.prepare_generation()
+    samples = other.generate("we will", max_tokens=6, seed=2, num_samples=3)
+    assert draws == [3] * 5 and len(set(samples)) > 1
+    assert samples == other.generate("we will", max_tokens=6, seed=2, num_samples=3)
+    draws.clear()
+    other.generate("we will", max_tokens=6, seed=2, top_k=5)
+    other.generate("we will", max_tokens=6, seed=2, temperature=0.7)
     assert draws == []
+    assert not lstm[0].prepare_generation()  # one softmax: nothing to sample in two levels
