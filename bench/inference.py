@@ -123,15 +123,14 @@ def scored_rows(model: LanguageModel, targets: np.ndarray) -> float:
     """Output rows (words and cluster entries) the scoring graph computes a token, on average
     over `targets`: every word for one softmax; for an adaptive one, the head and the target's
     tail cluster (rnnlm.graphs)."""
-    cutoffs = model.softmax_cutoffs
-    if not cutoffs:
+    adaptive = model._adaptive_softmax()
+    if adaptive is None:
         return float(model.vocab_size)
-    ends = [*cutoffs[1:], model.vocab_size]
     tails = sum(
         float(np.mean((targets >= start) & (targets < end))) * (end - start)
-        for start, end in zip(cutoffs, ends, strict=True)
+        for start, end in adaptive.tails
     )
-    return cutoffs[0] + len(cutoffs) + tails
+    return adaptive.head_width + tails
 
 
 def matmul_session(weights: np.ndarray, threads: int) -> ort.InferenceSession:
@@ -520,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
                     recurrent_op: ops.get(recurrent_op, 0.0),
                     "projection": sum(ops.get(op, 0.0) for op in projection_ops),
                 }
-                rates = [
+                speeds = [
                     f"{part} {work[part] / spent[part] / 1e3:.0f} GFLOP/s"
                     for part in work
                     if name == "fp32" and spent[part]
@@ -528,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"  {name} rows={rows}: total {sum(ops.values()):.1f}; "
                     + ", ".join(f"{op} {ops[op]:.1f}" for op in top)
-                    + (f" ({'; '.join(rates)})" if rates else "")
+                    + (f" ({'; '.join(speeds)})" if speeds else "")
                 )
         figures["ops"] = ops_figures
 

@@ -68,6 +68,11 @@ class AdaptiveSoftmax:
     def tails(self) -> list[tuple[int, int]]:
         return list(zip(self.cutoffs, [*self.cutoffs[1:], self.vocab_size], strict=True))
 
+    @property
+    def head_width(self) -> int:
+        """Entries of the head's softmax: its words and one per tail cluster."""
+        return self.cutoffs[0] + len(self.cutoffs)
+
 
 def _producers(graph: onnx.GraphProto) -> dict[str, int]:
     """Tensor name -> index of the node that writes it."""
@@ -88,12 +93,18 @@ def _ancestors(graph: onnx.GraphProto, names: Iterable[str]) -> set[int]:
     return needed
 
 
-def _descendants(graph: onnx.GraphProto, name: str) -> set[int]:
-    """Indices of the nodes computed from the tensor `name`."""
+def _readers(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """Tensor name -> indices of the nodes that read it."""
     readers: dict[str, list[int]] = defaultdict(list)
     for i, node in enumerate(graph.node):
         for n in node.input:
             readers[n].append(i)
+    return readers
+
+
+def _descendants(graph: onnx.GraphProto, name: str) -> set[int]:
+    """Indices of the nodes computed from the tensor `name`."""
+    readers = _readers(graph)
     found: set[int] = set()
     todo = list(readers[name])
     while todo:
@@ -195,17 +206,18 @@ def _find_head(graph: onnx.GraphProto, softmax: AdaptiveSoftmax) -> tuple[str, s
     pattern LogSoftmax(Concat(Slice(scores, 0:cutoffs[0]), cluster scores)) of
     `Decoder._head_log_probs`."""
     ints = _small_ints(graph)
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for n in node.input:
-            readers[n].append(node)
+    indices = _readers(graph)
+
+    def readers(name: str) -> list[onnx.NodeProto]:
+        return [graph.node[i] for i in indices[name]]
+
     for node in graph.node:
         if _last_axis_slice(node, ints) != (0, softmax.cutoffs[0]):
             continue
-        for concat in readers[node.output[0]]:
+        for concat in readers(node.output[0]):
             if concat.op_type != "Concat" or _attribute(concat, "axis") not in _LAST_AXIS:
                 continue
-            for head in readers[concat.output[0]]:
+            for head in readers(concat.output[0]):
                 if head.op_type == "LogSoftmax" and _attribute(head, "axis", -1) in _LAST_AXIS:
                     return node.input[0], node.output[0], head.output[0]
     raise ScoringGraphError("no head log-softmax over a slice of the output projection")
@@ -503,9 +515,8 @@ def sampling_graphs(
     tails = _standalone(model, [tail_input(k) for k in range(1, len(outputs) + 1)], outputs)
     graph.node.append(helper.make_node("Identity", [cut.head_logprob], [HEAD_OUTPUT],
                                        name=HEAD_OUTPUT))  # fmt: skip
-    width = adaptive.cutoffs[0] + len(adaptive.cutoffs)
     head_info = helper.make_tensor_value_info(HEAD_OUTPUT, TensorProto.FLOAT,
-                                              ["batch", "time", width])  # fmt: skip
+                                              ["batch", "time", adaptive.head_width])  # fmt: skip
     _set_outputs(model, [head_info, *kept])
     names = [HEAD_OUTPUT, *state_out, *extra_outputs]
     return _serialised(model, _ancestors(graph, names), "head"), tails

@@ -1147,7 +1147,7 @@ class _TwoLevel:
         self._tails = ort.InferenceSession(tails, options, providers=["CPUExecutionProvider"])
         del head, tails
         _return_freed_memory()
-        self.output, self.width = graphs.HEAD_OUTPUT, adaptive.cutoffs[0] + len(adaptive.cutoffs)
+        self.output, self.width = graphs.HEAD_OUTPUT, adaptive.head_width
         self._tail_inputs = [graphs.tail_input(k) for k in range(1, len(adaptive.cutoffs) + 1)]
         self._tail_outputs = [graphs.tail_output(k) for k in range(1, len(adaptive.cutoffs) + 1)]
         self._starts = adaptive.cutoffs
