@@ -171,12 +171,6 @@ def cache_logprobs(shifted: np.ndarray, match: np.ndarray, theta: float) -> np.n
         return np.where(total > 0, np.log(hits) - np.log(total), -np.inf)
 
 
-def draw_index(weights: np.ndarray, u: float) -> int:
-    """The index drawn from unnormalised non-negative `weights` (n,) with the uniform u."""
-    cdf = np.cumsum(weights, dtype=np.float64)
-    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(cdf) - 1)
-
-
 def mix_logprobs(model: np.ndarray, cache: np.ndarray, lam: float | np.ndarray) -> np.ndarray:
     """log((1 - lam) exp(model) + lam exp(cache)), computed in log space; exactly `model` at
     lam = 0. `lam` may be an array that broadcasts against the log-probs (a grid)."""
@@ -311,20 +305,11 @@ class ContinuousCache:
         probs = np.asarray(model_probs, dtype=np.float64)
         if probs.ndim != 1:
             raise ValueError(f"model_probs must be one distribution (V,), got {probs.shape}")
-        weights = self._query_weights(hidden, len(probs), "model_probs covers")
+        weights = self.query_weights(hidden, len(probs), "model_probs covers")
         if weights is None:
             return probs
         cache = np.bincount(self.words, weights=weights, minlength=len(probs)) / weights.sum()
         return (1 - self.settings.lam) * probs + self.settings.lam * cache
-
-    def draw(self, hidden: np.ndarray, rng: np.random.Generator, vocab: int) -> int | None:
-        """A word from the cache's part of the mixture at `hidden` (d,): with probability
-        lambda, a cached position drawn by its weight, and the word that followed it; None
-        otherwise (the caller then draws from the model), and when nothing is cached."""
-        weights = self._query_weights(hidden, vocab, "the vocabulary has")
-        if weights is None or rng.random() >= self.settings.lam:
-            return None
-        return int(self.words[draw_index(weights, rng.random())])
 
     def mixed_logits(self, logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         """Logits (V,) float32 whose softmax is `distribution(softmax(logits), hidden)`: what
@@ -334,7 +319,7 @@ class ContinuousCache:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1:
             raise ValueError(f"logits must be one row (V,), got {logits.shape}")
-        weights = self._query_weights(hidden, len(logits), "the logits cover")
+        weights = self.query_weights(hidden, len(logits), "the logits cover")
         if weights is None:
             return logits.copy()
         words = self.words
@@ -351,7 +336,7 @@ class ContinuousCache:
         out[words] = log_z + np.log(p_model + lam / (1 - lam) * p_cache)
         return out
 
-    def _query_weights(self, hidden: np.ndarray, vocab: int, covers: str) -> np.ndarray | None:
+    def query_weights(self, hidden: np.ndarray, vocab: int, covers: str) -> np.ndarray | None:
         """exp(theta h.h_i) of each cached pair for the query vector `hidden` (d,), shifted by
         the largest (held,) float64; None when nothing is mixed (empty cache, or lambda 0).
         `covers` names the caller's vocabulary-sized argument in the error of a word id

@@ -1167,13 +1167,18 @@ class _TwoLevel:
         tokens = np.empty(rows, dtype=np.int64)
         network = []  # the rows whose token comes from the network
         for row in range(rows):
-            word = ngrams[row].draw(rng) if ngrams else None
-            if word is None and caches:
-                word = caches[row].draw(hidden[row], rng, self._vocab)
-            if word is None:
-                network.append(row)
-            else:
-                tokens[row] = word
+            # The n-gram's part with its weight, else the cache's with lambda (when it holds
+            # anything), else the network's.
+            if ngrams and rng.random() < ngrams[row].weight:
+                tokens[row] = _draw_row(ngrams[row].next_distribution(), rng.random())
+                continue
+            if caches:
+                cache = caches[row]
+                weights = cache.query_weights(hidden[row], self._vocab, "the vocabulary has")
+                if weights is not None and rng.random() < cache.settings.lam:
+                    tokens[row] = cache.words[_draw_row(weights, rng.random())]
+                    continue
+            network.append(row)
         if not network:
             return tokens
         entry = inverse_cdf(np.exp(head_logprob[network]), rng.random(len(network)))

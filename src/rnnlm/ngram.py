@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rnnlm.cache import draw_index, mix_logprobs
+from rnnlm.cache import mix_logprobs
 from rnnlm.errors import is_int, is_real, short_repr
 from rnnlm.streams import EOS_ID, check_token_ids, padded_history
 
@@ -428,13 +428,9 @@ class NgramMixer:
         self.extend(targets)
         return mix_logprobs(logp, kn, self.weight)
 
-    def draw(self, rng: np.random.Generator) -> int | None:
-        """A word from the n-gram's part of the mixture: with probability `weight`, drawn
-        from the Kneser-Ney distribution after the history; None otherwise (the caller then
-        draws from p_in)."""
-        if rng.random() >= self.weight:
-            return None
-        return draw_index(self.model.distribution(self._history), rng.random())
+    def next_distribution(self) -> np.ndarray:
+        """The n-gram's own distribution (V,) float64 at the next position, after the history."""
+        return self.model.distribution(self._history)
 
     def distribution(self, probs: np.ndarray) -> np.ndarray:
         """The mixture (V,) float64 at the next position, given p_in there (V,)."""
@@ -443,7 +439,7 @@ class NgramMixer:
             raise ValueError(
                 f"probs must be one distribution ({self.model.vocab_size},), got {probs.shape}"
             )
-        kn = self.model.distribution(self._history)
+        kn = self.next_distribution()
         return (1 - self.weight) * probs + self.weight * kn
 
     def mixed_logits(self, logits: np.ndarray) -> np.ndarray:
@@ -457,7 +453,7 @@ class NgramMixer:
         probs = np.subtract(logits, logits.max())
         np.exp(probs, out=probs)
         probs *= (1 - self.weight) / probs.sum(dtype=np.float64)
-        kn = self.model.distribution(self._history)
+        kn = self.next_distribution()
         kn *= self.weight
         probs += kn.astype(np.float32)
         return np.log(probs, out=probs)
