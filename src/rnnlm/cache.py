@@ -223,6 +223,11 @@ class ContinuousCache:
         return self._end - self._start
 
     @property
+    def mixes(self) -> bool:
+        """Whether the cache changes the distribution now: it holds a pair and lambda > 0."""
+        return len(self) > 0 and self.settings.lam > 0
+
+    @property
     def keys(self) -> np.ndarray:
         """The cached hidden vectors, oldest first: (len(self), hidden_dim), a view."""
         return self._keys[self._start : self._end]
@@ -342,7 +347,7 @@ class ContinuousCache:
         `covers` names the caller's vocabulary-sized argument in the error of a word id
         beyond `vocab`."""
         query, _ = self._check(np.asarray(hidden)[None], [0])
-        if not len(self) or self.settings.lam == 0:
+        if not self.mixes:
             return None
         if self.words.max() >= vocab:
             raise ValueError(f"the cache holds word id {self.words.max()}; {covers} {vocab}")

@@ -1172,12 +1172,14 @@ class _TwoLevel:
             if ngrams and rng.random() < ngrams[row].weight:
                 tokens[row] = _draw_row(ngrams[row].next_distribution(), rng.random())
                 continue
-            if caches:
-                cache = caches[row]
+            cache = caches[row] if caches else None
+            # The match against every cached vector is computed only for the draws that take
+            # the cache's part (lambda of them), not for every token.
+            if cache is not None and cache.mixes and rng.random() < cache.settings.lam:
                 weights = cache.query_weights(hidden[row], self._vocab, "the vocabulary has")
-                if weights is not None and rng.random() < cache.settings.lam:
-                    tokens[row] = cache.words[_draw_row(weights, rng.random())]
-                    continue
+                assert weights is not None  # the cache mixes
+                tokens[row] = cache.words[_draw_row(weights, rng.random())]
+                continue
             network.append(row)
         if not network:
             return tokens
